@@ -1,0 +1,1 @@
+"""Baseline editors of the ELDER paper, each behind the shared Editor interface."""

@@ -1,0 +1,49 @@
+"""The ELDER layer: N LoRAs around a frozen FFN linear layer, mixed by sequence-level gates."""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import nn
+
+from elder.routing import Routes
+from evaluation.models import layer_dims
+
+
+class MixtureOfLoRA(nn.Module):
+    """y = W0 x + b + (alpha/r) * sum_j g_j B_j A_j x, with g the sequence's top-k gates.
+
+    Wraps ``base_layer`` (``nn.Linear`` or GPT-2 ``Conv1D``) untouched. ``routes`` is a callable
+    that returns the current batch's :class:`Routes` (or None outside an editing scope, in which
+    case the layer is exactly the base layer).
+    """
+
+    def __init__(self, base_layer: nn.Module, index: int, num_loras: int, rank: int, alpha: float,
+                 routes: Callable[[], Routes | None]) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.index = index  # which of the L ELDER layers this is
+        self.routes = routes
+        d_in, d_out = layer_dims(base_layer)
+        weight = base_layer.weight
+        self.lora_A = nn.Parameter(torch.empty(num_loras, d_in, rank, dtype=weight.dtype, device=weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(num_loras, rank, d_out, dtype=weight.dtype, device=weight.device))
+        for j in range(num_loras):  # PEFT's LoRA init: A Kaiming-uniform, B zero
+            nn.init.kaiming_uniform_(self.lora_A.data[j].T, a=math.sqrt(5))
+        self.scaling = alpha / rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, d_in)
+        y = self.base_layer(x)
+        routes = self.routes()
+        if routes is None:
+            return y
+        gates = routes.gates[self.index].to(x.dtype)  # (B, N)
+        B, T, _ = x.shape
+        N, r = self.lora_A.shape[0], self.lora_A.shape[2]
+        xa = torch.einsum("btd,ndr->btnr", x, self.lora_A) * gates[:, None, :, None]  # (B, T, N, r)
+        delta = xa.reshape(B, T, N * r) @ self.lora_B.reshape(N * r, -1)  # (B, T, d_out)
+        out = y + self.scaling * delta
+        if routes.active is not None:  # deferred sequences get the base output bit for bit
+            out = torch.where(routes.active[:, None, None], out, y)
+        return out

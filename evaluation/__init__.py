@@ -1,0 +1,1 @@
+"""The harness around the editors: model loading, the lifelong stream, metrics, logging."""

@@ -1,0 +1,76 @@
+"""The one interface every editing method implements.
+
+The stream, the metrics and the loggers only ever talk to an :class:`Editor`; they never ask which
+method it is. An editor owns the (edited) model, edits it one batch of requests at a time, and
+tells the evaluation code where each input's "query" token is through :meth:`Editor.scope`, so
+that sequence-level routers (ELDER, GRACE, MELO, Defer) act per example in batched evaluation.
+"""
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from data.requests import EditRequest
+
+
+@dataclass
+class EditStats:
+    """What one call of :meth:`Editor.edit` reports (logged per batch)."""
+
+    loss: float = float("nan")
+    iterations: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+class Editor(ABC):
+    """Base class of ELDER and every baseline.
+
+    Subclasses set ``self.model`` (a causal LM whose forward applies the edits) and ``self.tokenizer``.
+    """
+
+    model: nn.Module
+    tokenizer: Any
+    #: edits per call of :meth:`edit` in the stream (ELDER: 4, GRACE: 1, ...)
+    batch_size: int = 1
+
+    @abstractmethod
+    def edit(self, requests: Sequence[EditRequest]) -> EditStats:
+        """Apply one batch of edits to ``self.model`` (sequentially after all earlier batches)."""
+
+    @abstractmethod
+    def trainable_params(self) -> int:
+        """Parameters the method trains or writes (a count, as in the paper's Table 3)."""
+
+    def stored_params(self) -> int:
+        """Extra numbers the method keeps besides the model (codebooks, codes, keys); 0 by default."""
+        return 0
+
+    @contextlib.contextmanager
+    def scope(self, query_positions: torch.Tensor) -> Iterator[None]:
+        """Forward passes inside this block read sequence b's query at ``query_positions[b]``.
+
+        ``query_positions`` is a (B,) long tensor: the last prompt token of each row. The first
+        forward in the block fixes each sequence's route; later forwards in the same block (the
+        decoding steps of ``generate`` with a KV cache) reuse it. Editors without routing ignore it.
+        """
+        yield
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to restore the edited model and the editor's memory."""
+
+    @abstractmethod
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (on a freshly built editor of the same config)."""
+
+    def save(self, path: str | Path) -> None:
+        torch.save(self.state_dict(), path)
+
+    def load(self, path: str | Path) -> None:
+        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))

@@ -1,0 +1,45 @@
+"""results.json: everything a table needs from one run (config, metrics, timings, versions, commit)."""
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Mapping
+
+
+def versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    return {"python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__,
+            "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"}
+
+
+def git_commit() -> str:
+    try:
+        root = Path(__file__).resolve().parent.parent
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def write_json_atomic(path: str | Path, payload: Mapping[str, Any]) -> None:
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=float))
+    tmp.replace(path)
+
+
+def write_results(run_dir: str | Path, config: Mapping[str, Any], metrics: Mapping[str, Any],
+                  curves: list[Mapping[str, Any]], timings: Mapping[str, float], extra: Mapping[str, Any] | None = None) -> Path:
+    path = Path(run_dir) / "results.json"
+    payload = {"config": config, "metrics": metrics, "curves": curves, "timings": timings,
+               "versions": versions(), "git_commit": git_commit(), **(extra or {})}
+    write_json_atomic(path, payload)
+    return path

@@ -1,0 +1,56 @@
+"""GSM8K (test, 1,319 problems) as Gu et al. 2024 run it: the gold rationale is given in the
+prompt and the model only has to state the final number."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from evaluation.retention.base import check_outputs, data_path, malformed, read_jsonl, require
+
+
+@dataclass(frozen=True)
+class GSM8KExample:
+    question: str
+    rationale: str  # the answer text before "#### ", trailing newline kept (it is in their prompt)
+    answer: str  # the text after "#### ", verbatim (may contain thousands commas, e.g. "2,125")
+
+
+@dataclass
+class GSM8K:
+    name: str = "gsm8k"
+    max_new_tokens: int = 5
+    files: tuple[str, ...] = ("test-reasoning.jsonl",)
+
+    def load(self, data_dir: str, limit: int | None = None) -> list[GSM8KExample]:
+        path = data_path(data_dir, self.files[0])
+        out = []
+        for lineno, rec in read_jsonl(path, limit):
+            where = f"line {lineno}"
+            question = require(rec, "question", str, path, where)
+            answer = require(rec, "answer", str, path, where)
+            parts = answer.split("#### ")
+            if len(parts) < 2 or not parts[1].strip():
+                raise malformed(path, where, "field 'answer' has no '#### N' final answer")
+            out.append(GSM8KExample(question, parts[0], parts[1]))
+        return out
+
+    def prompts(self, examples: Sequence[GSM8KExample]) -> list[str]:
+        return [f"Q: {e.question} A:Let's think step by step. {e.rationale} Therefore, the answer (arabic numerals) is:"
+                for e in examples]
+
+    def score(self, examples: Sequence[GSM8KExample], outputs: Sequence[str]) -> tuple[float, dict[str, float]]:
+        check_outputs(self.name, len(examples), outputs)
+        # The authors: `if answers in predict` -- the gold string is a substring of the output.
+        hits = sum(e.answer in o for e, o in zip(examples, outputs))
+        # Beside it, the same test with thousands separators removed from both sides.
+        hits_nc = sum(e.answer.replace(",", "") in o.replace(",", "") for e, o in zip(examples, outputs))
+        with_digit = sum(any(c.isdigit() for c in o) for o in outputs)
+        n = len(examples)
+        rate = hits / n if n else 0.0
+        return rate, {
+            "solve_rate": rate,
+            "solve_rate_commas_ignored": hits_nc / n if n else 0.0,
+            "n_items": float(n),
+            "n_correct": float(hits),
+            "n_with_digit": float(with_digit),
+        }

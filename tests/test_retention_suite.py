@@ -1,0 +1,159 @@
+"""The retention suite end to end with fake generators: gold answers, empty answers, caching, errors."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from evaluation.retention.conll03 import TYPES, authors_entities, iob_chunks
+from evaluation.retention.suite import TASK_NAMES, Gu2024Suite, NoRetention, RetentionReport
+
+DATA = Path(os.environ.get("RETENTION_DATA_DIR", Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "retention"))
+pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"retention data not at {DATA} (set RETENTION_DATA_DIR)")
+
+LIMIT = 5
+MAX_NEW = {"gsm8k": 5, "rte": 1, "nq": 20, "boolq": 1, "mutual": 1, "samsum": 25, "conll03": 10, "sst2": 1}
+
+
+def _gold_outputs(suite: Gu2024Suite) -> dict[str, str]:
+    """prompt -> the output a perfect model would give, built from the loaded examples."""
+    gold: dict[str, str] = {}
+    for name in suite.task_names:
+        task, ex = suite.tasks[name], suite.examples(name)
+        prompts = task.prompts(ex)
+        if name == "gsm8k":
+            answers = [" " + e.answer for e in ex]
+        elif name == "rte":
+            answers = [" True" if e.label == "entailment" else " False" for e in ex]
+        elif name == "nq":
+            answers = [" " + e.answers[0] for e in ex]
+        elif name == "boolq":
+            answers = [" yes" if e.answer else " no" for e in ex]
+        elif name == "mutual":
+            answers = [" " + e.answer for e in ex]
+        elif name == "samsum":
+            answers = [" " + e.summary for e in ex]
+        elif name == "conll03":
+            answers = [", ".join(iob_chunks(e.words, e.labels, tag)) for e in ex for tag, _ in TYPES]
+        else:
+            answers = [" positive" if e.label == 1 else " negative" for e in ex]
+        assert len(answers) == len(prompts)
+        gold.update(zip(prompts, answers))
+    return gold
+
+
+class Recorder:
+    def __init__(self, answer):
+        self.answer = answer
+        self.calls: list[tuple[str, int, int]] = []
+
+    def __call__(self, prompts, max_new_tokens, desc=""):
+        self.calls.append((desc, max_new_tokens, len(prompts)))
+        return [self.answer(p) for p in prompts]
+
+
+def test_gold_generator_scores_one_and_calls_once_per_task():
+    suite = Gu2024Suite(str(DATA), limit=LIMIT)
+    gold = _gold_outputs(suite)
+    gen = Recorder(lambda p: gold[p])
+    report = suite.evaluate(gen)
+    assert [c[0] for c in gen.calls] == list(TASK_NAMES)
+    for desc, max_new, n in gen.calls:
+        assert max_new == MAX_NEW[desc]
+        assert n == (4 * LIMIT if desc == "conll03" else LIMIT)
+    assert set(report.scores) == set(TASK_NAMES) | {"average"}
+    for name in TASK_NAMES:
+        assert report.scores[name] == pytest.approx(1.0), name
+        assert report.details[name]["n_items"] == LIMIT
+        assert report.seconds[name] >= 0
+    assert report.scores["average"] == pytest.approx(1.0)
+    assert report.details["conll03"]["entity_f1"] == pytest.approx(1.0)
+    assert report.details["rte"]["accuracy_valid"] == 1.0
+    json.dumps(report.to_dict())  # serialisable
+
+
+def test_empty_generator_scores_zero_except_conll_empty_rule():
+    suite = Gu2024Suite(str(DATA), limit=LIMIT)
+    report = suite.evaluate(Recorder(lambda p: ""))
+    for name in TASK_NAMES:
+        if name != "conll03":
+            assert report.scores[name] == 0.0, name
+    # CoNLL03: the authors count an empty output as a hit when the sentence has no entity of the type
+    rates = []
+    for tag, _ in TYPES:
+        n_without = n_ents = empty_ents = 0
+        for e in suite.examples("conll03"):
+            ents = authors_entities(e.words, e.labels, tag)
+            n_without += not ents
+            n_ents += len(ents)
+            empty_ents += ents.count("")
+        rates.append((n_without + empty_ents) / (n_without + n_ents))
+    assert report.scores["conll03"] == pytest.approx(sum(rates) / 4)
+    assert report.details["conll03"]["entity_f1"] == 0.0 and report.details["conll03"]["recall_macro"] == 0.0
+    assert report.scores["average"] == pytest.approx(sum(report.scores[n] for n in TASK_NAMES) / 8)
+
+
+def test_cache_reuses_report_and_keys_on_settings(tmp_path):
+    gen = Recorder(lambda p: " True")
+    suite = Gu2024Suite(str(DATA), tasks=["rte", "sst2"], limit=3, cache_dir=str(tmp_path))
+    first = suite.evaluate(gen, cache_key="gpt2-xl")
+    assert len(gen.calls) == 2 and not first.cached
+    again = Gu2024Suite(str(DATA), tasks=["rte", "sst2"], limit=3, cache_dir=str(tmp_path))
+    second = again.evaluate(gen, cache_key="gpt2-xl")
+    assert len(gen.calls) == 2 and second.cached  # generate not called
+    assert second.scores == first.scores and second.details == first.details
+    assert set(second.scores) == {"rte", "sst2", "average"}
+    # another model, another limit or another task list is generated afresh
+    again.evaluate(gen, cache_key="llama-2-7b")
+    assert len(gen.calls) == 4
+    Gu2024Suite(str(DATA), tasks=["rte", "sst2"], limit=4, cache_dir=str(tmp_path)).evaluate(gen, cache_key="gpt2-xl")
+    Gu2024Suite(str(DATA), tasks=["rte"], limit=3, cache_dir=str(tmp_path)).evaluate(gen, cache_key="gpt2-xl")
+    assert len(gen.calls) == 7
+    # no cache_key (e.g. an edited model): always generated
+    again.evaluate(gen)
+    assert len(gen.calls) == 9
+    assert len(list(tmp_path.glob("*.json"))) == 4
+
+
+def test_report_round_trip():
+    r = RetentionReport(scores={"rte": 0.5, "average": 0.5}, details={"rte": {"n_items": 2.0}}, seconds={"rte": 1.0})
+    assert RetentionReport.from_dict(json.loads(json.dumps(r.to_dict()))) == r
+
+
+def test_unknown_task_names_it_and_lists_valid():
+    with pytest.raises(ValueError, match=r"'sst5'.*gsm8k, rte, nq, boolq, mutual, samsum, conll03, sst2"):
+        Gu2024Suite(str(DATA), tasks=["rte", "sst5"])
+
+
+def test_missing_data_dir(tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(FileNotFoundError, match=r"nowhere.*retention\.data_dir="):
+        Gu2024Suite(str(missing))
+
+
+def test_wrong_number_of_outputs_is_an_error():
+    suite = Gu2024Suite(str(DATA), tasks=["sst2"], limit=2)
+    with pytest.raises(ValueError, match="sst2: got 1 outputs for 2 prompts"):
+        suite.evaluate(lambda prompts, max_new_tokens, desc="": [""])
+
+
+def test_no_retention():
+    off = NoRetention()
+    assert off.enabled is False and Gu2024Suite.enabled is True
+    assert off.evaluate(Recorder(lambda p: "")) is None
+
+
+def test_hydra_config_instantiates(tmp_path):
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    root = Path(__file__).resolve().parents[1] / "conf" / "retention"
+    cfg = OmegaConf.create({"paths": {"data_dir": str(DATA.parent), "cache_dir": str(tmp_path)},
+                            "retention": OmegaConf.load(root / "gu2024.yaml")})
+    suite = instantiate(cfg.retention)
+    assert isinstance(suite, Gu2024Suite) and suite.task_names == list(TASK_NAMES)
+    assert suite.limit is None and suite.cache_dir == str(tmp_path / "retention")
+    cfg.retention = OmegaConf.load(root / "none.yaml")
+    assert isinstance(instantiate(cfg.retention), NoRetention)
