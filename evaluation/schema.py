@@ -25,6 +25,7 @@ class PretrainedModelConf:
     name: str = MISSING
     path: str = MISSING
     ffn_template: str = MISSING
+    block_template: str = MISSING
     num_layers: int = MISSING
     dtype: str = "float32"
     device: str = "cpu"
@@ -40,6 +41,7 @@ class PyPIGGUFModelConf:
     gguf_file: str = MISSING
     cache_dir: str = MISSING
     ffn_template: str = MISSING
+    block_template: str = MISSING
     num_layers: int = MISSING
     dtype: str = "float32"
     device: str = "cpu"
@@ -52,6 +54,7 @@ class RandomModelConf:
     architecture: str = MISSING
     config: Dict[str, Any] = field(default_factory=dict)
     ffn_template: str = MISSING
+    block_template: str = MISSING
     num_layers: int = MISSING
     seed: int = 0
     dtype: str = "float32"
@@ -87,6 +90,7 @@ class ElderConf:
     batch_size: int = 4
     deferral: bool = True
     reset_optimizer: bool = False
+    prefix_cache: bool = True
     seed: int = "${seed}"  # type: ignore[assignment]
 
 
@@ -121,3 +125,13 @@ def register() -> None:
     cs.store(group="dataset", name="dataset_schema", node=DatasetConf)
     cs.store(group="editor", name="elder_schema", node=ElderConf)
     cs.store(group="editor", name="none_schema", node=UneditedConf)
+    # baselines import evaluation.*: import their schemas here, not at module level
+    from baselines.defer import DeferConf
+    from baselines.ft_l import FTLConf
+    from baselines.grace import GraceConf
+    from baselines.melo import MeloConf
+    from baselines.rome import ROMEConf
+
+    for name, node in {"ft_l": FTLConf, "rome": ROMEConf, "defer": DeferConf, "grace": GraceConf,
+                       "melo": MeloConf}.items():
+        cs.store(group="editor", name=f"{name}_schema", node=node)

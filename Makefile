@@ -1,0 +1,36 @@
+# Two commands do everything on a fresh machine:  `make run`  and  `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# CPU build by default (this machine has no GPU); set TORCH_SPEC to pick another build.
+TORCH_SPEC ?= torch==2.13.0
+ARGS ?=
+
+.PHONY: setup run quick test test-all bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+run: setup          ## the main job: ELDER, SmolLM2, ZsRE, 1000 edits (override with ARGS="dataset=counterfact ...")
+	$(PY) run.py $(ARGS)
+
+quick: setup        ## a run of a few minutes
+	$(PY) run.py experiment=quick $(ARGS)
+
+test: setup         ## the default test suite (fast, CPU)
+	$(PY) -m pytest -q $(ARGS)
+
+test-all: setup     ## also the slow tests (real model, longer streams)
+	$(PY) -m pytest -q -m "slow or not slow" $(ARGS)
+
+bench: setup        ## editing-speed benchmark (options through ARGS)
+	$(PY) -m benchmarks.bench_editing $(ARGS)
+
+clean:
+	rm -rf $(VENV) *.egg-info

@@ -1,0 +1,199 @@
+"""FT-L: constrained fine-tuning of one MLP weight matrix (Meng et al. 2022, "FT+L"; EasyEdit "FT-L").
+
+Each call of :meth:`FTLEditor.edit` runs a fresh Adam optimiser for ``steps`` steps on the loss of
+the batch's edits and clamps the tuned matrix into an L-infinity ball of radius ``norm_constraint``
+after every step. The stream is sequential: each call starts from the weights the previous calls
+left, so earlier edits can be overwritten (the forgetting the paper's Table 1 shows).
+
+Where the ball is centred (``clamp_reference``):
+- ``"edit"`` (default, what EasyEdit does): EasyEdit's ``execute_ft`` copies the weights at the
+  start of every call (``weights_copy``) and clamps around that copy; its sequential mode calls it
+  once per edit on the already-edited model, so the ball moves with the stream and the total drift
+  after T edits can reach T * norm_constraint per element.
+- ``"original"``: around the weights before the first edit of the stream, so
+  max |W - W_0| <= norm_constraint holds for the whole stream.
+
+Objective (``objective``):
+- ``"target_new"`` (default): cross entropy on the target tokens of "{prompt} {target}" under
+  teacher forcing (the harness's input format; EasyEdit's ``target_new`` objective).
+- ``"prompt_last"``: every target token predicted from the last prompt position (ROME's original
+  FT code and EasyEdit's ``prompt_last``, which EasyEdit's hparams call "FT-L").
+
+Early stop as in EasyEdit: a step whose loss is below ``early_stop_loss`` is not taken and the
+loop ends.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from omegaconf import MISSING
+from torch import nn
+
+from data.requests import EditRequest
+from evaluation.editor import EditStats, Editor
+from evaluation.encoding import EncodedBatch, encode_pairs
+from evaluation.errors import ConfigError
+from evaluation.forward import target_logits
+from evaluation.models import LoadedModel, get_module, layer_dims
+
+CLAMP_REFERENCES = ("edit", "original")
+OBJECTIVES = ("target_new", "prompt_last")
+
+
+@dataclass
+class FTLConf:
+    """Hydra schema of :class:`FTLEditor` (conf/editor/ft_l.yaml; layer choices in editor_model/)."""
+
+    _target_: str = "baselines.ft_l.FTLEditor"
+    layer: int = MISSING
+    module_template: str = MISSING
+    steps: int = 25
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    norm_constraint: Optional[float] = 5e-4
+    clamp_reference: str = "edit"
+    objective: str = "target_new"
+    early_stop_loss: float = 1e-2
+    include_bias: bool = False
+    batch_size: int = 1
+
+
+def resolve_rewrite_module(model: LoadedModel, layer: int, module_template: str) -> tuple[str, nn.Module]:
+    """Name and module of ``module_template`` at ``layer``, or a ConfigError naming the bad key."""
+    n = model.num_layers
+    if not 0 <= layer < n:
+        raise ConfigError(f"editor.layer={layer} is out of range for model '{model.name}' with {n} layers "
+                         f"(valid: 0..{n - 1})")
+    if "{i}" not in module_template:
+        raise ConfigError(f"editor.module_template must contain '{{i}}' for the layer index, got {module_template!r}")
+    name = module_template.format(i=layer)
+    module = get_module(model.model, name, num_layers=n)
+    try:
+        layer_dims(module)
+    except TypeError as err:
+        raise ConfigError(f"editor.module_template={module_template!r}: {err}") from None
+    return name, module
+
+
+class FTLEditor(Editor):
+    """Fine-tunes ``module_template.format(i=layer)``'s weight with an L-infinity clamp."""
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        layer: int,
+        module_template: str,
+        steps: int = 25,
+        lr: float = 5e-4,
+        weight_decay: float = 0.0,
+        norm_constraint: Optional[float] = 5e-4,
+        clamp_reference: str = "edit",
+        objective: str = "target_new",
+        early_stop_loss: float = 1e-2,
+        include_bias: bool = False,
+        batch_size: int = 1,
+    ) -> None:
+        if clamp_reference not in CLAMP_REFERENCES:
+            raise ConfigError(f"editor.clamp_reference must be one of {CLAMP_REFERENCES}, got {clamp_reference!r}")
+        if objective not in OBJECTIVES:
+            raise ConfigError(f"editor.objective must be one of {OBJECTIVES}, got {objective!r}")
+        if norm_constraint is not None and norm_constraint <= 0:
+            raise ConfigError(f"editor.norm_constraint must be positive or null (no clamp), got {norm_constraint}")
+        if steps < 1:
+            raise ConfigError(f"editor.steps must be at least 1, got {steps}")
+        if batch_size < 1:
+            raise ConfigError(f"editor.batch_size must be at least 1, got {batch_size}")
+        self.loaded, self.model, self.tokenizer = model, model.model, model.tokenizer
+        self.layer = layer
+        self.module_name, self.module = resolve_rewrite_module(model, layer, module_template)
+        self.steps, self.lr, self.weight_decay = steps, lr, weight_decay
+        self.norm_constraint, self.clamp_reference = norm_constraint, clamp_reference
+        self.objective, self.early_stop_loss = objective, early_stop_loss
+        self.batch_size = batch_size
+        bias = getattr(self.module, "bias", None)
+        if include_bias and bias is None:
+            raise ConfigError(f"editor.include_bias=true but {self.module_name} has no bias")
+        self.tuned: list[nn.Parameter] = [self.module.weight] + ([bias] if include_bias else [])
+        # the stream's starting point (the clamp centre when clamp_reference == "original")
+        self.original = [p.detach().clone() for p in self.tuned] if clamp_reference == "original" else None
+        self.num_edits = 0
+
+    # --- editing ---------------------------------------------------------------------------
+    def _loss(self, batch: EncodedBatch) -> torch.Tensor:
+        if self.objective == "target_new":
+            return target_logits(self.model, batch).loss()
+        # prompt_last: each target token from the last prompt position, mean per row then over rows
+        hidden = self.model.base_model(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids, use_cache=False,
+        ).last_hidden_state  # (B, T, d)
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        logp = F.log_softmax(self.model.get_output_embeddings()(hidden[rows, batch.query_positions]).float(), -1)  # (B, V)
+        labels = batch.labels  # (B, T)
+        mask = labels != -100
+        picked = logp.gather(1, labels.clamp(min=0))  # (B, T): log p(token at t | prompt)
+        return -((picked * mask).sum(1) / mask.sum(1)).mean()
+
+    @torch.no_grad()
+    def _clamp(self, centres: list[torch.Tensor]) -> None:
+        eps = self.norm_constraint
+        for p, c in zip(self.tuned, centres):
+            p.sub_(c).clamp_(-eps, eps).add_(c)  # type: ignore[arg-type]
+
+    def edit(self, requests: Sequence[EditRequest]) -> EditStats:
+        device = self.module.weight.device
+        batch = encode_pairs(self.tokenizer, [r.prompt for r in requests], [r.target for r in requests]).to(device)
+        if self.norm_constraint is None:
+            centres = None
+        elif self.original is not None:
+            centres = self.original
+        else:
+            centres = [p.detach().clone() for p in self.tuned]
+        optimizer = torch.optim.Adam(self.tuned, lr=self.lr, weight_decay=self.weight_decay)
+        for p in self.tuned:
+            p.requires_grad_(True)
+        losses: list[float] = []
+        try:
+            with torch.enable_grad():
+                for _ in range(self.steps):
+                    loss = self._loss(batch)
+                    losses.append(float(loss.detach()))
+                    if losses[-1] < self.early_stop_loss:
+                        break
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    if centres is not None:
+                        self._clamp(centres)
+        finally:
+            for p in self.tuned:
+                p.requires_grad_(False)
+                p.grad = None
+        self.num_edits += len(requests)
+        extra = {"first_loss": losses[0]}
+        if self.original is not None:
+            extra["max_abs_drift"] = float((self.tuned[0].detach() - self.original[0]).abs().max())
+        return EditStats(loss=losses[-1], iterations=len(losses), extra=extra)
+
+    # --- accounting and state ------------------------------------------------------------------
+    def trainable_params(self) -> int:
+        """The elements of the tuned matrix (and bias when ``include_bias``)."""
+        return sum(p.numel() for p in self.tuned)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "module": self.module_name,
+            "tuned": [p.detach().clone() for p in self.tuned],
+            "num_edits": self.num_edits,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["module"] != self.module_name:
+            raise ConfigError(f"saved FT-L state edits {state['module']} but this editor tunes {self.module_name}")
+        with torch.no_grad():
+            for p, saved in zip(self.tuned, state["tuned"], strict=True):
+                p.copy_(saved)
+        self.num_edits = state["num_edits"]

@@ -1,0 +1,349 @@
+"""GRACE (Hartvigsen et al., NeurIPS 2023): a discrete key-value codebook at one layer.
+
+The chosen layer is wrapped untouched. Its codebook holds keys (the layer's input at a sequence's
+last prompt token), values (a trained replacement of the layer's output) and one radius per key.
+A sequence whose key lies within the radius of its nearest stored key gets that key's value as the
+layer output; every other sequence gets the unedited output bit for bit. Each new edit either adds
+a key (radius ``eps``), widens a same-label neighbour, or adds a key and halves both radii when the
+neighbour has a different label; then the chosen value is trained on the edit with Adam.
+
+Follows the authors' ``grace/editors/grace.py`` (Thartvigsen/GRACE) and EasyEdit's
+``easyeditor/models/grace/GRACE.py`` + ``hparams/GRACE/{gpt2-xl,llama-7b}.yaml``; differences:
+labels are compared as target strings (the authors compare the mean of the label token ids),
+ties between equidistant keys go to the newest key (the authors take the oldest, which makes a
+re-edit of the same prompt unreachable), and the query token is per row (``Editor.scope``) instead
+of one position shared by the whole batch.
+
+The value-replacement layer and the routing record here are shared with ``baselines.defer``.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+from omegaconf import MISSING
+from torch import nn
+
+from data.requests import EditRequest
+from evaluation.editor import EditStats, Editor
+from evaluation.encoding import EncodedBatch, encode_pairs
+from evaluation.errors import ConfigError
+from evaluation.forward import target_logits
+from evaluation.models import LoadedModel, layer_dims, replace_module
+from evaluation.prefix_cache import FrozenPrefix
+from evaluation.query import SequenceQuery
+
+DIST_FNS = ("euc",)
+EPS_EXPANDS = ("coverage", "moving_average")
+VALUE_INITS = ("cold", "warm")
+REPLACEMENTS = ("replace_last", "replace_all", "replace_prompt")
+
+
+# --- config checks shared by the GRACE-family editors -------------------------------------------
+def check_layer(model: LoadedModel, key: str, index: int) -> None:
+    n = model.num_layers
+    if not 0 <= index < n:
+        raise ConfigError(f"editor.{key}={index} is out of range for model '{model.name}' with {n} layers "
+                          f"(valid: 0..{n - 1})")
+
+
+def check_choice(key: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ConfigError(f"editor.{key} must be one of {tuple(choices)}, got {value!r}")
+
+
+def check_positive(key: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(f"editor.{key} must be positive, got {value}")
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def frozen_prefix(model: LoadedModel, enabled: bool, num_blocks: int) -> FrozenPrefix | None:
+    """Replay of the frozen blocks below ``num_blocks`` during one edit's iterations (``editor.prefix_cache``)."""
+    if not enabled or num_blocks == 0:
+        return None
+    if not model.block_template:
+        raise ConfigError(f"editor.prefix_cache=true needs the model config's block_template (model '{model.name}' "
+                          f"has none); set it or editor.prefix_cache=false")
+    return FrozenPrefix(model.model, model.block_template, num_blocks)
+
+
+def replaying(prefix: FrozenPrefix | None) -> contextlib.AbstractContextManager[None]:
+    return prefix.cache() if prefix is not None else contextlib.nullcontext()
+
+
+# --- the wrapped layer ---------------------------------------------------------------------------
+@dataclass
+class Replacement:
+    """Where the wrapped layer writes a value instead of its own output, for one batch of sequences."""
+
+    active: torch.Tensor  # (B,) bool: rows that get a value; the others get the base output bit for bit
+    values: torch.Tensor  # (B, d_out) the value of each row (rows that are not active: anything)
+    positions: torch.Tensor  # (B,) each row's query token (last prompt token)
+    gate: torch.Tensor | None = None  # (B,) soft mixture weight (Defer's training) instead of a hard swap
+    prefilled: bool = False  # set by the layer after the first forward of the scope (the prompt)
+
+
+class ValueReplacementLayer(nn.Module):
+    """``base_layer`` whose output is replaced by a per-sequence value at some token positions.
+
+    ``route()`` returns the current batch's :class:`Replacement` (None outside an editing scope or
+    with nothing stored: the layer is then exactly the base layer). Positions that get the value:
+    ``replace_last``: the query token only; ``replace_prompt``: the tokens before it (the authors'
+    ``layer_out[:, :token_to_edit]``); ``replace_all``: every token, including generated ones.
+    Decoding steps of a KV-cached ``generate`` reuse the prompt's route (the first forward of the
+    scope is the prompt); under replace_last/replace_prompt they get no value, as the query token
+    lives in the cache.
+    """
+
+    def __init__(self, base_layer: nn.Module, replacement: str, route: Callable[[], Replacement | None]) -> None:
+        super().__init__()
+        check_choice("replacement", replacement, REPLACEMENTS)
+        self.base_layer = base_layer
+        self.replacement = replacement
+        self.route = route
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, d_in)
+        y = self.base_layer(x)  # (B, T, d_out)
+        r = self.route()
+        if r is None:
+            return y
+        assert y.dim() == 3, f"expected (B, T, d) activations, got {tuple(y.shape)}"
+        B, T, _ = y.shape
+        prompt_pass = not r.prefilled
+        r.prefilled = True
+        if self.replacement == "replace_all":
+            where = torch.ones(B, T, dtype=torch.bool, device=y.device)
+        elif not prompt_pass:
+            return y
+        else:
+            t = torch.arange(T, device=y.device)[None, :]  # (1, T)
+            pos = r.positions.to(y.device)[:, None]  # (B, 1)
+            where = t == pos if self.replacement == "replace_last" else t < pos
+        where = where & r.active.to(y.device)[:, None]  # (B, T)
+        v = r.values.to(device=y.device, dtype=y.dtype)[:, None, :]  # (B, 1, d_out)
+        if r.gate is not None:
+            g = r.gate.to(device=y.device, dtype=y.dtype)[:, None, None]  # (B, 1, 1)
+            new = g * v + (1 - g) * y
+        else:
+            new = v.expand_as(y)
+        return torch.where(where[..., None], new, y)
+
+
+# --- the codebook --------------------------------------------------------------------------------
+def euclidean(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """(B, K) exact pairwise distances in float32 (no ||a||^2+||b||^2-2ab shortcut: d(k, k) is 0)."""
+    return torch.cdist(queries.float()[None], keys.float()[None], compute_mode="donot_use_mm_for_euclid_dist")[0]
+
+
+class Codebook:
+    """GRACE's keys, values, radii (epsilons) and key labels, with the authors' update rules."""
+
+    def __init__(self, key_dim: int, value_dim: int, init_eps: float, eps_expand: str = "coverage",
+                 device: torch.device | str = "cpu") -> None:
+        check_choice("eps_expand", eps_expand, EPS_EXPANDS)
+        self.init_eps, self.eps_expand = float(init_eps), eps_expand
+        self.keys = torch.zeros(0, key_dim, device=device)  # (K, d_in) float32
+        self.values = torch.zeros(0, value_dim, device=device)  # (K, d_out) float32
+        self.radii = torch.zeros(0, device=device)  # (K,)
+        self.labels: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def nearest(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B,) distance to and index of each query's nearest key; ties go to the newest key."""
+        dist = euclidean(queries.to(self.keys.device), self.keys).flip(-1)  # (B, K), newest first
+        d, j = dist.min(-1)
+        return d, len(self) - 1 - j
+
+    def lookup(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B,) in-scope mask (nearest key within its radius) and (B,) index of that key."""
+        d, j = self.nearest(queries)
+        return d <= self.radii[j], j
+
+    def _append(self, key: torch.Tensor, value: torch.Tensor, label: str) -> int:
+        self.keys = torch.cat([self.keys, key.detach().float().to(self.keys.device)[None]])
+        self.values = torch.cat([self.values, value.detach().float().to(self.values.device)[None]])
+        self.radii = torch.cat([self.radii, self.radii.new_full((1,), self.init_eps)])
+        self.labels.append(label)
+        return len(self) - 1
+
+    def insert(self, key: torch.Tensor, label: str, new_value: Callable[[], torch.Tensor]) -> tuple[int, str]:
+        """Place one edit's key; returns (index of the value to train, action).
+
+        Actions: ``new`` (no key within eps + its radius: add one), ``split`` (the nearest key has a
+        different label: add one and cut both radii to half their distance), ``expand`` (same label,
+        outside its radius: widen it to reach the new key; ``moving_average`` also moves the key
+        half-way), ``reuse`` (same label, already covered).
+        """
+        if len(self) == 0:
+            return self._append(key, new_value(), label), "new"
+        d, j = (t.item() for t in self.nearest(key[None]))
+        if d > self.init_eps + self.radii[j].item():
+            return self._append(key, new_value(), label), "new"
+        if self.labels[j] != label:
+            index = self._append(key, new_value(), label)
+            self.radii[j] = d / 2 - 1e-5
+            self.radii[index] = d / 2
+            return index, "split"
+        if d > self.radii[j].item():
+            if self.eps_expand == "moving_average":
+                self.keys[j] = 0.5 * self.keys[j] + 0.5 * key.float().to(self.keys.device)
+            self.radii[j] = d
+            return j, "expand"
+        return j, "reuse"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"keys": self.keys.clone(), "values": self.values.clone(), "radii": self.radii.clone(),
+                "labels": list(self.labels)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        device = self.keys.device
+        self.keys, self.values = state["keys"].to(device).clone(), state["values"].to(device).clone()
+        self.radii, self.labels = state["radii"].to(device).clone(), list(state["labels"])
+
+
+# --- the editor ----------------------------------------------------------------------------------
+@dataclass
+class GraceConf:
+    _target_: str = "baselines.grace.GraceEditor"
+    layer: int = MISSING
+    eps: float = 1.0
+    dist_fn: str = "euc"
+    eps_expand: str = "coverage"
+    value_init: str = "cold"
+    replacement: str = "replace_last"
+    lr: float = 1.0
+    iterations: int = 100
+    batch_size: int = 1
+    prefix_cache: bool = True
+    seed: int = "${seed}"  # type: ignore[assignment]
+
+
+class GraceEditor(Editor):
+    """GRACE behind the shared Editor interface (all hyper-parameters are constructor arguments)."""
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        layer: int,
+        eps: float = 1.0,
+        dist_fn: str = "euc",
+        eps_expand: str = "coverage",
+        value_init: str = "cold",
+        replacement: str = "replace_last",
+        lr: float = 1.0,
+        iterations: int = 100,
+        batch_size: int = 1,
+        prefix_cache: bool = True,
+        seed: int = 0,
+    ) -> None:
+        check_layer(model, "layer", layer)
+        check_choice("dist_fn", dist_fn, DIST_FNS)
+        check_choice("eps_expand", eps_expand, EPS_EXPANDS)
+        check_choice("value_init", value_init, VALUE_INITS)
+        check_choice("replacement", replacement, REPLACEMENTS)
+        check_positive("eps", eps)
+        check_positive("lr", lr)
+        check_positive("iterations", iterations)
+        check_positive("batch_size", batch_size)
+        self.loaded, self.model, self.tokenizer = model, model.model, model.tokenizer
+        self.layer, self.value_init = layer, value_init
+        self.lr, self.iterations, self.batch_size = lr, iterations, batch_size
+        base = model.ffn_module(layer)
+        d_in, d_out = layer_dims(base)
+        self.adapter = ValueReplacementLayer(base, replacement, self._current)
+        replace_module(self.model, model.ffn_name(layer), self.adapter)
+        self.query = SequenceQuery(self.adapter, on_query=self._route)
+        # blocks below the edited layer are frozen and see the same input in every iteration of an edit
+        self.prefix = frozen_prefix(model, prefix_cache, layer)
+        self.codebook = Codebook(d_in, d_out, eps, eps_expand, model_device(self.model))
+        self.generator = torch.Generator().manual_seed(seed)  # cold value init, on this instance only
+        self._train_value: nn.Parameter | None = None  # the value being trained (edit() only)
+
+    # --- routing -------------------------------------------------------------------------------
+    def _current(self) -> Replacement | None:
+        return self.query.derived  # type: ignore[return-value]
+
+    def _route(self, q: torch.Tensor) -> Replacement | None:  # q: (B, d_in) at the query tokens
+        positions = self.query.positions
+        assert positions is not None
+        if self._train_value is not None:  # training: the edit is routed to its own key
+            B = q.shape[0]
+            return Replacement(torch.ones(B, dtype=torch.bool, device=q.device),
+                               self._train_value[None].expand(B, -1), positions)
+        if len(self.codebook) == 0:
+            return None
+        active, index = self.codebook.lookup(q)
+        return Replacement(active, self.codebook.values[index], positions)
+
+    def scope(self, query_positions: torch.Tensor) -> contextlib.AbstractContextManager[None]:
+        return self.query.scope(query_positions)
+
+    @torch.no_grad()
+    def keys_for(self, batch: EncodedBatch) -> torch.Tensor:
+        """(B, d_in) the layer input at each row's query token (the codebook key)."""
+        with self.scope(batch.query_positions):
+            target_logits(self.model, batch)
+            assert self.query.value is not None
+            return self.query.value.clone()
+
+    # --- editing -------------------------------------------------------------------------------
+    def _initial_value(self, key: torch.Tensor) -> torch.Tensor:
+        if self.value_init == "warm":  # the layer's own output for the key
+            with torch.no_grad():
+                return self.adapter.base_layer(key[None])[0].float()
+        d_out = self.codebook.values.shape[1]  # "cold": U[0, 1), as the authors' torch.rand
+        return torch.rand(d_out, generator=self.generator)
+
+    def _edit_one(self, request: EditRequest) -> tuple[float, str]:
+        device = model_device(self.model)
+        batch = encode_pairs(self.tokenizer, [request.prompt], [request.target]).to(device)
+        with replaying(self.prefix):
+            key = self.keys_for(batch)[0]
+            index, action = self.codebook.insert(key, request.target, lambda: self._initial_value(key))
+            value = nn.Parameter(self.codebook.values[index].clone())
+            optimizer = torch.optim.Adam([value], lr=self.lr)
+            self._train_value = value
+            loss = torch.zeros(())
+            try:
+                for _ in range(self.iterations):
+                    with self.scope(batch.query_positions):
+                        loss = target_logits(self.model, batch).loss()
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+            finally:
+                self._train_value = None
+        self.codebook.values[index] = value.detach()
+        return float(loss.detach()), action
+
+    def edit(self, requests: Sequence[EditRequest]) -> EditStats:
+        results = [self._edit_one(r) for r in requests]  # GRACE edits one at a time
+        actions = [a for _, a in results]
+        return EditStats(
+            loss=sum(l for l, _ in results) / len(results),
+            iterations=self.iterations * len(results),
+            extra={"num_keys": float(len(self.codebook)), **{a: float(actions.count(a))
+                                                              for a in ("new", "split", "expand", "reuse")}},
+        )
+
+    # --- accounting and state ------------------------------------------------------------------
+    def trainable_params(self) -> int:
+        return self.codebook.values.numel()  # one value per key (the paper's Table 3 count)
+
+    def stored_params(self) -> int:
+        return self.codebook.keys.numel() + self.codebook.radii.numel()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"codebook": self.codebook.state_dict(), "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.codebook.load_state_dict(state["codebook"])
+        self.generator.set_state(state["generator"])

@@ -1,0 +1,375 @@
+"""MELO (Yu et al., AAAI 2024): neuron-indexed dynamic LoRA with a vector database of cluster keys.
+
+LoRA layers wrap some feed-forward layers untouched; their rank is cut into ``num_blocks`` blocks of
+``rank_per_block`` ranks. Every edit batch trains a block of its own. A vector database at a
+"query layer" below them holds clusters of keys (one key per edit: the query layer's output at
+the edit's last prompt token), each key pointing at the block that learned it. At inference a
+sequence's key selects the nearest cluster centre; inside that cluster's radius it uses the block
+of the cluster's nearest key, outside it gets no LoRA at all: the unedited output, bit for bit.
+
+Database rules, as ``VecDB``/``GraceLinear`` in MELO's PEFT fork (ECNU-ICALK/MELO and EasyEdit's
+``easyeditor/models/melo/peft_egg/src/peft/tuners/melo.py``), applied once per batch against the
+database as it stood before the batch: the first batch makes one cluster per key; later, a key
+farther than (nearest radius + ``radius``) from the nearest centre starts a cluster of radius
+``radius``; a key with the nearest cluster's label joins it (centre = mean of its keys, radius =
+max(farthest key, ``radius``)); a key with another label starts a cluster and both radii are cut to
+half the distance (-/+ 1e-5), the old cluster forgetting keys now outside it.
+
+Differences from the released code, all on purpose: the key token is the last prompt token of
+each row (MELO's ``key_id: -1`` takes the last token of "{prompt} {target}"); labels are compared
+as target strings (MELO compares the sums of the label token ids); running out of blocks is an
+error (MELO silently indexes past its rank).
+
+Scaling: MELO builds one LoRA of rank ``num_blocks * rank_per_block`` with lora_alpha equal to that
+rank and multiplies each selected block of A and of B by sqrt(num_blocks), so a block's update is
+``num_blocks * x A_b B_b``; here ``alpha / rank_per_block * x A_b B_b`` with ``alpha`` defaulting to
+``num_blocks * rank_per_block`` gives the same. A starts as in that LoRA (Kaiming-uniform over the
+whole rank: U(+-1/sqrt(num_blocks * rank_per_block))), B at zero.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, List, Optional, Sequence
+
+import torch
+from omegaconf import MISSING
+from torch import nn
+
+from baselines.grace import (check_choice, check_layer, check_positive, euclidean, frozen_prefix, model_device,
+                             replaying)
+from data.requests import EditRequest
+from evaluation.editor import EditStats, Editor
+from evaluation.encoding import EncodedBatch, encode_pairs
+from evaluation.errors import ConfigError
+from evaluation.forward import target_logits
+from evaluation.models import LoadedModel, layer_dims, replace_module
+from evaluation.query import SequenceQuery
+
+NO_LORA = -1
+KEY_SOURCES = ("output", "input")
+
+
+# --- the vector database -------------------------------------------------------------------------
+class ClusterDB:
+    """Clusters of edit keys: centres, radii and labels; every key remembers the block that learned it."""
+
+    _TENSORS = ("centers", "radii", "point_keys", "point_blocks", "point_cluster")
+
+    def __init__(self, key_dim: int, init_radius: float, device: torch.device | str = "cpu") -> None:
+        self.init_radius = float(init_radius)
+        self.centers = torch.zeros(0, key_dim, device=device)  # (C, d) float32
+        self.radii = torch.zeros(0, device=device)  # (C,)
+        self.labels: list[str] = []
+        self.point_keys = torch.zeros(0, key_dim, device=device)  # (P, d)
+        self.point_blocks = torch.zeros(0, dtype=torch.long, device=device)  # (P,) NO_LORA = forgotten
+        self.point_cluster = torch.zeros(0, dtype=torch.long, device=device)  # (P,)
+        self.conflicts = 0
+        self.forgotten = 0
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def search(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B,) block of each query (NO_LORA where none) and (B,) mask of queries that get a block."""
+        B = queries.shape[0]
+        if len(self) == 0:
+            return torch.full((B,), NO_LORA, dtype=torch.long, device=self.centers.device), \
+                torch.zeros(B, dtype=torch.bool, device=self.centers.device)
+        q = queries.to(self.centers.device)
+        d, c = euclidean(q, self.centers).min(-1)  # nearest centre
+        inside = d <= self.radii[c]
+        dp = euclidean(q, self.point_keys)  # (B, P)
+        dp = dp.masked_fill(self.point_cluster[None, :] != c[:, None], float("inf"))
+        blocks = self.point_blocks[dp.argmin(-1)]  # the cluster's nearest key
+        active = inside & (blocks != NO_LORA)
+        return torch.where(active, blocks, torch.full_like(blocks, NO_LORA)), active
+
+    def _add_point(self, key: torch.Tensor, block: int, cluster: int) -> None:
+        self.point_keys = torch.cat([self.point_keys, key[None]])
+        self.point_blocks = torch.cat([self.point_blocks, self.point_blocks.new_tensor([block])])
+        self.point_cluster = torch.cat([self.point_cluster, self.point_cluster.new_tensor([cluster])])
+
+    def _add_cluster(self, key: torch.Tensor, label: str, block: int) -> int:
+        self.centers = torch.cat([self.centers, key[None]])
+        self.radii = torch.cat([self.radii, self.radii.new_full((1,), self.init_radius)])
+        self.labels.append(label)
+        self._add_point(key, block, len(self) - 1)
+        return len(self) - 1
+
+    def _join(self, j: int, key: torch.Tensor, block: int) -> None:
+        self._add_point(key, block, j)
+        members = self.point_keys[self.point_cluster == j]
+        self.centers[j] = members.mean(0)
+        farthest = euclidean(members, self.centers[j][None]).max()
+        self.radii[j] = max(float(farthest), self.init_radius)
+
+    def _split(self, j: int, new: int, dist: float) -> None:
+        self.radii[j] = dist / 2 - 1e-5
+        self.radii[new] = dist / 2 + 1e-5
+        mine = self.point_cluster == j
+        outside = mine & (euclidean(self.point_keys, self.centers[j][None])[:, 0] > self.radii[j])
+        keep = ~outside
+        self.forgotten += int(outside.sum())
+        self.point_keys, self.point_blocks = self.point_keys[keep], self.point_blocks[keep]
+        self.point_cluster = self.point_cluster[keep]
+        if not bool((self.point_cluster == j).any()):  # MELO keeps the centre as a key without a block
+            self._add_point(self.centers[j].clone(), NO_LORA, j)
+        self.conflicts += 1
+
+    def add_batch(self, keys: torch.Tensor, labels: Sequence[str], block: int) -> list[str]:
+        """Place one batch's keys (all learned by ``block``); returns the action taken for each."""
+        keys = keys.detach().float().to(self.centers.device)
+        if len(self) == 0:
+            for key, label in zip(keys, labels):
+                self._add_cluster(key, label, block)
+            return ["new"] * len(labels)
+        dist, nearest = euclidean(keys, self.centers).min(-1)  # against the database before this batch
+        actions = []
+        for key, label, d, j in zip(keys, labels, dist.tolist(), nearest.tolist()):
+            if d > self.radii[j].item() + self.init_radius:
+                self._add_cluster(key, label, block)
+                actions.append("new")
+            elif self.labels[j] == label:
+                self._join(j, key, block)
+                actions.append("join")
+            else:
+                self._split(j, self._add_cluster(key, label, block), d)
+                actions.append("split")
+        return actions
+
+    def num_stored(self) -> int:
+        return self.centers.numel() + self.radii.numel() + self.point_keys.numel() + self.point_blocks.numel()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**{k: getattr(self, k).clone() for k in self._TENSORS},
+                "labels": list(self.labels), "conflicts": self.conflicts, "forgotten": self.forgotten}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        device = self.centers.device
+        for k in self._TENSORS:
+            setattr(self, k, state[k].to(device).clone())
+        self.labels, self.conflicts, self.forgotten = list(state["labels"]), state["conflicts"], state["forgotten"]
+
+
+# --- the LoRA layer ------------------------------------------------------------------------------
+@dataclass
+class BlockRoute:
+    """Which LoRA block each sequence of the batch uses."""
+
+    blocks: torch.Tensor  # (B,) long, NO_LORA where inactive
+    active: torch.Tensor  # (B,) bool: False = the base output, bit for bit
+
+
+class BlockLoRA(nn.Module):
+    """y = W0 x + b + s * x A_k B_k for each sequence's block k (rows without a block: W0 x + b exactly)."""
+
+    def __init__(self, base_layer: nn.Module, num_blocks: int, rank: int, scaling: float,
+                 route: Callable[[], BlockRoute | None], generator: torch.Generator) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.route = route
+        self.scaling = scaling
+        d_in, d_out = layer_dims(base_layer)
+        device = base_layer.weight.device
+        bound = 1.0 / math.sqrt(num_blocks * rank)  # Kaiming-uniform(a=sqrt(5)) of the whole-rank A
+        A = torch.rand(num_blocks, d_in, rank, generator=generator) * (2 * bound) - bound
+        self.lora_A = nn.Parameter(A.to(device))  # float32 whatever the model's dtype
+        self.lora_B = nn.Parameter(torch.zeros(num_blocks, rank, d_out, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, d_in)
+        y = self.base_layer(x)
+        r = self.route()
+        if r is None:
+            return y
+        blocks = r.blocks.clamp(min=0).to(x.device)
+        A, B = self.lora_A[blocks], self.lora_B[blocks]  # (B, d_in, r), (B, r, d_out)
+        delta = torch.bmm(torch.bmm(x.to(A.dtype), A), B) * self.scaling  # (B, T, d_out)
+        return torch.where(r.active.to(x.device)[:, None, None], y + delta.to(y.dtype), y)
+
+
+# --- the editor ----------------------------------------------------------------------------------
+@dataclass
+class MeloConf:
+    _target_: str = "baselines.melo.MeloEditor"
+    layers: List[int] = MISSING
+    query_layer: int = MISSING
+    rank_per_block: int = 2
+    num_blocks: int = 350
+    alpha: Optional[float] = None
+    radius: float = 0.5
+    key_source: str = "output"
+    lr: float = 1e-3
+    lr_step: int = 20
+    lr_gamma: float = 0.5
+    iterations: int = 50
+    batch_size: int = 4
+    prefix_cache: bool = True
+    seed: int = "${seed}"  # type: ignore[assignment]
+
+
+class MeloEditor(Editor):
+    """MELO behind the shared Editor interface (all hyper-parameters are constructor arguments)."""
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        layers: Sequence[int],
+        query_layer: int,
+        rank_per_block: int = 2,
+        num_blocks: int = 350,
+        alpha: float | None = None,
+        radius: float = 0.5,
+        key_source: str = "output",
+        lr: float = 1e-3,
+        lr_step: int = 20,
+        lr_gamma: float = 0.5,
+        iterations: int = 50,
+        batch_size: int = 4,
+        prefix_cache: bool = True,
+        seed: int = 0,
+    ) -> None:
+        layers = list(layers)
+        self._validate(model, layers, query_layer, key_source)
+        for key, value in (("rank_per_block", rank_per_block), ("num_blocks", num_blocks), ("radius", radius),
+                           ("lr", lr), ("lr_step", lr_step), ("lr_gamma", lr_gamma), ("iterations", iterations),
+                           ("batch_size", batch_size)):
+            check_positive(key, value)
+        if alpha is not None:
+            check_positive("alpha", alpha)
+        self.loaded, self.model, self.tokenizer = model, model.model, model.tokenizer
+        self.layers, self.query_layer, self.key_source = layers, query_layer, key_source
+        self.rank_per_block, self.num_blocks = rank_per_block, num_blocks
+        self.alpha = float(alpha) if alpha is not None else float(num_blocks * rank_per_block)
+        self.lr, self.lr_step, self.lr_gamma = lr, lr_step, lr_gamma
+        self.iterations, self.batch_size = iterations, batch_size
+
+        generator = torch.Generator().manual_seed(seed)
+        self.adapters: list[BlockLoRA] = []
+        for layer in layers:
+            adapter = BlockLoRA(model.ffn_module(layer), num_blocks, rank_per_block,
+                                self.alpha / rank_per_block, self._current, generator)
+            replace_module(self.model, model.ffn_name(layer), adapter)
+            self.adapters.append(adapter)
+        self.query_module = model.ffn_module(query_layer)
+        d_in, d_out = layer_dims(self.query_module)
+        self.query = SequenceQuery(self.query_module, on_query=self._route)
+        # blocks below the query layer are frozen and see the same batch in every iteration
+        self.prefix = frozen_prefix(model, prefix_cache, query_layer)
+        self.db = ClusterDB(d_out if key_source == "output" else d_in, radius, model_device(self.model))
+        self.next_block = 0  # blocks 0..next_block-1 have been trained, one per edit batch
+        self._train_block: int | None = None  # the block being trained (edit() only)
+        self._capture_keys = False  # keys_for(): capture the keys, route nothing
+
+    @staticmethod
+    def _validate(model: LoadedModel, layers: list[int], query_layer: int, key_source: str) -> None:
+        for layer in layers:
+            check_layer(model, "layers", layer)
+        check_layer(model, "query_layer", query_layer)
+        if not layers or len(set(layers)) != len(layers):
+            raise ConfigError(f"editor.layers must be distinct layer indices, got {layers}")
+        if query_layer >= min(layers):
+            raise ConfigError(f"editor.query_layer={query_layer} must lie below the first LoRA layer "
+                              f"({min(layers)}): the key must not depend on the LoRAs")
+        check_choice("key_source", key_source, KEY_SOURCES)
+
+    # --- routing -------------------------------------------------------------------------------
+    def _current(self) -> BlockRoute | None:
+        derived = self.query.derived
+        return derived if isinstance(derived, BlockRoute) else None
+
+    @torch.no_grad()
+    def _key(self, q: torch.Tensor) -> torch.Tensor:
+        """(B, d_key) keys from the query layer's input at the query tokens (MELO: the layer's output)."""
+        return self.query_module(q).float() if self.key_source == "output" else q.float()
+
+    def _route(self, q: torch.Tensor) -> BlockRoute | torch.Tensor | None:  # q: (B, d_in) of the query layer
+        B = q.shape[0]
+        if self._capture_keys:
+            return self._key(q)
+        if self._train_block is not None:  # training: the batch is routed to its own block
+            return BlockRoute(torch.full((B,), self._train_block, dtype=torch.long, device=q.device),
+                              torch.ones(B, dtype=torch.bool, device=q.device))
+        if len(self.db) == 0:
+            return None
+        blocks, active = self.db.search(self._key(q))
+        return BlockRoute(blocks, active)
+
+    def scope(self, query_positions: torch.Tensor) -> contextlib.AbstractContextManager[None]:
+        return self.query.scope(query_positions)
+
+    @torch.no_grad()
+    def keys_for(self, batch: EncodedBatch) -> torch.Tensor:
+        """(B, d_key) the database key of each row."""
+        self._capture_keys = True
+        try:
+            with self.scope(batch.query_positions):
+                target_logits(self.model, batch)
+                keys = self.query.derived
+        finally:
+            self._capture_keys = False
+        assert isinstance(keys, torch.Tensor)
+        return keys
+
+    # --- editing -------------------------------------------------------------------------------
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for a in self.adapters for p in (a.lora_A, a.lora_B)]
+
+    def edit(self, requests: Sequence[EditRequest]) -> EditStats:
+        if self.next_block >= self.num_blocks:
+            raise ConfigError(f"MELO has used all editor.num_blocks={self.num_blocks} LoRA blocks (one per edit "
+                              f"batch of editor.batch_size={self.batch_size}); raise editor.num_blocks")
+        device = model_device(self.model)
+        batch = encode_pairs(self.tokenizer, [r.prompt for r in requests], [r.target for r in requests]).to(device)
+        block = self.next_block
+        with replaying(self.prefix):
+            actions = self.db.add_batch(self.keys_for(batch), [r.target for r in requests], block)
+            # fresh Adam + StepLR per batch, as MELO; blocks other than this one get zero gradients and,
+            # from a fresh Adam state, exactly zero updates
+            optimizer = torch.optim.Adam(self.parameters(), lr=self.lr)
+            scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=self.lr_step, gamma=self.lr_gamma)
+            self._train_block = block
+            loss = torch.zeros(())
+            try:
+                for _ in range(self.iterations):
+                    with self.scope(batch.query_positions):
+                        loss = target_logits(self.model, batch).loss()
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    scheduler.step()
+            finally:
+                self._train_block = None
+        self.next_block += 1
+        return EditStats(loss=float(loss.detach()), iterations=self.iterations, extra={
+            "num_clusters": float(len(self.db)), "conflicts": float(self.db.conflicts),
+            "forgotten_keys": float(self.db.forgotten), "blocks_used": float(self.next_block),
+            **{a: float(actions.count(a)) for a in ("new", "join", "split")}})
+
+    # --- accounting and state ------------------------------------------------------------------
+    def block_params(self) -> int:
+        """LoRA parameters of one block, over all LoRA layers."""
+        return sum(self.rank_per_block * (a.lora_A.shape[1] + a.lora_B.shape[2]) for a in self.adapters)
+
+    def trainable_params(self) -> int:
+        """Parameters of the blocks trained so far (one block per edit batch), not of all pre-allocated blocks."""
+        return self.next_block * self.block_params()
+
+    def stored_params(self) -> int:
+        return self.db.num_stored()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "adapters": [{"A": a.lora_A.detach().clone(), "B": a.lora_B.detach().clone()} for a in self.adapters],
+            "db": self.db.state_dict(),
+            "next_block": self.next_block,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        with torch.no_grad():
+            for adapter, saved in zip(self.adapters, state["adapters"], strict=True):
+                adapter.lora_A.copy_(saved["A"])
+                adapter.lora_B.copy_(saved["B"])
+        self.db.load_state_dict(state["db"])
+        self.next_block = int(state["next_block"])

@@ -1,0 +1,4 @@
+"""ROME: rank-one model editing (Meng et al. 2022), the ELDER paper's locate-then-edit baseline."""
+from baselines.rome.editor import ROMEConf, ROMEEditor
+
+__all__ = ["ROMEConf", "ROMEEditor"]

@@ -1,0 +1,39 @@
+"""Shared fixtures: composed configs and tiny random models of the paper's two architectures."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from data.loaders import EditDataset
+from data.requests import EditRequest
+from evaluation.models import LoadedModel
+from evaluation.schema import register
+
+REPO = Path(__file__).resolve().parent.parent
+ZSRE = REPO.parent / "shared" / "data" / "zsre" / "zsre_mend_eval_portability_gpt4.json"
+
+
+def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
+    register()
+    OmegaConf.register_new_resolver("repo", lambda: str(REPO), replace=True)
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides), return_hydra_config=False)
+
+
+@pytest.fixture
+def compose_cfg() -> Callable[..., DictConfig]:
+    return lambda *overrides: compose_config(overrides)
+
+
+def tiny_model(name: str = "tiny_llama", seed: int = 0) -> LoadedModel:
+    cfg = compose_config([f"model={name}", f"seed={seed}"])
+    return instantiate(cfg.model)
+
+
+def zsre_requests(n: int) -> list[EditRequest]:
+    return EditDataset("zsre", str(ZSRE), n).load()

@@ -1,0 +1,61 @@
+"""Edit-set loaders: the protocol's fields, order and errors."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from data.loaders import DataError, EditDataset
+from tests.conftest import REPO, ZSRE
+
+COUNTERFACT = REPO.parent / "shared" / "data" / "counterfact" / "counterfact-edit.json"
+
+
+def test_zsre_edits_alt_and_holds_out_the_rephrase() -> None:
+    raw = json.loads(ZSRE.read_text())
+    requests = EditDataset("zsre", str(ZSRE), 1000).load()
+    assert len(requests) == 1000 and [r.uid for r in requests] == list(range(1000))
+    first = requests[0]
+    assert (first.prompt, first.target, first.paraphrase) == (raw[0]["src"], raw[0]["alt"], raw[0]["rephrase"])
+    assert (first.locality_prompt, first.locality_answer) == (raw[0]["loc"], raw[0]["loc_ans"])
+    assert first.subject == raw[0]["subject"]
+
+
+def test_counterfact_edits_target_new() -> None:
+    raw = json.loads(COUNTERFACT.read_text())
+    requests = EditDataset("counterfact", str(COUNTERFACT), 5).load()
+    assert requests[0].prompt == raw[0]["prompt"] and requests[0].target == raw[0]["target_new"]
+    assert requests[0].paraphrase == raw[0]["rephrase_prompt"]
+    assert requests[0].locality_answer == raw[0]["locality_ground_truth"]
+
+
+def test_records_without_paraphrase_are_skipped(tmp_path: Path) -> None:
+    records = [{"src": f"q{i}?", "alt": "a", "rephrase": "" if i == 1 else f"p{i}?", "loc": "l", "loc_ans": "x",
+                "subject": "s", "answers": ["t"]} for i in range(4)]
+    path = tmp_path / "z.json"
+    path.write_text(json.dumps(records))
+    assert [r.prompt for r in EditDataset("zsre", str(path), 3).load()] == ["q0?", "q2?", "q3?"]
+
+
+def test_malformed_record_is_named(tmp_path: Path) -> None:
+    records = [{"src": "q?", "alt": "a", "rephrase": "p?", "loc": "l", "loc_ans": "x"},
+               {"src": "q2?", "alt": None, "rephrase": "p2?", "loc": "l", "loc_ans": "x"}]
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(records))
+    with pytest.raises(DataError, match=r"bad\.json: record 1 is malformed: field 'alt'"):
+        EditDataset("zsre", str(path), 2).load()
+
+
+def test_broken_json_is_located(tmp_path: Path) -> None:
+    path = tmp_path / "broken.json"
+    path.write_text('[{"src": "q?",\n "alt": ]')
+    with pytest.raises(DataError, match=r"broken\.json: not valid JSON \(line 2"):
+        EditDataset("zsre", str(path), 1).load()
+
+
+def test_missing_file_and_too_few_records(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="data file not found"):
+        EditDataset("zsre", str(tmp_path / "none.json"), 1).load()
+    with pytest.raises(DataError, match="lower dataset.num_edits"):
+        EditDataset("zsre", str(ZSRE), 5000).load()
