@@ -37,6 +37,8 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path, choices: Mapping[str, s
     """Run the configured stream; returns the payload written to ``run_dir/results.json``."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
     wall = time.perf_counter()
     timings: dict[str, float] = {}

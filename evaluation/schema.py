@@ -112,6 +112,7 @@ class RunConf:
     eval_every: int = 0
     eval_batch_size: int = 32
     progress: bool = True
+    threads: Optional[int] = None  # torch intra-op threads (None: torch's default)
     tags: List[str] = field(default_factory=list)
 
 
