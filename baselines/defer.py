@@ -27,7 +27,7 @@ from torch import nn
 from baselines.grace import (Replacement, ValueReplacementLayer, check_layer, check_positive,
                              frozen_prefix, model_device, replaying)
 from data.requests import EditRequest
-from evaluation.editor import EditStats, Editor
+from evaluation.editor import EditStats, Editor, FloorSpec
 from evaluation.encoding import encode_pairs
 from evaluation.errors import ConfigError
 from evaluation.forward import target_logits
@@ -136,6 +136,9 @@ class DeferEditor(Editor):
         return EditStats(loss=sum(losses) / len(losses), iterations=self.iterations * len(losses))
 
     # --- accounting and state ------------------------------------------------------------------
+    def floor_spec(self) -> FloorSpec:
+        return FloorSpec(first_layer=self.layer, passes=self.iterations)
+
     def trainable_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 

@@ -33,7 +33,7 @@ from omegaconf import MISSING
 from torch import nn
 
 from data.requests import EditRequest
-from evaluation.editor import EditStats, Editor
+from evaluation.editor import EditStats, Editor, FloorSpec
 from evaluation.encoding import EncodedBatch, encode_pairs
 from evaluation.errors import ConfigError
 from evaluation.forward import target_logits
@@ -179,6 +179,9 @@ class FTLEditor(Editor):
         return EditStats(loss=losses[-1], iterations=len(losses), extra=extra)
 
     # --- accounting and state ------------------------------------------------------------------
+    def floor_spec(self) -> FloorSpec:
+        return FloorSpec(first_layer=self.layer, passes=self.steps)
+
     def trainable_params(self) -> int:
         """The elements of the tuned matrix (and bias when ``include_bias``)."""
         return sum(p.numel() for p in self.tuned)

@@ -27,7 +27,7 @@ from omegaconf import MISSING
 from torch import nn
 
 from data.requests import EditRequest
-from evaluation.editor import EditStats, Editor
+from evaluation.editor import EditStats, Editor, FloorSpec
 from evaluation.encoding import EncodedBatch, encode_pairs
 from evaluation.errors import ConfigError
 from evaluation.forward import target_logits
@@ -335,6 +335,9 @@ class GraceEditor(Editor):
         )
 
     # --- accounting and state ------------------------------------------------------------------
+    def floor_spec(self) -> FloorSpec:
+        return FloorSpec(first_layer=self.layer, passes=self.iterations)
+
     def trainable_params(self) -> int:
         return self.codebook.values.numel()  # one value per key (the paper's Table 3 count)
 

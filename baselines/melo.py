@@ -40,7 +40,7 @@ from torch import nn
 from baselines.grace import (check_choice, check_layer, check_positive, euclidean, frozen_prefix, model_device,
                              replaying)
 from data.requests import EditRequest
-from evaluation.editor import EditStats, Editor
+from evaluation.editor import EditStats, Editor, FloorSpec
 from evaluation.encoding import EncodedBatch, encode_pairs
 from evaluation.errors import ConfigError
 from evaluation.forward import target_logits
@@ -351,6 +351,9 @@ class MeloEditor(Editor):
     def block_params(self) -> int:
         """LoRA parameters of one block, over all LoRA layers."""
         return sum(self.rank_per_block * (a.lora_A.shape[1] + a.lora_B.shape[2]) for a in self.adapters)
+
+    def floor_spec(self) -> FloorSpec:
+        return FloorSpec(first_layer=min(self.layers), passes=self.iterations)
 
     def trainable_params(self) -> int:
         """Parameters of the blocks trained so far (one block per edit batch), not of all pre-allocated blocks."""

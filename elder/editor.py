@@ -12,7 +12,7 @@ from elder.adapter import MixtureOfLoRA
 from elder.allocation import PresetAllocator
 from elder.losses import guided_loss, load_balancing_loss
 from elder.routing import Routers, Routes, min_hamming
-from evaluation.editor import EditStats, Editor
+from evaluation.editor import EditStats, Editor, FloorSpec
 from evaluation.errors import ConfigError
 from evaluation.encoding import encode_pairs
 from evaluation.forward import target_logits
@@ -165,6 +165,9 @@ class ElderEditor(Editor):
         return EditStats(loss=float(lm.detach()), iterations=self.iterations, extra={"aux_loss": float(aux.detach())})
 
     # --- accounting and state ------------------------------------------------------------------
+    def floor_spec(self) -> FloorSpec:
+        return FloorSpec(first_layer=min(self.layers), passes=self.iterations)
+
     def trainable_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 

@@ -28,6 +28,15 @@ class EditStats:
     extra: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class FloorSpec:
+    """The unavoidable work of one edit batch: ``passes`` forward+backward passes from block
+    ``first_layer`` (the lowest one that carries gradients) to the output. Benchmarks time it."""
+
+    first_layer: int
+    passes: int
+
+
 class Editor(ABC):
     """Base class of ELDER and every baseline.
 
@@ -50,6 +59,10 @@ class Editor(ABC):
     def stored_params(self) -> int:
         """Extra numbers the method keeps besides the model (codebooks, codes, keys); 0 by default."""
         return 0
+
+    def floor_spec(self) -> FloorSpec | None:
+        """What the speed benchmark compares this editor with; None if not defined."""
+        return None
 
     @contextlib.contextmanager
     def scope(self, query_positions: torch.Tensor) -> Iterator[None]:

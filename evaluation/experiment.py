@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import random
 import time
 from pathlib import Path
@@ -14,19 +15,89 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from baselines.unedited import Unedited
+from evaluation.checkpoint import CheckpointManager, StreamCheckpoint
 from evaluation.editor import Editor
+from evaluation.errors import ConfigError
 from evaluation.generation import make_generate_fn
 from evaluation.metrics import locality_inputs, predict
 from evaluation.results import write_results
-from evaluation.stream import run_stream
+from evaluation.stream import ON_NAN, run_stream
 
 log = logging.getLogger(__name__)
 
 
 def seed_everything(seed: int) -> None:
+    """python, numpy and torch (CPU and all CUDA devices). Everything else random in the harness draws
+    from generators seeded from ``seed`` too (model init, ELDER's routers/LoRAs and preset allocations,
+    MELO/GRACE/Defer init, ROME's prefixes), so one seed fixes a run."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def set_deterministic(enabled: bool) -> tuple[bool, bool]:
+    """``torch.use_deterministic_algorithms(enabled, warn_only=True)``; returns the previous setting.
+
+    warn_only: an op without a deterministic kernel warns instead of failing. On CUDA, cuBLAS needs
+    ``CUBLAS_WORKSPACE_CONFIG`` set before its first use for reproducible matmuls.
+    """
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    if enabled:
+        if torch.cuda.is_available():
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(enabled, warn_only=True)
+    return previous
+
+
+#: config leaves that may change between a run and its resumption (where files live, not what is computed)
+_MAY_CHANGE_ON_RESUME = ("path", "cache_dir", "url", "sha256", "device", "device_map", "num_edits", "tokenizer_path")
+
+
+def run_fingerprint(cfg: DictConfig) -> dict[str, Any]:
+    """The config values a checkpoint must share with the run that resumes it (flat, dotted keys)."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    flat: dict[str, Any] = {"seed": resolved["seed"]}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(f"{prefix}.{key}", value)
+        elif prefix.rsplit(".", 1)[-1] not in _MAY_CHANGE_ON_RESUME:
+            flat[prefix] = node
+
+    for group in ("model", "editor", "dataset"):
+        walk(group, resolved[group])
+    return flat
+
+
+def _checkpoints(cfg: DictConfig, run_dir: Path) -> tuple[CheckpointManager, StreamCheckpoint | None]:
+    """The run's checkpoint folder and, with ``resume=true``, the checkpoint to continue from."""
+    if cfg.checkpoint.every < 0:
+        raise ConfigError(f"checkpoint.every must be >= 0 (0: only on a signal, NaN or OOM), got {cfg.checkpoint.every}")
+    if cfg.on_nan not in ON_NAN:
+        raise ConfigError(f"on_nan must be one of {'|'.join(ON_NAN)}, got {cfg.on_nan!r}")
+    manager = CheckpointManager(run_dir / cfg.checkpoint.dir, cfg.checkpoint.every, cfg.checkpoint.keep)
+    manager.resume_hint = f"rerun the same command with `resume=true hydra.run.dir={run_dir}`"
+    manager.fingerprint = run_fingerprint(cfg)
+    if not cfg.resume:
+        if manager.exists():
+            log.warning("resume=false: removing the old checkpoints in %s", manager.directory)
+            manager.clear()
+        return manager, None
+    ckpt = manager.load_latest()
+    if ckpt is None:
+        raise ConfigError(f"resume=true but there is no checkpoint in {manager.directory}: pass the folder of the "
+                          f"interrupted run with hydra.run.dir=DIR (its checkpoints are in DIR/{cfg.checkpoint.dir})")
+    diff = [k for k in sorted(set(ckpt.fingerprint) | set(manager.fingerprint))
+            if ckpt.fingerprint.get(k, "<unset>") != manager.fingerprint.get(k, "<unset>")]
+    if diff:
+        shown = ", ".join(f"{k} (checkpoint {ckpt.fingerprint.get(k, '<unset>')!r}, now "
+                          f"{manager.fingerprint.get(k, '<unset>')!r})" for k in diff[:5])
+        raise ConfigError(f"resume=true: this run's config differs from the checkpoint {ckpt.path} in {shown}; "
+                          f"resume with the overrides of the interrupted run")
+    log.info("resuming from %s (%d edits done, saved on %s)", ckpt.path, ckpt.position, ckpt.reason)
+    return manager, ckpt
 
 
 def _config_key(node: Any) -> str:
@@ -37,8 +108,18 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path, choices: Mapping[str, s
     """Run the configured stream; returns the payload written to ``run_dir/results.json``."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoints, resume_from = _checkpoints(cfg, run_dir)  # before any work: a bad resume fails at once
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    previous_deterministic = set_deterministic(cfg.deterministic)
+    try:
+        return _run(cfg, run_dir, choices, checkpoints, resume_from)
+    finally:
+        torch.use_deterministic_algorithms(previous_deterministic[0], warn_only=previous_deterministic[1])
+
+
+def _run(cfg: DictConfig, run_dir: Path, choices: Mapping[str, str], checkpoints: CheckpointManager,
+         resume_from: StreamCheckpoint | None) -> dict[str, Any]:
     seed_everything(cfg.seed)
     wall = time.perf_counter()
     timings: dict[str, float] = {}
@@ -65,9 +146,12 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path, choices: Mapping[str, s
     resolved = OmegaConf.to_container(cfg, resolve=True)
     logger = instantiate(cfg.logger)
     name = "-".join(str(choices.get(k, "?")) for k in ("editor", "model", "dataset")) + f"-s{cfg.seed}"
-    logger.start(str(run_dir), name, {"config": resolved, "choices": dict(choices)})
+    run_id = logger.start(str(run_dir), name, {"config": resolved, "choices": dict(choices)},
+                          resume_id=resume_from.run_id if resume_from is not None else None)
+    checkpoints.run_id = run_id
     try:
-        stream = run_stream(editor, requests, base_locality, logger, cfg.eval_every, cfg.eval_batch_size, cfg.progress)
+        stream = run_stream(editor, requests, base_locality, logger, cfg.eval_every, cfg.eval_batch_size,
+                            cfg.progress, checkpoints=checkpoints, resume=resume_from, on_nan=cfg.on_nan)
         timings["edit_seconds"] = stream.edit_seconds
         timings["eval_seconds"] = stream.eval_seconds
         metrics: dict[str, Any] = {
@@ -76,6 +160,7 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path, choices: Mapping[str, s
             "trainable_params": editor.trainable_params(),
             "stored_params": editor.stored_params(),
             "num_edits": len(requests),
+            "skipped_edits": sum(len(s["uids"]) for s in stream.skipped),
         }
         if retention.enabled:
             start = time.perf_counter()
@@ -92,7 +177,10 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path, choices: Mapping[str, s
         flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         flat.update({f"retention/{k}": v for k, v in metrics.get("retention", {}).items()})
         logger.summary(flat)
-        path = write_results(run_dir, resolved, metrics, stream.curves, timings, {"choices": dict(choices)})
+        stream_info = {"resumed_from": stream.resumed_from, "skipped": stream.skipped,
+                       "checkpoints": str(checkpoints.directory), "wandb_run_id": run_id}
+        path = write_results(run_dir, resolved, metrics, stream.curves, timings,
+                             {"choices": dict(choices), "stream": stream_info})
         log.info("results written to %s", path)
         return {"metrics": metrics, "curves": stream.curves, "timings": timings}
     finally:

@@ -25,8 +25,10 @@ class NullLogger:
 class WandbLogger(NullLogger):
     """W&B run under the run's output dir. ``mode=offline`` runs can be uploaded with ``wandb sync``.
 
-    If an online run cannot start (no login, no network) the logger falls back to offline and says so:
-    a logging outage never kills an editing run.
+    A logging outage never kills an editing run: if an online run cannot start (no login, no network,
+    W&B down) the logger falls back to offline and says so; if that fails too (or wandb is not
+    installed) it logs nothing and says so. A failure inside ``log``/``summary``/``finish`` is reported
+    once and the run goes on. ``start(..., resume_id=...)`` continues an earlier run (same id).
     """
 
     def __init__(self, project: str = "elder-harness", mode: str = "offline", entity: str | None = None,
@@ -34,32 +36,65 @@ class WandbLogger(NullLogger):
         self.project, self.mode, self.entity = project, mode, entity
         self.tags, self.group = list(tags or []), group
         self.run: Any = None
+        self.active_mode: str | None = None  # the mode the run actually started in (None: not logging)
+        self._warned: set[str] = set()
+
+    def _warn_once(self, what: str, err: BaseException) -> None:
+        if what not in self._warned:
+            self._warned.add(what)
+            log.warning("W&B %s failed (%s: %s); the run goes on (further %s failures are not reported)",
+                        what, type(err).__name__, err, what)
 
     def start(self, run_dir: str, name: str, config: Mapping[str, Any], resume_id: str | None = None) -> str | None:
-        import wandb
+        try:
+            import wandb
+        except Exception as err:  # noqa: BLE001 - not installed or broken: edit without logging
+            log.warning("W&B is unavailable (%s); this run is not logged to W&B", err)
+            return None
 
         os.environ.setdefault("WANDB_SILENT", "true")
         kwargs = dict(project=self.project, entity=self.entity, dir=run_dir, name=name, config=dict(config),
                       tags=self.tags, group=self.group, id=resume_id, resume="allow" if resume_id else None)
+        modes = [self.mode] + (["offline"] if self.mode != "offline" else [])
+        for mode in modes:
+            try:
+                self.run = wandb.init(mode=mode, **kwargs)
+                self.active_mode = mode
+                break
+            except Exception as err:  # noqa: BLE001 - any W&B failure must not stop the edit run
+                nxt = "logging offline instead" if mode != "offline" else "this run is not logged to W&B"
+                log.warning("W&B %s run could not start (%s: %s); %s", mode, type(err).__name__, err, nxt)
+                self.run = None
+        if self.run is None:
+            return None
+        if self.active_mode != self.mode:
+            log.warning("W&B is logging offline to %s: upload later with `wandb sync %s/wandb/offline-run-*`",
+                        run_dir, run_dir)
         try:
-            self.run = wandb.init(mode=self.mode, **kwargs)
-        except Exception as err:  # noqa: BLE001 - any W&B failure must not stop the edit run
-            if self.mode == "offline":
-                raise
-            log.warning("W&B %s run could not start (%s); logging offline instead", self.mode, err)
-            self.run = wandb.init(mode="offline", **kwargs)
-        return self.run.id
+            return str(self.run.id)
+        except Exception as err:  # noqa: BLE001
+            self._warn_once("start", err)
+            return resume_id
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
         if self.run is not None:
-            self.run.log(dict(metrics), step=step)
+            try:
+                self.run.log(dict(metrics), step=step)
+            except Exception as err:  # noqa: BLE001
+                self._warn_once("log", err)
 
     def summary(self, metrics: Mapping[str, Any]) -> None:
         if self.run is not None:
-            for key, value in metrics.items():
-                self.run.summary[key] = value
+            try:
+                for key, value in metrics.items():
+                    self.run.summary[key] = value
+            except Exception as err:  # noqa: BLE001
+                self._warn_once("summary", err)
 
     def finish(self) -> None:
         if self.run is not None:
-            self.run.finish()
-            self.run = None
+            run, self.run = self.run, None
+            try:
+                run.finish()
+            except Exception as err:  # noqa: BLE001
+                self._warn_once("finish", err)

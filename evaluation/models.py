@@ -91,10 +91,8 @@ def load_pretrained(name: str, path: str, ffn_template: str, num_layers: int, bl
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     local = Path(path).expanduser()
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
-    if local.exists() and not (local / "config.json").is_file():
-        raise ModelLoadError(f"model.path={path} exists but has no config.json: it must be a folder made by "
-                             f"save_pretrained (config.json, weights, tokenizer files)")
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no", "off")
+    _check_local_folder(name, path, local)
     try:
         kwargs: dict[str, Any] = {"dtype": _dtype(dtype)}
         if device_map:
@@ -102,17 +100,49 @@ def load_pretrained(name: str, path: str, ffn_template: str, num_layers: int, bl
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=offline)
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=offline, **kwargs)
     except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if local.is_dir():
+            raise ModelLoadError(f"could not load model '{name}' from the folder {path}: {first}\n"
+                                 f"It must be a folder made by save_pretrained (config.json, weights, tokenizer "
+                                 f"files).") from None
+        hub = ("the hub is not contacted because HF_HUB_OFFLINE is set (unset it for hub access), and the "
+               "files are not in the local cache" if offline else "hub access failed")
         raise ModelLoadError(
-            f"could not load model '{name}' from '{path}': {str(err).splitlines()[0]}\n"
-            f"Supply the weights: either a local folder with `model.path=/path/to/{name}` (config.json, "
-            f"weights and tokenizer files, e.g. from `huggingface-cli download {path}`), or hub access "
-            f"(network and, for gated models such as LLaMA-2, `huggingface-cli login`)."
+            f"could not load model '{name}' from '{path}': {first}\n"
+            f"No weights: {hub}. Supply them: either a local folder with `model.path=/path/to/{name}` "
+            f"(config.json, weights and tokenizer files, e.g. from `huggingface-cli download {path} "
+            f"--local-dir /path/to/{name}`), or hub access (network and, for gated models such as LLaMA-2, "
+            f"`huggingface-cli login`)."
         ) from None
     if not device_map:
         model.to(device)
     _prepare(model, tokenizer)
     _check_layers(model, name, ffn_template, num_layers, block_template)
     return LoadedModel(model, tokenizer, name, ffn_template, num_layers, block_template)
+
+
+_WEIGHT_FILES = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json", "*.pt", "*.pth",
+                 "tf_model.h5", "flax_model.msgpack")
+
+
+def _check_local_folder(name: str, path: str, local: Path) -> None:
+    """Clear messages for a local model.path that cannot hold a model (before transformers' own errors)."""
+    looks_local = path.startswith(("/", "./", "../", "~")) or local.exists()
+    if not looks_local:
+        return  # a hub id
+    if not local.exists():
+        raise ModelLoadError(f"model.path={path} does not exist: point it at a folder made by save_pretrained "
+                             f"(config.json, weights, tokenizer files) for model '{name}'")
+    if not local.is_dir():
+        raise ModelLoadError(f"model.path={path} is a file: it must be a folder made by save_pretrained "
+                             f"(config.json, weights, tokenizer files)")
+    if not (local / "config.json").is_file():
+        raise ModelLoadError(f"model.path={path} exists but has no config.json: it must be a folder made by "
+                             f"save_pretrained (config.json, weights, tokenizer files)")
+    if not any(next(local.glob(pattern), None) for pattern in _WEIGHT_FILES):
+        raise ModelLoadError(f"model.path={path} has a config.json but no weights (model.safetensors or "
+                             f"pytorch_model.bin, or their sharded index): copy the weight files of '{name}' "
+                             f"into it (e.g. `huggingface-cli download <hub id> --local-dir {path}`)")
 
 
 def _check_layers(model: nn.Module, name: str, ffn_template: str, num_layers: int, block_template: str) -> None:

@@ -101,6 +101,13 @@ class UneditedConf:
 
 
 @dataclass
+class CheckpointConf:
+    every: int = 100  # save the stream every N edits (batch boundaries) and at its end; 0: only on signal/NaN/OOM
+    dir: str = "checkpoints"  # under the run folder
+    keep: int = 2  # newest checkpoints kept
+
+
+@dataclass
 class RunConf:
     model: Any = MISSING
     editor: Any = MISSING
@@ -114,6 +121,10 @@ class RunConf:
     progress: bool = True
     threads: Optional[int] = None  # torch intra-op threads (None: torch's default)
     tags: List[str] = field(default_factory=list)
+    resume: bool = False  # continue the run in hydra.run.dir from its last checkpoint
+    checkpoint: CheckpointConf = field(default_factory=CheckpointConf)
+    on_nan: str = "stop"  # NaN/inf loss in an edit batch: stop (checkpoint, error) | skip (undo the batch, go on)
+    deterministic: bool = True  # torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def register() -> None:

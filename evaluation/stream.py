@@ -1,16 +1,53 @@
-"""The lifelong loop: the only place edits are applied, one batch after another, to one model."""
+"""The lifelong loop: the only place edits are applied, one batch after another, to one model.
+
+Long runs survive: with a :class:`~evaluation.checkpoint.CheckpointManager` the loop saves the editor's
+state, the position, the curves and the RNG states every ``checkpoint.every`` edits (at batch boundaries)
+and at the end of the edit loop. SIGTERM/SIGINT finish the current batch, save a checkpoint and stop with
+:class:`~evaluation.checkpoint.StreamInterrupted` (a second signal stops at once). ``resume=`` continues
+from a checkpoint exactly as if the stream had never stopped.
+
+A batch whose loss (or whose resulting editor state) is NaN/inf is handled by ``on_nan``: ``stop`` saves
+the state from before the batch and raises :class:`~evaluation.checkpoint.NonFiniteLoss` naming the
+batch; ``skip`` restores the state from before the batch, records the batch in ``StreamResult.skipped``
+and goes on. Running out of memory saves the last good state and raises
+:class:`~evaluation.checkpoint.EditOutOfMemory`, which says what to lower.
+"""
 from __future__ import annotations
 
+import logging
+import math
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
+import torch
 from tqdm.auto import tqdm
 
 from data.requests import EditRequest
-from evaluation.editor import Editor
+from evaluation.checkpoint import (
+    CheckpointManager,
+    EditOutOfMemory,
+    NonFiniteLoss,
+    StreamCheckpoint,
+    StreamInterrupted,
+    checkpoint_name,
+    data_hash,
+    non_finite,
+    restore_rng,
+    rng_states,
+    to_cpu,
+)
+from evaluation.editor import EditStats, Editor
+from evaluation.errors import ConfigError
 from evaluation.loggers import NullLogger
 from evaluation.metrics import RowPredictions, evaluate_edits
+
+log = logging.getLogger(__name__)
+
+ON_NAN = ("stop", "skip")
 
 
 @dataclass
@@ -19,35 +56,231 @@ class StreamResult:
     curves: list[dict[str, Any]] = field(default_factory=list)
     edit_seconds: float = 0.0
     eval_seconds: float = 0.0
+    #: batches skipped under ``on_nan=skip``: their uids, prompts, edit range, loss and what was wrong
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+    resumed_from: int | None = None  # position of the checkpoint the stream continued from
+
+
+@dataclass
+class _Snapshot:
+    """The last good point of the stream: editor state (CPU copy), RNG states, and the record so far."""
+
+    position: int
+    state: dict[str, Any]
+    rng: dict[str, Any]
+    curves: list[dict[str, Any]]
+    skipped: list[dict[str, Any]]
+    edit_seconds: float
+    eval_seconds: float
+    curve_due: bool = False
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """CUDA/MPS out-of-memory errors, and CPU allocation failures."""
+    if isinstance(err, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def _free_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class _SignalGuard:
+    """SIGTERM/SIGINT become a request to stop at the next batch boundary; a second one stops at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_SignalGuard":
+        if self.enabled:
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: object) -> None:
+        name = signal.Signals(signum).name
+        if self.received is not None:
+            log.warning("second %s: stopping now, without a new checkpoint", name)
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            raise SystemExit(128 + signum)
+        self.received = name
+        log.warning("%s received: finishing the current batch, saving a checkpoint, then stopping "
+                    "(send it again to stop at once)", name)
+
+
+def _describe(batch: Sequence[EditRequest], start: int) -> str:
+    prompts = "; ".join(repr(r.prompt[:80]) for r in batch[:4]) + ("; ..." if len(batch) > 4 else "")
+    return (f"edits {start + 1}..{start + len(batch)} (uids {[r.uid for r in batch]}, prompts: {prompts})")
+
+
+def _problem(stats: EditStats) -> str | None:
+    if stats.iterations > 0 and not math.isfinite(stats.loss):  # 0 iterations: nothing trained, no loss
+        return f"non-finite loss ({stats.loss})"
+    return None
 
 
 def run_stream(editor: Editor, requests: Sequence[EditRequest], base_locality: Sequence[RowPredictions],
                logger: NullLogger, eval_every: int = 0, eval_batch_size: int = 32,
-               progress: bool = True) -> StreamResult:
-    """Edit ``requests`` in batches of ``editor.batch_size``; evaluate every ``eval_every`` edits and at the end."""
-    result = StreamResult(metrics={})
+               progress: bool = True, *, checkpoints: CheckpointManager | None = None,
+               resume: StreamCheckpoint | None = None, on_nan: str = "stop",
+               handle_signals: bool = True) -> StreamResult:
+    """Edit ``requests`` in batches of ``editor.batch_size``; evaluate every ``eval_every`` edits and at the end.
+
+    ``checkpoints``: where and how often to save (None: never, not even on a signal).
+    ``resume``: a checkpoint of this stream to continue from. ``on_nan``: ``stop`` or ``skip``.
+    """
+    if on_nan not in ON_NAN:
+        raise ConfigError(f"on_nan must be one of {ON_NAN}, got {on_nan!r}")
+    n = len(requests)
     bs = max(1, int(editor.batch_size))
-    done = 0
-    bar = tqdm(total=len(requests), desc="editing", unit="edit", disable=not progress)
-    while done < len(requests):
-        batch = requests[done:done + bs]
+    result = StreamResult(metrics={})
+    done, curve_due = 0, False
+    if resume is not None:
+        done, curve_due = _restore(editor, requests, resume, result), resume.curve_due
+        if checkpoints is not None:
+            checkpoints.last_saved = done
+        log.info("resuming the stream after %d of %d edits from %s", done, n, resume.path)
+
+    def snapshot(position: int, state: dict[str, Any], due: bool = False) -> _Snapshot:
+        return _Snapshot(position, state, rng_states(), list(result.curves), list(result.skipped),
+                         result.edit_seconds, result.eval_seconds, due)
+
+    def save(snap: _Snapshot, reason: str) -> Path | None:
+        if checkpoints is None:
+            return None
+        ckpt = StreamCheckpoint(position=snap.position, editor_state=snap.state, rng=snap.rng,
+                                curves=snap.curves, edit_seconds=snap.edit_seconds,
+                                eval_seconds=snap.eval_seconds, skipped=snap.skipped,
+                                data_hash=data_hash(requests[:snap.position]), reason=reason,
+                                curve_due=snap.curve_due)
+        return checkpoints.save(ckpt)
+
+    def saved_note(path: Path | None, position: int) -> str:
+        if path is None:
+            return "No checkpoint was saved (checkpointing is off)."
+        hint = checkpoints.resume_hint if checkpoints is not None else ""
+        return f"The state after {position} edits is saved in {path}; to continue, {hint}."
+
+    def out_of_memory(snap: _Snapshot, during: str) -> EditOutOfMemory:
+        _free_memory()
+        path = save(snap, "oom")
+        device = next(editor.model.parameters()).device
+        return EditOutOfMemory(
+            f"out of memory on {device} {during}. Lower what it needs: editor.batch_size (now {bs}), "
+            f"eval_batch_size (now {eval_batch_size}), model.dtype=bfloat16, or fewer edited layers "
+            f"(editor.layers). {saved_note(path, snap.position)}")
+
+    def evaluate(upto: int, snap: Callable[[], _Snapshot], progress_bar: bool = False) -> dict[str, float]:
         start = time.perf_counter()
-        stats = editor.edit(batch)
-        result.edit_seconds += time.perf_counter() - start
-        before, done = done, done + len(batch)
-        bar.update(len(batch))
-        bar.set_postfix(loss=f"{stats.loss:.3f}")
-        logger.log({"edit/loss": stats.loss, **{f"edit/{k}": v for k, v in stats.extra.items()},
-                    "edit/seconds_per_edit": result.edit_seconds / done}, step=done)
-        if eval_every and done < len(requests) and done // eval_every > before // eval_every:
+        try:
+            point = evaluate_edits(editor, requests[:upto], base_locality[:upto], eval_batch_size,
+                                   progress=progress_bar)
+        except Exception as err:
+            if not is_out_of_memory(err):
+                raise
+            raise out_of_memory(snap(), f"while evaluating the first {upto} edits") from None
+        result.eval_seconds += time.perf_counter() - start
+        return point
+
+    def curve_point(position: int, state: dict[str, Any]) -> None:
+        point = evaluate(position, lambda: snapshot(position, state, due=True))
+        result.curves.append({"edits": position, **point})
+        logger.log({f"curve/{k}": v for k, v in point.items()}, step=position)
+
+    good = snapshot(done, to_cpu(editor.state_dict()), due=curve_due)
+    if curve_due and eval_every and done < n:  # a curve point owed by the run that saved the checkpoint
+        curve_point(done, good.state)
+        good = snapshot(done, good.state)
+
+    bar = tqdm(total=n, initial=done, desc="editing", unit="edit", disable=not progress)
+    with _SignalGuard(handle_signals) as guard:
+        while done < n and guard.received is None:
+            batch = requests[done:done + bs]
             start = time.perf_counter()
-            point = evaluate_edits(editor, requests[:done], base_locality[:done], eval_batch_size, progress=False)
-            result.eval_seconds += time.perf_counter() - start
-            result.curves.append({"edits": done, **point})
-            logger.log({f"curve/{k}": v for k, v in point.items()}, step=done)
-    bar.close()
-    start = time.perf_counter()
-    result.metrics = evaluate_edits(editor, requests, base_locality, eval_batch_size, progress=progress)
-    result.eval_seconds += time.perf_counter() - start
-    result.curves.append({"edits": len(requests), **result.metrics})
+            try:
+                stats = editor.edit(batch)
+            except Exception as err:
+                if not is_out_of_memory(err):
+                    raise
+                raise out_of_memory(good, f"while editing {_describe(batch, done)}") from None
+            result.edit_seconds += time.perf_counter() - start
+            before, done = done, done + len(batch)
+            bar.update(len(batch))
+
+            problem = _problem(stats)
+            state = good.state
+            if problem is None:
+                state = to_cpu(editor.state_dict())
+                bad_key = non_finite(state)
+                if bad_key is not None:
+                    problem = f"non-finite values in the editor state ({bad_key}; loss {stats.loss})"
+            if problem is not None:
+                record = {"edits": [before + 1, done], "uids": [r.uid for r in batch],
+                          "prompts": [r.prompt for r in batch], "loss": stats.loss, "problem": problem}
+                if on_nan == "stop":
+                    path = save(good, "nan")
+                    raise NonFiniteLoss(
+                        f"{problem} in the batch of {_describe(batch, before)}. Lower the learning rate "
+                        f"(editor.lr) or check these records; on_nan=skip skips such batches instead. "
+                        f"{saved_note(path, good.position)}")
+                editor.load_state_dict(to_cpu(good.state))  # a fresh copy: loading may alias the tensors
+                restore_rng(good.rng)
+                result.skipped.append(record)
+                log.warning("skipped %s: %s (on_nan=skip)", _describe(batch, before), problem)
+                logger.log({"edit/skipped_edits": sum(len(s["uids"]) for s in result.skipped)}, step=done)
+            else:
+                bar.set_postfix(loss=f"{stats.loss:.3f}")
+                logger.log({"edit/loss": stats.loss, **{f"edit/{k}": v for k, v in stats.extra.items()},
+                            "edit/seconds_per_edit": result.edit_seconds / done}, step=done)
+
+            due = bool(eval_every) and done // eval_every > before // eval_every
+            if due and done < n:
+                curve_point(done, state)
+            good = snapshot(done, state, due=due and done == n)
+            if checkpoints is not None and checkpoints.due(before, done):
+                save(good, "periodic")
+        bar.close()
+        if guard.received is not None:
+            if checkpoints is not None and checkpoints.last_saved == good.position:
+                path: Path | None = checkpoints.directory / checkpoint_name(good.position)  # just saved
+            else:
+                path = save(good, f"signal {guard.received}")
+            raise StreamInterrupted(f"stopped by {guard.received} after {good.position} of {n} edits. "
+                                    f"{saved_note(path, good.position)}")
+
+    if checkpoints is not None and checkpoints.every and checkpoints.last_saved != n:
+        save(good, "end")  # a kill during the final evaluation keeps every edit
+    result.metrics = evaluate(n, lambda: good, progress_bar=progress)
+    result.curves.append({"edits": n, **result.metrics})
     return result
+
+
+def _restore(editor: Editor, requests: Sequence[EditRequest], ckpt: StreamCheckpoint, result: StreamResult) -> int:
+    """Load ``ckpt`` into the editor and the result; returns the number of edits already done."""
+    n = len(requests)
+    if ckpt.position > n:
+        raise ConfigError(f"the checkpoint {ckpt.path} is after {ckpt.position} edits but this stream has only "
+                          f"{n}; set dataset.num_edits to at least {ckpt.position}")
+    if ckpt.data_hash and ckpt.data_hash != data_hash(requests[:ckpt.position]):
+        raise ConfigError(f"the first {ckpt.position} edits of this run differ from those in the checkpoint "
+                          f"{ckpt.path}: resume with the same dataset (dataset.name, dataset.path)")
+    editor.load_state_dict(ckpt.editor_state)
+    restore_rng(ckpt.rng)
+    result.curves = list(ckpt.curves)
+    result.skipped = list(ckpt.skipped)
+    result.edit_seconds, result.eval_seconds = ckpt.edit_seconds, ckpt.eval_seconds
+    result.resumed_from = ckpt.position
+    return ckpt.position

@@ -5,24 +5,16 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from data.loaders import EditDataset
 from data.requests import EditRequest
+from evaluation.compose import compose_config
 from evaluation.models import LoadedModel
-from evaluation.schema import register
 
 REPO = Path(__file__).resolve().parent.parent
 ZSRE = REPO.parent / "shared" / "data" / "zsre" / "zsre_mend_eval_portability_gpt4.json"
-
-
-def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
-    register()
-    OmegaConf.register_new_resolver("repo", lambda: str(REPO), replace=True)
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides), return_hydra_config=False)
 
 
 @pytest.fixture

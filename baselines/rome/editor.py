@@ -27,7 +27,7 @@ from baselines.rome.compute_key import SEED_WORDS, generate_prefixes, key_reprs
 from baselines.rome.compute_value import compute_value
 from baselines.rome.covariance import inverse, second_moment
 from data.requests import EditRequest
-from evaluation.editor import EditStats, Editor
+from evaluation.editor import EditStats, Editor, FloorSpec
 from evaluation.errors import ConfigError
 from evaluation.models import LoadedModel
 
@@ -184,6 +184,10 @@ class ROMEEditor(Editor):
                                 "subject_fallbacks": float(self.subject_fallbacks)})
 
     # --- accounting and state ------------------------------------------------------------------
+    def floor_spec(self) -> FloorSpec:
+        # value optimisation: v_num_grad_steps passes from the edited layer up (keys are forward-only)
+        return FloorSpec(first_layer=self.layer, passes=int(self.value_args["v_num_grad_steps"]))
+
     def trainable_params(self) -> int:
         """The elements of the rewritten matrix: every edit writes a rank-one update into all of it.
 

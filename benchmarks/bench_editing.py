@@ -1,0 +1,181 @@
+"""Editing-speed benchmark: seconds per edit of every editor against the floor of its own work.
+
+    python -m benchmarks.bench_editing                          # all editors, smollm2, 100 ZsRE edits
+    python -m benchmarks.bench_editing --editors elder,grace --num-edits 20 --model tiny_llama
+    make bench ARGS="--editors elder --num-edits 40"
+
+For each editor, in one invocation on one machine, it measures:
+- ``seconds_per_edit`` over a stream of ``--num-edits`` edits;
+- ``eval_seconds``: the batched evaluation after the stream;
+- ``peak_rss_mb``: each measurement runs in its own process, so this is that editor's own peak;
+- ``floor_seconds_per_edit``: the unavoidable work, i.e. the editor's ``FloorSpec().passes``
+  forward+backward passes per batch from the lowest block that carries gradients to the output,
+  with the frozen blocks below replayed, divided by the batch size. Each figure is also printed as a
+  ratio to this floor. Early stopping (FT-L, ROME) can make an editor beat its floor.
+Editors with a ``prefix_cache`` switch are measured with it off ("before") and on ("after").
+Results are written to ``<out>/bench.json`` and ``<out>/bench.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+EDITORS = ("elder", "ft_l", "rome", "defer", "melo", "grace")
+
+
+def _compose(overrides: list[str]) -> Any:
+    from evaluation.compose import compose_config  # the same composition as run.py
+
+    return compose_config(overrides)
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def measure_floor(overrides: list[str], batches: int = 3) -> dict[str, float]:
+    """Time the editor's FloorSpec on the unedited model (a fresh process: it wraps the blocks)."""
+    import torch
+    from hydra.utils import instantiate
+
+    from evaluation.encoding import encode_pairs
+    from evaluation.forward import target_logits
+    from evaluation.prefix_cache import FrozenPrefix
+
+    cfg = _compose(overrides)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    loaded = instantiate(cfg.model)
+    requests = instantiate(cfg.dataset).load()
+    # the spec needs an editor instance; build it on a second copy so this model stays unwrapped
+    probe = instantiate(cfg.editor, _partial_=True)(model=instantiate(cfg.model))
+    spec, bs = probe.floor_spec(), max(1, int(probe.batch_size))
+    del probe
+    if spec is None:
+        return {"floor_seconds_per_edit": float("nan")}
+    batches = max(1, min(batches, len(requests) // bs))
+    prefix = FrozenPrefix(loaded.model, loaded.block_template, spec.first_layer)
+    block = loaded.model.get_submodule(loaded.block_template.format(i=spec.first_layer))
+    seconds = 0.0
+    for b in range(batches):
+        chunk = requests[b * bs:(b + 1) * bs]
+        batch = encode_pairs(loaded.tokenizer, [r.prompt for r in chunk], [r.target for r in chunk])
+        delta = torch.zeros(1, requires_grad=True)  # makes every block from first_layer up carry gradients
+
+        def inject(module: Any, args: tuple, kwargs: dict) -> tuple:
+            if args:
+                return (args[0] + delta, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": kwargs["hidden_states"] + delta}
+
+        handle = block.register_forward_pre_hook(inject, with_kwargs=True)
+        with prefix.cache():
+            target_logits(loaded.model, batch)  # records the frozen prefix (not timed: done once per batch)
+            start = time.perf_counter()
+            for _ in range(spec.passes):
+                target_logits(loaded.model, batch).loss().backward()
+            seconds += time.perf_counter() - start
+        handle.remove()
+    return {"floor_seconds_per_edit": seconds / (batches * bs), "floor_passes": spec.passes,
+            "floor_first_layer": spec.first_layer}
+
+
+def measure_stream(overrides: list[str]) -> dict[str, float]:
+    import torch
+    from hydra.utils import instantiate
+
+    from baselines.unedited import Unedited
+    from evaluation.loggers import NullLogger
+    from evaluation.metrics import locality_inputs, predict
+    from evaluation.stream import run_stream
+
+    cfg = _compose(overrides)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    loaded = instantiate(cfg.model)
+    requests = instantiate(cfg.dataset).load()
+    base = predict(Unedited(loaded), *locality_inputs(requests), batch_size=cfg.eval_batch_size)
+    editor = instantiate(cfg.editor, _partial_=True)(model=loaded)
+    result = run_stream(editor, requests, base, NullLogger(), eval_batch_size=cfg.eval_batch_size, progress=False)
+    return {"seconds_per_edit": result.edit_seconds / len(requests), "eval_seconds": result.eval_seconds,
+            "peak_rss_mb": _peak_rss_mb(), **{k: result.metrics[k] for k in ("reliability", "generalization")}}
+
+
+def _child(mode: str, overrides: list[str]) -> dict[str, float]:
+    cmd = [sys.executable, "-m", "benchmarks.bench_editing", "--child", mode, "--", *overrides]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _has_prefix_cache(overrides: list[str]) -> bool:
+    return "prefix_cache" in _compose(overrides).editor
+
+
+def run(editors: list[str], base: list[str], out: Path) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for editor in editors:
+        overrides = [f"editor={editor}", *base]
+        variants = [("before", ["editor.prefix_cache=false"]), ("after", [])] if _has_prefix_cache(overrides) \
+            else [("after", [])]
+        floor = _child("floor", overrides)
+        for label, extra in variants:
+            row = {"editor": editor, "variant": label, **_child("stream", overrides + extra), **floor}
+            row["ratio_to_floor"] = row["seconds_per_edit"] / row["floor_seconds_per_edit"]
+            rows.append(row)
+            print(f"{editor:6s} {label:6s} {row['seconds_per_edit']:.3f} s/edit  floor {row['floor_seconds_per_edit']:.3f}"
+                  f"  x{row['ratio_to_floor']:.2f}  peak {row['peak_rss_mb']:.0f} MB", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    by_editor = {}
+    for row in rows:  # bench.json: per editor the "after" figures, plus every variant
+        by_editor.setdefault(row["editor"], {"variants": {}})["variants"][row["variant"]] = row
+        if row["variant"] == "after":
+            by_editor[row["editor"]].update({k: row[k] for k in ("seconds_per_edit", "floor_seconds_per_edit", "peak_rss_mb")})
+    import platform
+
+    import torch
+
+    meta = {"machine": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(), "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "overrides": base}
+    (out / "bench.json").write_text(json.dumps({"meta": meta, "editors": by_editor}, indent=2))
+    lines = ["| editor | variant | s/edit | floor s/edit | ratio to floor | eval s | peak RSS MB | rel | gen |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['editor']} | {r['variant']} | {r['seconds_per_edit']:.3f} | {r['floor_seconds_per_edit']:.3f} | "
+                     f"{r['ratio_to_floor']:.2f} | {r['eval_seconds']:.1f} | {r['peak_rss_mb']:.0f} | "
+                     f"{r['reliability']:.2f} | {r['generalization']:.2f} |")
+    (out / "bench.md").write_text("\n".join(lines) + f"\n\n{json.dumps(meta)}\n")
+    print("\n".join(lines))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--editors", default=",".join(EDITORS))
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--dataset", default="zsre")
+    parser.add_argument("--num-edits", type=int, default=100)
+    parser.add_argument("--out", type=Path, default=REPO / "outputs" / "bench")
+    parser.add_argument("--child", choices=("floor", "stream"), help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides, e.g. threads=2 model.device=cuda")
+    args = parser.parse_args()
+    if args.child:
+        result = measure_floor(args.overrides) if args.child == "floor" else measure_stream(args.overrides)
+        print(json.dumps(result))
+        return
+    base = [f"model={args.model}", f"dataset={args.dataset}", f"dataset.num_edits={args.num_edits}",
+            "retention=none", "logger=none", *args.overrides]
+    run([e.strip() for e in args.editors.split(",") if e.strip()], base, args.out)
+
+
+if __name__ == "__main__":
+    main()

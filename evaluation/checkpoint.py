@@ -1,0 +1,261 @@
+"""Stream checkpoints: everything needed to continue a lifelong stream exactly where it stopped.
+
+A checkpoint holds the editor's ``state_dict()`` (the edited weights or adapters, the method's memory,
+its optimizer and generators), the stream position (edits done), the curve points and timings so far,
+the skipped batches, the python/numpy/torch RNG states, the W&B run id and a fingerprint of the config
+and of the edits done. Files live in ``<run dir>/checkpoints/``:
+
+- ``step-000120.pt``: the state after 120 edits (``torch.save`` of a plain dict);
+- ``latest.json``: names the newest complete one.
+
+Writes are atomic: the file is written under a temporary name in the same folder, flushed and fsynced,
+then renamed over the final name (``os.replace``), and only then does ``latest.json`` (written the same
+way) point at it. A crash or SIGKILL while writing leaves at most a stray ``.tmp`` file, never a torn
+checkpoint. Only the newest ``keep`` checkpoints are kept.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from evaluation.errors import HarnessError
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+LATEST = "latest.json"
+_NAME = re.compile(r"^step-(\d+)\.pt$")
+
+
+class StreamInterrupted(HarnessError):
+    """SIGTERM/SIGINT: the stream stopped at a batch boundary after saving a checkpoint."""
+
+
+class NonFiniteLoss(HarnessError):
+    """An edit produced a NaN/inf loss or non-finite state (``on_nan=stop``)."""
+
+
+class EditOutOfMemory(HarnessError):
+    """The device ran out of memory during an edit or an evaluation."""
+
+
+@dataclass
+class StreamCheckpoint:
+    """One saved point of a stream (``position`` edits done)."""
+
+    position: int
+    editor_state: dict[str, Any]
+    rng: dict[str, Any] = field(default_factory=dict)
+    curves: list[dict[str, Any]] = field(default_factory=list)
+    edit_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+    data_hash: str = ""  # of the edits done (uid, prompt, target), to refuse resuming on other data
+    run_id: str | None = None  # the W&B run to resume
+    fingerprint: dict[str, Any] = field(default_factory=dict)  # config keys that must match on resume
+    reason: str = "periodic"  # periodic | end | signal SIGTERM | nan | oom
+    curve_due: bool = False  # a curve point at ``position`` is owed (evaluation interrupted, or the stream grew)
+    path: Path | None = None  # where it was loaded from / saved to (not stored)
+
+    def to_payload(self) -> dict[str, Any]:
+        return {"format": FORMAT_VERSION, "position": self.position, "editor_state": self.editor_state,
+                "rng": self.rng, "curves": self.curves, "edit_seconds": self.edit_seconds,
+                "eval_seconds": self.eval_seconds, "skipped": self.skipped, "data_hash": self.data_hash,
+                "run_id": self.run_id, "fingerprint": self.fingerprint, "reason": self.reason,
+                "curve_due": self.curve_due}
+
+    @classmethod
+    def from_payload(cls, payload: Mapping[str, Any], path: Path | None = None) -> "StreamCheckpoint":
+        if not isinstance(payload, Mapping) or payload.get("format") != FORMAT_VERSION:
+            raise ValueError(f"not a stream checkpoint of format {FORMAT_VERSION}")
+        keys = ("position", "editor_state", "rng", "curves", "edit_seconds", "eval_seconds", "skipped",
+                "data_hash", "run_id", "fingerprint", "reason", "curve_due")
+        return cls(**{k: payload[k] for k in keys}, path=path)
+
+
+# --- RNG and state helpers ---------------------------------------------------------------------------
+def rng_states() -> dict[str, Any]:
+    """python, numpy and torch (CPU and every initialised CUDA device) generator states."""
+    states: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(),
+                              "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng(states: Mapping[str, Any]) -> None:
+    if not states:
+        return
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def to_cpu(obj: Any) -> Any:
+    """A deep copy of ``obj`` with every tensor cloned to the CPU (a snapshot no later step can alias)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        items = {k: to_cpu(v) for k, v in obj.items()}
+        return items if type(obj) is dict else type(obj)(items)  # OrderedDict from module.state_dict()
+    if isinstance(obj, list):
+        return [to_cpu(v) for v in obj]
+    if isinstance(obj, tuple):
+        values = [to_cpu(v) for v in obj]
+        return tuple(values) if type(obj) is tuple else type(obj)(*values)  # namedtuple
+    return copy.deepcopy(obj)
+
+
+def non_finite(obj: Any, prefix: str = "") -> str | None:
+    """The key path of the first floating tensor in ``obj`` holding NaN or inf, else None."""
+    if isinstance(obj, torch.Tensor):
+        if obj.is_floating_point() and obj.numel() and not bool(torch.isfinite(obj).all()):
+            return prefix or "<tensor>"
+        return None
+    if isinstance(obj, Mapping):
+        items: Iterable[tuple[Any, Any]] = obj.items()
+    elif isinstance(obj, (list, tuple)):
+        items = enumerate(obj)
+    else:
+        return None
+    for key, value in items:
+        found = non_finite(value, f"{prefix}.{key}" if prefix else str(key))
+        if found:
+            return found
+    return None
+
+
+def data_hash(requests: Sequence[Any]) -> str:
+    """A hash of the edits' (uid, prompt, target): the same stream prefix gives the same hash."""
+    h = hashlib.sha256()
+    for r in requests:
+        h.update(f"{r.uid}\x00{r.prompt}\x00{r.target}\x01".encode())
+    return h.hexdigest()[:16]
+
+
+# --- atomic files ------------------------------------------------------------------------------------
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def checkpoint_name(position: int) -> str:
+    return f"step-{position:06d}.pt"
+
+
+class CheckpointManager:
+    """Saves and finds the stream checkpoints of one run folder.
+
+    ``every``: save after every ``every`` edits (at the batch boundary that crosses a multiple) and at
+    the end of the edit loop; 0 saves only when the stream stops early (signal, NaN loss, out of memory).
+    """
+
+    def __init__(self, directory: str | Path, every: int = 100, keep: int = 2) -> None:
+        self.directory = Path(directory)
+        self.every = max(0, int(every))
+        self.keep = max(1, int(keep))
+        self.run_id: str | None = None
+        self.fingerprint: dict[str, Any] = {}
+        self.last_saved: int | None = None
+        #: how to continue, for messages (the experiment sets the run folder in it)
+        self.resume_hint = "rerun the same command with resume=true and hydra.run.dir=<this run's folder>"
+
+    def due(self, before: int, after: int) -> bool:
+        return bool(self.every) and after // self.every > before // self.every
+
+    def files(self) -> list[tuple[int, Path]]:
+        if not self.directory.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.directory.iterdir() if (m := _NAME.match(p.name))]
+        return sorted(found)
+
+    def exists(self) -> bool:
+        return bool(self.files()) or (self.directory / LATEST).exists()
+
+    def save(self, ckpt: StreamCheckpoint) -> Path:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        ckpt.run_id = ckpt.run_id or self.run_id
+        ckpt.fingerprint = ckpt.fingerprint or self.fingerprint
+        path = self.directory / checkpoint_name(ckpt.position)
+        _atomic_write(path, lambda fh: torch.save(ckpt.to_payload(), fh))
+        latest = {"file": path.name, "position": ckpt.position, "reason": ckpt.reason, "run_id": ckpt.run_id}
+        _atomic_write(self.directory / LATEST, lambda fh: fh.write(json.dumps(latest, indent=1).encode()))
+        ckpt.path, self.last_saved = path, ckpt.position
+        self._prune(keep_path=path)
+        log.info("checkpoint after %d edits (%s): %s", ckpt.position, ckpt.reason, path)
+        return path
+
+    def _prune(self, keep_path: Path) -> None:
+        files = [p for _, p in self.files() if p != keep_path]
+        for p in files[: max(0, len(files) - (self.keep - 1))]:
+            p.unlink(missing_ok=True)
+        for stray in self.directory.glob(".*.tmp"):  # left by a crash mid-write
+            if not stray.name.endswith(f".{os.getpid()}.tmp"):
+                stray.unlink(missing_ok=True)
+
+    def clear(self) -> None:
+        for _, p in self.files():
+            p.unlink(missing_ok=True)
+        (self.directory / LATEST).unlink(missing_ok=True)
+        for stray in self.directory.glob(".*.tmp"):
+            stray.unlink(missing_ok=True)
+
+    @staticmethod
+    def read(path: str | Path) -> StreamCheckpoint:
+        path = Path(path)
+        payload = torch.load(path, map_location="cpu", weights_only=False)  # our own file: python objects
+        return StreamCheckpoint.from_payload(payload, path)
+
+    def load_latest(self) -> StreamCheckpoint | None:
+        """The newest readable checkpoint (the one ``latest.json`` names, else the highest step file)."""
+        candidates: list[Path] = []
+        pointer = self.directory / LATEST
+        if pointer.is_file():
+            try:
+                candidates.append(self.directory / json.loads(pointer.read_text())["file"])
+            except (ValueError, KeyError, TypeError) as err:
+                log.warning("ignoring unreadable %s (%s)", pointer, err)
+        candidates += [p for _, p in reversed(self.files()) if p not in candidates]
+        for path in candidates:
+            if not path.is_file():
+                continue
+            try:
+                return self.read(path)
+            except Exception as err:  # noqa: BLE001 - a damaged file: try the next older one
+                log.warning("skipping unreadable checkpoint %s (%s)", path, err)
+        return None
