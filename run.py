@@ -6,6 +6,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from evaluation.errors import HarnessError
@@ -24,6 +25,8 @@ def main(cfg: DictConfig) -> float | None:
     try:
         result = run_experiment(cfg, hc.runtime.output_dir, dict(hc.runtime.choices))
     except HarnessError as err:
+        if hc.mode == RunMode.MULTIRUN:
+            raise  # the launcher records this job as failed and goes on with the others
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     return float(result["metrics"]["generalization"])  # the sweepers' objective

@@ -117,26 +117,29 @@ def markdown_table(results: dict[str, dict[str, float]]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model-config", required=True, help="YAML of the model config group (conf/model/*.yaml)")
+    ap.add_argument("--model", default="smollm2", help="a choice of the model config group (conf/model/*.yaml)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads")
     ap.add_argument("--tasks", default=",".join(TASK_NAMES))
     ap.add_argument("--limit", type=int, default=32, help="items per task")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--data-dir", default=DEFAULT_DATA_DIR)
     args = ap.parse_args(argv)
 
-    from omegaconf import OmegaConf
+    import torch
+    from hydra.utils import instantiate
 
+    from evaluation.compose import compose_config
     from evaluation.generation import make_generate_fn
-    from evaluation.models import load_model_from_config
 
-    loaded: Any = load_model_from_config(OmegaConf.load(args.model_config))
-    model, tokenizer = (loaded.model, loaded.tokenizer) if hasattr(loaded, "model") else loaded
-    model.eval()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    loaded = instantiate(compose_config([f"model={args.model}"]).model)
+    model, tokenizer = loaded.model, loaded.tokenizer
     batched = make_generate_fn(model, tokenizer, batch_size=args.batch_size, progress=False)
     single = make_generate_fn(model, tokenizer, batch_size=1, progress=False)
     results = measure_throughput(batched, single, tasks=args.tasks.split(","), limit=args.limit, data_dir=args.data_dir)
     device = next(model.parameters()).device
-    print(f"retention suite throughput: {args.model_config}, {args.limit} items per task, batch size "
+    print(f"retention suite throughput: {args.model}, {args.limit} items per task, batch size "
           f"{args.batch_size}, device {device}\n")
     print(markdown_table(results))
 

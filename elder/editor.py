@@ -21,6 +21,9 @@ from evaluation.prefix_cache import FrozenPrefix
 from evaluation.query import SequenceQuery
 
 AUX_LOSSES = ("guided", "none", "load_balance")
+# when a batch's codes are stored: from the routers after the batch's last optimizer step, or from
+# the forward of its last iteration (before that step), as the authors' code does
+CODE_SNAPSHOTS = ("after_training", "last_iteration")
 
 
 class ElderEditor(Editor):
@@ -44,11 +47,15 @@ class ElderEditor(Editor):
         deferral: bool = True,
         reset_optimizer: bool = False,
         prefix_cache: bool = True,
+        code_snapshot: str = "after_training",
         seed: int = 0,
     ) -> None:
         layers = list(layers)
         L, N = len(layers), num_loras
         self._validate(model, layers, query_layer, num_loras, top_k, epsilon, aux_loss)
+        if code_snapshot not in CODE_SNAPSHOTS:
+            raise ConfigError(f"editor.code_snapshot must be one of {CODE_SNAPSHOTS}, got {code_snapshot!r}")
+        self.code_snapshot = code_snapshot
         self.loaded, self.model, self.tokenizer = model, model.model, model.tokenizer
         self.layers, self.query_layer = layers, query_layer
         self.num_loras, self.top_k, self.epsilon = N, top_k, epsilon
@@ -146,21 +153,24 @@ class ElderEditor(Editor):
         lm = aux = torch.zeros(())
         with self._frozen_prefix():
             self.training = True
+            codes = torch.zeros(0, dtype=torch.bool)
             try:
                 for _ in range(self.iterations):
                     with self.scope(batch.query_positions):
                         lm = target_logits(self.model, batch).loss()
-                        aux = self._aux(self.query.derived, preset)  # type: ignore[arg-type]
+                        routes = self.query.derived
+                        aux = self._aux(routes, preset)  # type: ignore[arg-type]
                         loss = lm + self.guide_lambda * aux
+                        codes = routes.codes(self.num_loras).cpu()  # type: ignore[union-attr]
                     self.optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     self.optimizer.step()
             finally:
                 self.training = False
-            # store the codes of the edited samples under the routers as trained on this batch
-            with torch.no_grad(), self.scope(batch.query_positions):
-                target_logits(self.model, batch)
-                codes = self.query.derived.codes(self.num_loras).cpu()  # type: ignore[union-attr]
+            if self.code_snapshot == "after_training":
+                with torch.no_grad(), self.scope(batch.query_positions):
+                    target_logits(self.model, batch)
+                    codes = self.query.derived.codes(self.num_loras).cpu()  # type: ignore[union-attr]
         self.stored_codes = torch.cat([self.stored_codes, codes])
         return EditStats(loss=float(lm.detach()), iterations=self.iterations, extra={"aux_loss": float(aux.detach())})
 

@@ -54,6 +54,10 @@ def set_deterministic(enabled: bool) -> tuple[bool, bool]:
 _MAY_CHANGE_ON_RESUME = ("path", "cache_dir", "url", "sha256", "device", "device_map", "num_edits", "tokenizer_path")
 
 
+#: may change on resume (e.g. after running out of memory), with a warning: the state carries over
+_MAY_CHANGE_WITH_A_WARNING = ("editor.batch_size",)
+
+
 def run_fingerprint(cfg: DictConfig) -> dict[str, Any]:
     """The config values a checkpoint must share with the run that resumes it (flat, dotted keys)."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -89,15 +93,33 @@ def _checkpoints(cfg: DictConfig, run_dir: Path) -> tuple[CheckpointManager, Str
     if ckpt is None:
         raise ConfigError(f"resume=true but there is no checkpoint in {manager.directory}: pass the folder of the "
                           f"interrupted run with hydra.run.dir=DIR (its checkpoints are in DIR/{cfg.checkpoint.dir})")
-    diff = [k for k in sorted(set(ckpt.fingerprint) | set(manager.fingerprint))
-            if ckpt.fingerprint.get(k, "<unset>") != manager.fingerprint.get(k, "<unset>")]
+    new_keys = sorted(set(manager.fingerprint) - set(ckpt.fingerprint))
+    if new_keys:  # keys added to the code since the checkpoint: their defaults are assumed to match
+        log.warning("resume: config keys unknown to the checkpoint (taken as is): %s", ", ".join(new_keys))
+    diff = [k for k in sorted(ckpt.fingerprint)
+            if ckpt.fingerprint[k] != manager.fingerprint.get(k, "<unset>")]
+    for key in [k for k in diff if k in _MAY_CHANGE_WITH_A_WARNING]:
+        log.warning("resume: %s changed from %r to %r; the rest of the stream differs from an uninterrupted run",
+                    key, ckpt.fingerprint[key], manager.fingerprint.get(key))
+        diff.remove(key)
     if diff:
         shown = ", ".join(f"{k} (checkpoint {ckpt.fingerprint.get(k, '<unset>')!r}, now "
                           f"{manager.fingerprint.get(k, '<unset>')!r})" for k in diff[:5])
         raise ConfigError(f"resume=true: this run's config differs from the checkpoint {ckpt.path} in {shown}; "
-                          f"resume with the overrides of the interrupted run")
+                          f"resume with the overrides of the interrupted run (only eval_batch_size, eval_every, "
+                          f"editor.batch_size, on_nan, model.device and paths may change), or start a new run")
     log.info("resuming from %s (%d edits done, saved on %s)", ckpt.path, ckpt.position, ckpt.reason)
     return manager, ckpt
+
+
+def build(node: DictConfig, **kwargs: Any) -> Any:
+    """``instantiate(node)``, but the target's own errors propagate as they are.
+
+    Hydra wraps an exception raised by the target in an InstantiationException (the message becomes a
+    repr); calling the partial ourselves keeps a HarnessError a HarnessError, so run.py prints its message.
+    ``_partial_`` also keeps Hydra from turning objects passed as kwargs (the LoadedModel) into configs.
+    """
+    return instantiate(node, _partial_=True)(**kwargs)
 
 
 def _config_key(node: Any) -> str:
@@ -124,11 +146,11 @@ def _run(cfg: DictConfig, run_dir: Path, choices: Mapping[str, str], checkpoints
     wall = time.perf_counter()
     timings: dict[str, float] = {}
 
+    requests = build(cfg.dataset).load()  # before the model: bad data fails in seconds
     start = time.perf_counter()
-    loaded = instantiate(cfg.model)
+    loaded = build(cfg.model)
     timings["model_load_seconds"] = time.perf_counter() - start
-    requests = instantiate(cfg.dataset).load()
-    retention = instantiate(cfg.retention)
+    retention = build(cfg.retention)
 
     # the unedited model's view: locality reference and retention baseline
     unedited = Unedited(loaded)
@@ -142,9 +164,9 @@ def _run(cfg: DictConfig, run_dir: Path, choices: Mapping[str, str], checkpoints
         timings["retention_base_seconds"] = time.perf_counter() - start
 
     # _partial_: Hydra would turn the LoadedModel dataclass into a config if passed as a kwarg
-    editor: Editor = instantiate(cfg.editor, _partial_=True)(model=loaded)
+    editor: Editor = build(cfg.editor, model=loaded)
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    logger = instantiate(cfg.logger)
+    logger = build(cfg.logger)
     name = "-".join(str(choices.get(k, "?")) for k in ("editor", "model", "dataset")) + f"-s{cfg.seed}"
     run_id = logger.start(str(run_dir), name, {"config": resolved, "choices": dict(choices)},
                           resume_id=resume_from.run_id if resume_from is not None else None)

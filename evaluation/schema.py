@@ -91,6 +91,7 @@ class ElderConf:
     deferral: bool = True
     reset_optimizer: bool = False
     prefix_cache: bool = True
+    code_snapshot: str = "after_training"
     seed: int = "${seed}"  # type: ignore[assignment]
 
 

@@ -14,6 +14,7 @@ and goes on. Running out of memory saves the last good state and raises
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import signal
@@ -179,9 +180,9 @@ def run_stream(editor: Editor, requests: Sequence[EditRequest], base_locality: S
         path = save(snap, "oom")
         device = next(editor.model.parameters()).device
         return EditOutOfMemory(
-            f"out of memory on {device} {during}. Lower what it needs: editor.batch_size (now {bs}), "
-            f"eval_batch_size (now {eval_batch_size}), model.dtype=bfloat16, or fewer edited layers "
-            f"(editor.layers). {saved_note(path, snap.position)}")
+            f"out of memory on {device} {during}. Lower what it needs: eval_batch_size (now {eval_batch_size}) "
+            f"or editor.batch_size (now {bs}), both of which may change when resuming; or, in a new run, "
+            f"model.dtype=bfloat16 or fewer edited layers (editor.layers). {saved_note(path, snap.position)}")
 
     def evaluate(upto: int, snap: Callable[[], _Snapshot], progress_bar: bool = False) -> dict[str, float]:
         start = time.perf_counter()
@@ -206,7 +207,7 @@ def run_stream(editor: Editor, requests: Sequence[EditRequest], base_locality: S
         good = snapshot(done, good.state)
 
     bar = tqdm(total=n, initial=done, desc="editing", unit="edit", disable=not progress)
-    with _SignalGuard(handle_signals) as guard:
+    with _SignalGuard(handle_signals) as guard, contextlib.closing(bar):
         while done < n and guard.received is None:
             batch = requests[done:done + bs]
             start = time.perf_counter()
@@ -229,13 +230,13 @@ def run_stream(editor: Editor, requests: Sequence[EditRequest], base_locality: S
                     problem = f"non-finite values in the editor state ({bad_key}; loss {stats.loss})"
             if problem is not None:
                 record = {"edits": [before + 1, done], "uids": [r.uid for r in batch],
-                          "prompts": [r.prompt for r in batch], "loss": stats.loss, "problem": problem}
+                          "prompts": [r.prompt for r in batch], "loss": str(stats.loss), "problem": problem}
                 if on_nan == "stop":
                     path = save(good, "nan")
                     raise NonFiniteLoss(
-                        f"{problem} in the batch of {_describe(batch, before)}. Lower the learning rate "
-                        f"(editor.lr) or check these records; on_nan=skip skips such batches instead. "
-                        f"{saved_note(path, good.position)}")
+                        f"{problem} in the batch of {_describe(batch, before)}. Check these records, or "
+                        f"lower the learning rate (editor.lr, in a new run); on_nan=skip skips such batches "
+                        f"instead (it may be added when resuming). {saved_note(path, good.position)}")
                 editor.load_state_dict(to_cpu(good.state))  # a fresh copy: loading may alias the tensors
                 restore_rng(good.rng)
                 result.skipped.append(record)
@@ -252,7 +253,7 @@ def run_stream(editor: Editor, requests: Sequence[EditRequest], base_locality: S
             good = snapshot(done, state, due=due and done == n)
             if checkpoints is not None and checkpoints.due(before, done):
                 save(good, "periodic")
-        bar.close()
+        bar.close()  # before the message below
         if guard.received is not None:
             if checkpoints is not None and checkpoints.last_saved == good.position:
                 path: Path | None = checkpoints.directory / checkpoint_name(good.position)  # just saved

@@ -132,6 +132,7 @@ def test_guided_loss_pulls_routing_to_the_preset_allocation() -> None:
     ({"layers": [2, 3, 99]}, "layer index 99"),
     ({"query_layer": 3}, "query_layer"),
     ({"aux_loss": "balance"}, "aux_loss"),
+    ({"code_snapshot": "sometimes"}, "code_snapshot"),
 ])
 def test_bad_hyper_parameters_are_named(kwargs: dict, needle: str) -> None:
     args = {"layers": LAYERS, "query_layer": 1, **kwargs}
@@ -150,6 +151,21 @@ def test_prefix_cache_gives_the_same_edits(arch: str) -> None:
         results.append([a.lora_B.detach().clone() for a in editor.adapters] + [editor.stored_codes])
     for plain, cached in zip(*results):
         torch.testing.assert_close(plain, cached, rtol=0, atol=0)
+
+
+def test_code_snapshot_last_iteration_stores_the_pre_step_codes() -> None:
+    requests = zsre_requests(4)
+    stored = {}
+    for snapshot in ("last_iteration", "after_training"):
+        editor = ElderEditor(tiny_model(), layers=LAYERS, query_layer=1, lr=1e-1, iterations=1,
+                             code_snapshot=snapshot)
+        before = editor.codes_for([r.prompt for r in requests])  # routers before the only step
+        editor.edit(requests)
+        stored[snapshot] = (before, editor.stored_codes, editor.codes_for([r.prompt for r in requests]))
+    before, codes, _ = stored["last_iteration"]
+    assert torch.equal(codes, before)
+    _, codes, after = stored["after_training"]
+    assert torch.equal(codes, after)
 
 
 def test_state_round_trip_restores_the_edited_model() -> None:

@@ -1,0 +1,155 @@
+"""Figures of the paper, drawn with matplotlib (Agg backend) to PNG and PDF.
+
+``plot_curves`` draws Figures 2 and 3 (reliability/generalization and trainable parameters against the
+stream length or the number of ELDER layers, mean ± std over seeds); ``plot_codes`` draws Figure 4 (a
+t-SNE map of the allocation codes that :func:`evaluation.codes_dump.dump_codes` saved after a stream).
+Called by ``python -m evaluation.tables``.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from evaluation import paper
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, out: Path) -> list[str]:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    names = []
+    for suffix in (".png", ".pdf"):
+        path = out.with_suffix(suffix)
+        fig.savefig(path, dpi=150, bbox_inches="tight")
+        names.append(path.name)
+    _pyplot().close(fig)
+    return names
+
+
+def _errorbar(ax: Any, xs: Sequence[float], stats: Sequence[Any], **kwargs: Any) -> None:
+    means = [s.mean for s in stats]
+    stds = [0.0 if math.isnan(s.std) else s.std for s in stats]
+    ax.errorbar(xs, means, yerr=stds, capsize=3, marker="o", **kwargs)
+
+
+def plot_curves(curves: Mapping[tuple, Mapping[str, Sequence[tuple]]], xlabel: str, out: Path, title: str) -> list[str]:
+    """One row of panels per (model, dataset): reliability and generalization (%), parameters (M).
+
+    ``curves[(model, dataset)][editor]`` is a list of ``(x, reliability, generalization, params)`` with
+    :class:`evaluation.tables.Stat` values (mean, std, n).
+    """
+    plt = _pyplot()
+    keys = [k for k, series in curves.items() if any(series.values())] or list(curves)[:1]
+    fig, axes = plt.subplots(max(1, len(keys)), 2, figsize=(10, 3.6 * max(1, len(keys))), squeeze=False)
+    for row, key in enumerate(keys):
+        model, dataset = key
+        ax_rel, ax_par = axes[row]
+        for i, (editor, points) in enumerate(sorted(curves.get(key, {}).items())):
+            if not points:
+                continue
+            color = f"C{i}"
+            label = paper.EDITOR_LABELS.get(editor, editor)
+            xs = [p[0] for p in points]
+            _errorbar(ax_rel, xs, [p[1] for p in points], color=color, label=f"{label} reliability")
+            gens = [(p[0], p[2]) for p in points if p[2] is not None]
+            if gens:
+                _errorbar(ax_rel, [g[0] for g in gens], [g[1] for g in gens], color=color, linestyle="--",
+                          label=f"{label} generalization")
+            params = [(p[0], p[3]) for p in points if p[3] is not None]
+            if params:
+                _errorbar(ax_par, [q[0] for q in params], [q[1] for q in params], color=color, label=label)
+        where = f"{paper.MODEL_LABELS.get(model, model)}, {paper.DATASET_LABELS.get(dataset, dataset)}"
+        ax_rel.set(xlabel=xlabel, ylabel="%", title=f"{title}: edit success ({where})", ylim=(-2, 102))
+        ax_par.set(xlabel=xlabel, ylabel="trainable parameters (M)", title=f"{title}: parameters ({where})")
+        for ax in (ax_rel, ax_par):
+            ax.grid(alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+# --- Figure 4 -------------------------------------------------------------------------------------
+def _load(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
+
+
+def _hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a[:, None, :] != b[None, :, :]).sum(-1)
+
+
+def code_summary(path: str | Path) -> dict[str, Any]:
+    """Distances between the saved codes and the share of inputs the deferral switches off."""
+    d = _load(Path(path))
+    codes, group, kind = d["codes"].astype(bool), d["group"], d["kind"].astype(str)
+    deferred = d["deferred"].astype(bool)
+    labelled = group >= 0
+    dist = _hamming(codes, codes)
+    same = (group[:, None] == group[None, :]) & labelled[:, None] & labelled[None, :]
+    off_diag = ~np.eye(len(group), dtype=bool)
+    diff = (group[:, None] != group[None, :]) & labelled[:, None] & labelled[None, :]
+    tasks = kind == "task"
+
+    def mean(values: np.ndarray) -> float:
+        return float(values.mean()) if values.size else math.nan
+
+    def share(mask: np.ndarray) -> float:
+        return float(deferred[mask].mean()) if mask.any() else math.nan
+
+    return {
+        "groups": int(len(set(group[labelled].tolist()))),
+        "within_group": mean(dist[same & off_diag]),
+        "between_groups": mean(dist[diff]),
+        "task_to_stored": mean(d["min_distance"][tasks].astype(float)),
+        "edit_deferred": share(kind == "edit"),
+        "paraphrase_deferred": share(kind == "paraphrase"),
+        "task_deferred": share(tasks),
+        "epsilon": int(d["epsilon"]),
+    }
+
+
+def embed_codes(codes: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
+    """2-D t-SNE of boolean codes under the Hamming metric (PCA if scikit-learn is missing)."""
+    x = codes.astype(float)
+    try:
+        from sklearn.manifold import TSNE
+    except ImportError:
+        centred = x - x.mean(0)
+        _, _, vt = np.linalg.svd(centred, full_matrices=False)
+        return centred @ vt[:2].T, "PCA (install scikit-learn for t-SNE)"
+    perplexity = float(min(5.0, max(1.0, len(x) - 1.0)))
+    tsne = TSNE(n_components=2, metric="hamming", init="random", perplexity=perplexity, random_state=seed)
+    return tsne.fit_transform(x), "t-SNE (Hamming)"
+
+
+def plot_codes(files: Sequence[str | Path], out: Path) -> list[str]:
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(files), figsize=(5.5 * len(files), 4.8), squeeze=False)
+    for ax, path in zip(axes[0], files):
+        d = _load(Path(path))
+        xy, method = embed_codes(d["codes"])
+        group, kind = d["group"], d["kind"].astype(str)
+        for g in sorted(set(group[group >= 0].tolist())):
+            for k, marker in (("edit", "o"), ("paraphrase", "^")):
+                m = (group == g) & (kind == k)
+                ax.scatter(xy[m, 0], xy[m, 1], color=f"C{g % 10}", marker=marker, s=60,
+                           label=f"group {g + 1} ({k})" if k == "edit" else None, edgecolor="black", linewidth=0.5)
+        m = kind == "task"
+        if m.any():
+            ax.scatter(xy[m, 0], xy[m, 1], color="gray", marker="x", s=40, label="NQ task inputs")
+        ax.set(title=f"{method}: {Path(path).parent.name}", xticks=[], yticks=[])
+        ax.legend(fontsize=7, loc="best")
+    fig.suptitle("Allocation codes: circles edit prompts, triangles their paraphrases, crosses NQ inputs", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, out)

@@ -1,0 +1,251 @@
+"""The table builder: fixture results.json files become the paper's tables, missing and failed runs listed."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from evaluation import tables
+from evaluation.tables import Options, build, collect_runs, main
+
+EDITOR_CFG = {"elder": {"top_k": 2, "num_loras": 4, "guide_lambda": 0.01, "epsilon": 12, "aux_loss": "guided",
+                        "layers": [20, 21, 22, 23, 24, 25]}}
+
+
+def write_run(root: Path, name: str, editor: str, dataset: str, rel: float, gen: float, seed: int = 0,
+              model: str = "smollm2", num_edits: int = 1000, params: int = 1000, **metrics: Any) -> Path:
+    run = root / name
+    (run / ".hydra").mkdir(parents=True)
+    payload = {
+        "config": {"seed": seed, "dataset": {"num_edits": num_edits}, "editor": EDITOR_CFG.get(editor, {}),
+                   "retention": {"_target_": "evaluation.retention.suite.NoRetention"}},
+        "choices": {"editor": editor, "model": model, "dataset": dataset, "experiment": "table1"},
+        "metrics": {"reliability": rel, "generalization": gen, "locality": 1.0, "seconds_per_edit": 0.5,
+                    "trainable_params": params, "stored_params": 0, "num_edits": num_edits, **metrics},
+        "versions": {"cuda": "none", "processor": "x86_64"},
+        "git_commit": "abc123",
+    }
+    (run / "results.json").write_text(json.dumps(payload))
+    return run
+
+
+def write_failed(root: Path, name: str, editor: str, dataset: str, seed: int = 0, model: str = "smollm2",
+                 num_edits: int = 1000) -> Path:
+    run = root / name
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "hydra.yaml").write_text(
+        f"hydra:\n  runtime:\n    choices:\n      editor: {editor}\n      model: {model}\n      dataset: {dataset}\n")
+    (run / ".hydra" / "config.yaml").write_text(
+        f"seed: {seed}\ndataset:\n  num_edits: {num_edits}\neditor:\n  seed: ${{seed}}\n")
+    (run / "run.log").write_text("[INFO] - loading model\n[INFO] - edit 400/1000\n")
+    return run
+
+
+@pytest.fixture
+def table1_runs(tmp_path: Path) -> Path:
+    """Every Table 1 cell for SmolLM2 except ROME/CounterFact (missing) and MELO/CounterFact (failed);
+    ELDER/ZsRE has two seeds."""
+    root = tmp_path / "multirun"
+    values = {"ft_l": (0.30, 0.20), "rome": (0.50, 0.40), "defer": (0.60, 0.10), "melo": (0.70, 0.50),
+              "grace": (1.00, 0.00), "elder": (0.90, 0.70)}
+    for editor, (rel, gen) in values.items():
+        for dataset in ("zsre", "counterfact"):
+            if (editor, dataset) in {("rome", "counterfact"), ("melo", "counterfact")}:
+                continue
+            write_run(root, f"{editor}_{dataset}_s0", editor, dataset, rel, gen)
+    write_run(root, "elder_zsre_s1", "elder", "zsre", 0.80, 0.70, seed=1)
+    write_failed(root, "melo_counterfact_s0", "melo", "counterfact")
+    return root
+
+
+EXPECTED_TABLE1 = """\
+### SmolLM2-135M (paper: LLaMA2-7B)
+
+| Editor | ZsRE Rel. | paper | Δ | ZsRE Gen. | paper | Δ | CounterFact Rel. | paper | Δ | CounterFact Gen. | paper | Δ |
+|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|
+| FT-L | 30.00 | 32.21 | -2.21 | 20.00 | 28.96 | -8.96 | 30.00 | 66.26 | -36.26 | 20.00 | 44.65 | -24.65 |
+| ROME | 50.00 | 77.60 | -27.60 | 40.00 | 74.53 | -34.53 | missing | 79.37 |  | missing | 80.30 |  |
+| Defer | 60.00 | 53.82 | +6.18 | 10.00 | 51.32 | -41.32 | 60.00 | 68.82 | -8.82 | 10.00 | 57.75 | -47.75 |
+| MELO | 70.00 | 64.57 | +5.43 | 50.00 | 42.93 | +7.07 | failed | 51.39 |  | failed | 35.71 |  |
+| GRACE | 100.00 | 89.48 | +10.52 | 0.00 | 0.46 | -0.46 | 100.00 | 77.70 | +22.30 | 0.00 | 63.35 | -63.35 |
+| ELDER | 85.00 ± 7.07 | 93.96 | -8.96 | 70.00 ± 0.00 | 90.21 | -20.21 | 90.00 | 95.07 | -5.07 | 70.00 | 90.79 | -20.79 |"""
+
+
+def test_table1_from_fixture_runs_matches_the_expected_markdown(table1_runs: Path) -> None:
+    report = build("table1", collect_runs([table1_runs]), Options())
+    assert len(report.tables) == 1
+    assert report.tables[0].markdown() == EXPECTED_TABLE1
+    assert report.missing == ["ROME / smollm2 / CounterFact: missing", "MELO / smollm2 / CounterFact: failed"]
+    assert len(report.failed) == 1
+    failed = report.failed[0]
+    assert "melo_counterfact_s0" in failed and "editor=melo" in failed and "dataset=counterfact" in failed
+    assert "no results.json" in failed and "edit 400/1000" in failed  # the last line of the run's log
+
+
+def test_cli_writes_markdown_latex_and_csv_and_lists_what_is_missing(table1_runs: Path, tmp_path: Path) -> None:
+    out = tmp_path / "results" / "table1_smollm2"
+    assert main(["table1", str(table1_runs), "--out", str(out)]) == 0
+    md = out.with_suffix(".md").read_text()
+    assert EXPECTED_TABLE1 in md
+    assert "## Missing cells\n\n- ROME / smollm2 / CounterFact: missing\n- MELO / smollm2 / CounterFact: failed" in md
+    assert "## Failed or unfinished runs" in md and "melo_counterfact_s0" in md
+    assert f"Made by: `python -m evaluation.tables table1 {table1_runs} --out {out}`" in md
+    tex = out.with_suffix(".tex").read_text()
+    assert "\\begin{tabular}{lrrrrrrrrrrrr}" in tex
+    assert "ELDER & 85.00 $\\pm$ 7.07 & 93.96 & -8.96 &" in tex
+    assert "% failed: `" in tex and "% missing: ROME / smollm2 / CounterFact: missing" in tex
+    csv = out.with_suffix(".csv").read_text().splitlines()
+    assert len(csv) == 1 + 12  # header + 11 finished runs + 1 failed run
+
+
+def test_paper_model_override_and_unknown_model(table1_runs: Path) -> None:
+    rows = collect_runs([table1_runs])
+    gpt = build("table1", rows, Options(paper_model="gpt2xl")).tables[0]
+    assert gpt.title == "SmolLM2-135M (paper: GPT2-XL)"
+    assert gpt.rows[-1][:4] == ["ELDER", "85.00 ± 7.07", "97.47", "-12.47"]
+    other = build("table1", rows, Options(models=["phi"])).tables[0]
+    assert other.rows[0] == ["FT-L"] + ["missing", "—", ""] * 4
+
+
+def test_several_stream_lengths_need_a_choice(tmp_path: Path) -> None:
+    write_run(tmp_path, "a", "elder", "zsre", 0.5, 0.5, num_edits=1000)
+    write_run(tmp_path, "b", "elder", "zsre", 0.1, 0.1, num_edits=40)
+    rows = collect_runs([tmp_path])
+    with pytest.raises(tables.TablesError, match="several stream lengths"):
+        build("table1", rows, Options())
+    table = build("table1", rows, Options(num_edits=40)).tables[0]
+    assert table.rows[-1][1] == "10.00"
+
+
+def test_tables_2_to_4(tmp_path: Path) -> None:
+    retention = {t: 0.3 for t in ("gsm8k", "rte", "nq", "boolq", "mutual", "samsum", "conll03", "sst2")}
+    base = {**retention, "average": 0.32}
+    write_run(tmp_path, "e", "elder", "zsre", 0.9, 0.8, retention={**retention, "average": 0.30}, retention_base=base,
+              params=3_164_184, seconds_per_edit=2.0)
+    write_run(tmp_path, "g", "grace", "zsre", 1.0, 0.0, retention={**retention, "average": 0.31}, retention_base=base,
+              params=4_096_000)
+    rows = collect_runs([tmp_path])
+    t2 = build("table2", rows, Options())
+    avg = t2.tables[0]
+    assert avg.rows[0][:4] == ["Base (unedited)", "32.0", "32.1", "-0.1"]
+    assert avg.rows[-1][:4] == ["ELDER", "30.0", "32.3", "-2.3"]
+    assert avg.rows[1][1] == "missing"  # FT-L
+    per_task = t2.tables[1]
+    assert per_task.columns[1] == "GSM8K" and per_task.rows[-1][1:3] == ["30.0", "30.0"]
+
+    t3 = build("table3", rows, Options()).tables[0]
+    assert t3.rows[0][:7] == ["GRACE", "0.50", "7.47", "-6.97", "4.10", "4.10", "+0.00"]
+    assert t3.rows[1][:7] == ["ELDER", "2.00", "2.12", "-0.12", "3.16", "1.60", "+1.56"]
+
+    write_run(tmp_path, "nog", "elder", "zsre", 0.9, 0.5, **{})
+    payload = json.loads((tmp_path / "nog" / "results.json").read_text())
+    payload["config"]["editor"] = {**EDITOR_CFG["elder"], "aux_loss": "none"}
+    (tmp_path / "nog" / "results.json").write_text(json.dumps(payload))
+    t4 = build("table4", collect_runs([tmp_path]), Options()).tables[0]
+    assert [r[:4] for r in t4.rows] == [["ELDER", "80.00", "90.21", "-10.21"],
+                                        ["w/o guided loss", "50.00", "87.19", "-37.19"],
+                                        ["w/ load balancing (instead)", "missing", "71.39", ""]]
+
+
+def test_figure2_lists_missing_seeds_and_draws_png_and_pdf(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    for editor, params in (("elder", 1_000_000), ("grace", 2_000_000)):
+        for n in (1000, 2000):
+            for seed in (0, 1, 2, 3, 4):
+                if editor == "grace" and n == 2000 and seed == 4:
+                    continue
+                write_run(runs, f"{editor}_{n}_{seed}", editor, "counterfact", 0.9 - seed / 100, 0.5, seed=seed,
+                          num_edits=n, params=params * n // 1000)
+    write_failed(runs, "grace_2000_4", "grace", "counterfact", seed=4, num_edits=2000)
+    out = tmp_path / "out" / "figure2"
+    assert main(["figure2", str(runs), "--out", str(out)]) == 0
+    assert out.with_suffix(".png").stat().st_size > 0 and out.with_suffix(".pdf").stat().st_size > 0
+    md = out.with_suffix(".md").read_text()
+    assert "| ELDER | 1000 | 88.00 ± 1.58 | 50.00 ± 0.00 | 1.00 ± 0.00 | 5 |" in md
+    assert "| GRACE | 2000 | 88.50 ± 1.29 | 50.00 ± 0.00 | 4.00 ± 0.00 | 4 |" in md
+    assert "- GRACE / smollm2 / CounterFact / edits=2000: seed(s) 4 failed\n" in md
+    assert "- ELDER / smollm2 / CounterFact / edits=3000: seed(s) 0, 1, 2, 3, 4 missing\n" in md
+    assert "![figure2](figure2.png)" in md
+
+
+def test_figure4_from_codes_dumped_by_a_tiny_elder(tmp_path: Path) -> None:
+    from hydra.utils import instantiate
+
+    from evaluation.codes_dump import dump_codes
+    from tests.conftest import REPO, compose_config, zsre_requests
+
+    cfg = compose_config(["model=tiny_llama", "editor.iterations=2"])
+    editor = instantiate(cfg.editor, _partial_=True)(model=instantiate(cfg.model))
+    requests = zsre_requests(8)
+    for i in range(0, 8, 4):
+        editor.edit(requests[i:i + 4])
+    run = write_run(tmp_path / "runs", "elder", "elder", "zsre", 0.5, 0.5, model="tiny_llama", num_edits=8)
+    path = dump_codes(editor, requests, REPO.parent / "shared" / "data" / "retention", run / "codes.npz", n_task=6)
+    assert path == run / "codes.npz"
+    data = np.load(path)
+    assert data["codes"].shape == (5 * 2 + 6, 6 * 4) and (data["codes"].sum(1) == 6 * 2).all()
+    assert list(data["kind"][:2]) == ["edit", "paraphrase"] and (data["group"][-6:] == -1).all()
+    assert data["text"][0] == requests[0].prompt and data["text"][1] == requests[0].paraphrase
+    assert int(data["num_stored"]) == 8 and int(data["epsilon"]) == 12
+    assert (data["deferred"] == (data["min_distance"] >= 12)).all()
+
+    out = tmp_path / "out" / "figure4"
+    assert main(["figure4", str(tmp_path / "runs"), "--out", str(out)]) == 0
+    assert out.with_suffix(".png").stat().st_size > 0 and out.with_suffix(".pdf").stat().st_size > 0
+    assert "| `" in out.with_suffix(".md").read_text()
+    assert dump_codes(object(), requests, None, tmp_path / "x.npz") is None  # editors without codes: nothing
+
+
+def test_bad_input_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["table1", str(tmp_path / "nowhere")]) == 2
+    assert "no such file or folder" in capsys.readouterr().err
+
+
+def test_wandb_runs_become_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--wandb reads runs through wandb.Api (faked here: no network in tests)."""
+    import sys
+    import types
+
+    class FakeRun:
+        def __init__(self, run_id: str, state: str, editor: str, rel: float) -> None:
+            self.id, self.state = run_id, state
+            self.config = {"config": {"seed": 0, "dataset": {"num_edits": 1000}, "editor": {}},
+                           "choices": {"editor": editor, "model": "smollm2", "dataset": "zsre"}}
+            self.summary = {"reliability": rel, "generalization": rel / 2, "num_edits": 1000,
+                            "retention/average": 0.3, "_runtime": 5} if state == "finished" else {}
+
+    class FakeApi:
+        def runs(self, path: str) -> list[FakeRun]:
+            assert path == "me/elder"
+            return [FakeRun("a1", "finished", "grace", 0.8), FakeRun("b2", "crashed", "rome", 0.0)]
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(Api=FakeApi))
+    rows = tables.collect_wandb("me/elder")
+    assert [r["status"] for r in rows] == ["ok", "failed"]
+    assert rows[0]["retention.average"] == 0.3 and rows[0]["source"] == "wandb:me/elder/a1"
+    report = build("table1", rows, Options())
+    grace = report.tables[0].rows[4]
+    assert grace[:7] == ["GRACE", "80.00", "89.48", "-9.48", "40.00", "0.46", "+39.54"]
+    assert "ROME / smollm2 / ZsRE: failed" in report.missing
+    assert any("wandb:me/elder/b2" in f and "crashed" in f for f in report.failed)
+
+
+def test_figure3_groups_elder_runs_by_number_of_layers(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    for L in (1, 2, 6):
+        for seed in range(5):
+            run = write_run(runs, f"L{L}_s{seed}", "elder", "zsre", 0.5 + L / 20, 0.4, seed=seed, params=1000 * L)
+            payload = json.loads((run / "results.json").read_text())
+            payload["config"]["editor"] = {**EDITOR_CFG["elder"], "layers": list(range(20, 20 + L)), "epsilon": 2 * L}
+            (run / "results.json").write_text(json.dumps(payload))
+    out = tmp_path / "out" / "figure3"
+    assert main(["figure3", str(runs), "--out", str(out)]) == 0
+    md = out.with_suffix(".md").read_text()
+    assert "| ELDER | 1 | 55.00 ± 0.00 | 40.00 ± 0.00 | 0.00 ± 0.00 | 5 |" in md
+    assert "| ELDER | 6 | 80.00 ± 0.00 | 40.00 ± 0.00 | 0.01 ± 0.00 | 5 |" in md
+    assert "- ELDER / smollm2 / ZsRE / L=4: seed(s) 0, 1, 2, 3, 4 missing" in md
+    assert "L=2: 20,21" in md
+    assert out.with_suffix(".png").exists() and out.with_suffix(".pdf").exists()
