@@ -15,6 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from baselines.unedited import Unedited
+from evaluation.codes_dump import dump_codes
 from evaluation.checkpoint import CheckpointManager, StreamCheckpoint
 from evaluation.editor import Editor
 from evaluation.errors import ConfigError
@@ -204,6 +205,9 @@ def _run(cfg: DictConfig, run_dir: Path, choices: Mapping[str, str], checkpoints
         path = write_results(run_dir, resolved, metrics, stream.curves, timings,
                              {"choices": dict(choices), "stream": stream_info})
         log.info("results written to %s", path)
+        if hasattr(editor, "codes_for"):  # Figure 4: allocation codes of paraphrase groups and NQ inputs
+            dump_codes(editor, requests, cfg.retention.get("data_dir") or f"{cfg.paths.data_dir}/retention",
+                       run_dir / "codes.npz")
         return {"metrics": metrics, "curves": stream.curves, "timings": timings}
     finally:
         logger.finish()
