@@ -1,6 +1,7 @@
 """One run: build everything from the composed config, stream the edits, measure, save, log."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -127,6 +128,15 @@ def _config_key(node: Any) -> str:
     return hashlib.sha256(OmegaConf.to_yaml(node, resolve=True).encode()).hexdigest()[:16]
 
 
+def _autocast(dtype: str | None, device: str) -> contextlib.AbstractContextManager[Any]:
+    """Mixed precision for every forward of the run (``autocast=bfloat16``); off by default."""
+    if not dtype:
+        return contextlib.nullcontext()
+    if dtype not in ("bfloat16", "float16"):
+        raise ConfigError(f"autocast must be null, bfloat16 or float16, got {dtype!r}")
+    return torch.autocast(device_type=device.split(":")[0], dtype=getattr(torch, dtype))
+
+
 def run_experiment(cfg: DictConfig, run_dir: str | Path, choices: Mapping[str, str]) -> dict[str, Any]:
     """Run the configured stream; returns the payload written to ``run_dir/results.json``."""
     run_dir = Path(run_dir)
@@ -136,7 +146,8 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path, choices: Mapping[str, s
         torch.set_num_threads(cfg.threads)
     previous_deterministic = set_deterministic(cfg.deterministic)
     try:
-        return _run(cfg, run_dir, choices, checkpoints, resume_from)
+        with _autocast(cfg.autocast, str(cfg.model.get("device", "cpu"))):
+            return _run(cfg, run_dir, choices, checkpoints, resume_from)
     finally:
         torch.use_deterministic_algorithms(previous_deterministic[0], warn_only=previous_deterministic[1])
 

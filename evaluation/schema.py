@@ -125,6 +125,7 @@ class RunConf:
     resume: bool = False  # continue the run in hydra.run.dir from its last checkpoint
     checkpoint: CheckpointConf = field(default_factory=CheckpointConf)
     on_nan: str = "stop"  # NaN/inf loss in an edit batch: stop (checkpoint, error) | skip (undo the batch, go on)
+    autocast: Optional[str] = None  # bfloat16 | float16: mixed precision (for GPUs); null: off
     deterministic: bool = True  # torch.use_deterministic_algorithms(True, warn_only=True)
 
 

@@ -66,3 +66,12 @@ def test_missing_weights_say_how_to_supply_them(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "could not load model 'gpt2xl'" in proc.stderr and "model.path=" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_bfloat16_autocast_runs_and_learns(tmp_path: Path) -> None:
+    proc = run_cli(["model=tiny_llama", "dataset.num_edits=4", "retention=none", "progress=false", "logger=none",
+                    "autocast=bfloat16"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["config"]["autocast"] == "bfloat16"
+    assert results["metrics"]["reliability_token"] > 0.5
