@@ -22,7 +22,7 @@ from evaluation.editor import Editor
 from evaluation.errors import ConfigError
 from evaluation.generation import make_generate_fn
 from evaluation.metrics import locality_inputs, predict
-from evaluation.results import write_results
+from evaluation.results import git_commit, write_results
 from evaluation.stream import ON_NAN, run_stream
 
 log = logging.getLogger(__name__)
@@ -155,6 +155,7 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path, choices: Mapping[str, s
 def _run(cfg: DictConfig, run_dir: Path, choices: Mapping[str, str], checkpoints: CheckpointManager,
          resume_from: StreamCheckpoint | None) -> dict[str, Any]:
     seed_everything(cfg.seed)
+    commit = git_commit()
     wall = time.perf_counter()
     timings: dict[str, float] = {}
 
@@ -214,7 +215,7 @@ def _run(cfg: DictConfig, run_dir: Path, choices: Mapping[str, str], checkpoints
         stream_info = {"resumed_from": stream.resumed_from, "skipped": stream.skipped,
                        "checkpoints": str(checkpoints.directory), "wandb_run_id": run_id}
         path = write_results(run_dir, resolved, metrics, stream.curves, timings,
-                             {"choices": dict(choices), "stream": stream_info})
+                             {"choices": dict(choices), "stream": stream_info}, commit=commit)
         log.info("results written to %s", path)
         if hasattr(editor, "codes_for"):  # Figure 4: allocation codes of paraphrase groups and NQ inputs
             dump_codes(editor, requests, cfg.retention.get("data_dir") or f"{cfg.paths.data_dir}/retention",

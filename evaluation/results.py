@@ -37,9 +37,11 @@ def write_json_atomic(path: str | Path, payload: Mapping[str, Any]) -> None:
 
 
 def write_results(run_dir: str | Path, config: Mapping[str, Any], metrics: Mapping[str, Any],
-                  curves: list[Mapping[str, Any]], timings: Mapping[str, float], extra: Mapping[str, Any] | None = None) -> Path:
+                  curves: list[Mapping[str, Any]], timings: Mapping[str, float], extra: Mapping[str, Any] | None = None,
+                  commit: str | None = None) -> Path:
+    """``commit``: the code the run started with (taken at its start: the tree may change during a long run)."""
     path = Path(run_dir) / "results.json"
     payload = {"config": config, "metrics": metrics, "curves": curves, "timings": timings,
-               "versions": versions(), "git_commit": git_commit(), **(extra or {})}
+               "versions": versions(), "git_commit": commit or git_commit(), **(extra or {})}
     write_json_atomic(path, payload)
     return path
