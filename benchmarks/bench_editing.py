@@ -120,6 +120,31 @@ def _has_prefix_cache(overrides: list[str]) -> bool:
     return "prefix_cache" in _compose(overrides).editor
 
 
+def _write(rows: list[dict[str, Any]], base: list[str], out: Path) -> None:
+    """bench.json (per editor: the "after" figures, plus every variant) and bench.md, rewritten per row."""
+    import platform
+
+    import torch
+
+    by_editor: dict[str, Any] = {}
+    for row in rows:
+        by_editor.setdefault(row["editor"], {"variants": {}})["variants"][row["variant"]] = row
+        if row["variant"] == "after":
+            by_editor[row["editor"]].update({k: row[k] for k in ("seconds_per_edit", "floor_seconds_per_edit", "peak_rss_mb")})
+    meta = {"machine": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(), "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "overrides": base}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps({"meta": meta, "editors": by_editor}, indent=2))
+    lines = ["| editor | variant | s/edit | floor s/edit | ratio to floor | eval s | peak RSS MB | rel | gen |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['editor']} | {r['variant']} | {r['seconds_per_edit']:.3f} | {r['floor_seconds_per_edit']:.3f} | "
+                     f"{r['ratio_to_floor']:.2f} | {r['eval_seconds']:.1f} | {r['peak_rss_mb']:.0f} | "
+                     f"{r['reliability']:.2f} | {r['generalization']:.2f} |")
+    (out / "bench.md").write_text("\n".join(lines) + f"\n\n{json.dumps(meta)}\n")
+
+
 def run(editors: list[str], base: list[str], out: Path) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for editor in editors:
@@ -131,30 +156,11 @@ def run(editors: list[str], base: list[str], out: Path) -> list[dict[str, Any]]:
             row = {"editor": editor, "variant": label, **_child("stream", overrides + extra), **floor}
             row["ratio_to_floor"] = row["seconds_per_edit"] / row["floor_seconds_per_edit"]
             rows.append(row)
+            _write(rows, base, out)  # a stopped benchmark keeps what it measured
             print(f"{editor:6s} {label:6s} {row['seconds_per_edit']:.3f} s/edit  floor {row['floor_seconds_per_edit']:.3f}"
-                  f"  x{row['ratio_to_floor']:.2f}  peak {row['peak_rss_mb']:.0f} MB", flush=True)
-    out.mkdir(parents=True, exist_ok=True)
-    by_editor = {}
-    for row in rows:  # bench.json: per editor the "after" figures, plus every variant
-        by_editor.setdefault(row["editor"], {"variants": {}})["variants"][row["variant"]] = row
-        if row["variant"] == "after":
-            by_editor[row["editor"]].update({k: row[k] for k in ("seconds_per_edit", "floor_seconds_per_edit", "peak_rss_mb")})
-    import platform
-
-    import torch
-
-    meta = {"machine": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(), "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "overrides": base}
-    (out / "bench.json").write_text(json.dumps({"meta": meta, "editors": by_editor}, indent=2))
-    lines = ["| editor | variant | s/edit | floor s/edit | ratio to floor | eval s | peak RSS MB | rel | gen |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['editor']} | {r['variant']} | {r['seconds_per_edit']:.3f} | {r['floor_seconds_per_edit']:.3f} | "
-                     f"{r['ratio_to_floor']:.2f} | {r['eval_seconds']:.1f} | {r['peak_rss_mb']:.0f} | "
-                     f"{r['reliability']:.2f} | {r['generalization']:.2f} |")
-    (out / "bench.md").write_text("\n".join(lines) + f"\n\n{json.dumps(meta)}\n")
-    print("\n".join(lines))
+                  f"  x{row['ratio_to_floor']:.2f}  peak {row['peak_rss_mb']:.0f} MB  rel {row['reliability']:.2f}"
+                  f"  gen {row['generalization']:.2f}", flush=True)
+    print((out / "bench.md").read_text())
     return rows
 
 
