@@ -6,6 +6,8 @@ exactly as they would one prompt at a time.
 """
 from __future__ import annotations
 
+import contextlib
+
 from typing import Any, Callable, Sequence
 
 import torch
@@ -39,7 +41,7 @@ def make_generate_fn(model: nn.Module, tokenizer: Any, scope: Editor | None = No
                 mask[j, width - len(encoded[i]):] = 1
             ids, mask = ids.to(device), mask.to(device)
             positions = torch.full((len(idx),), width - 1, dtype=torch.long, device=device)
-            ctx = scope.scope(positions) if scope is not None else _null()
+            ctx = scope.scope(positions) if scope is not None else contextlib.nullcontext()
             with ctx:
                 gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                      do_sample=False, pad_token_id=pad, use_cache=True)
@@ -50,11 +52,3 @@ def make_generate_fn(model: nn.Module, tokenizer: Any, scope: Editor | None = No
         return out
 
     return generate
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
