@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import pytest
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
@@ -15,6 +16,15 @@ from evaluation.models import LoadedModel
 
 REPO = Path(__file__).resolve().parent.parent
 ZSRE = REPO.parent / "shared" / "data" / "zsre" / "zsre_mend_eval_portability_gpt4.json"
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Tiny models on a shared 2-core machine: extra threads only contend."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture

@@ -1,7 +1,6 @@
 """Defer: learning edits, a per-row exact deferral mask, batching, state, configs."""
 from __future__ import annotations
 
-from typing import Iterator
 
 import pytest
 import torch
@@ -19,12 +18,7 @@ from tests.conftest import compose_config, tiny_model, zsre_requests
 EASY = (12, 66)  # Babur, Mars
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on a shared 2-core machine: threads only contend
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def logits(editor: DeferEditor, prompts: list[str], targets: list[str]) -> torch.Tensor:

@@ -1,7 +1,6 @@
 """GRACE: codebook rules on hand-made keys, learning a stream, exact deferral, batching, state, configs."""
 from __future__ import annotations
 
-from typing import Iterator
 
 import pytest
 import torch
@@ -22,12 +21,7 @@ from tests.conftest import compose_config, tiny_model, zsre_requests
 EASY = (12, 22, 66, 145)  # Babur, Lyra, Mars, Lynx
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on a shared 2-core machine: threads only contend
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def easy_requests() -> list[EditRequest]:

@@ -1,7 +1,6 @@
 """MELO: vector-database rules on hand-made keys, learning a stream, exact deferral, batching, state, configs."""
 from __future__ import annotations
 
-from typing import Iterator
 
 import pytest
 import torch
@@ -20,12 +19,7 @@ from evaluation.stream import run_stream
 from tests.conftest import compose_config, tiny_model, zsre_requests
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on a shared 2-core machine: threads only contend
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # zsRE edits with short targets: a rank-2 block on two layers of a tiny random model holds four of
