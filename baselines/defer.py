@@ -24,12 +24,12 @@ import torch
 from omegaconf import MISSING
 from torch import nn
 
-from baselines.grace import (Replacement, ValueReplacementLayer, check_layer, check_positive,
-                             frozen_prefix, model_device, replaying)
+from baselines.grace import Replacement, ValueReplacementLayer, check_layer, check_positive, model_device
 from data.requests import EditRequest
 from evaluation.editor import EditStats, Editor, FloorSpec
 from evaluation.encoding import encode_pairs
 from evaluation.errors import ConfigError
+from evaluation.prefix_cache import frozen_prefix, replaying
 from evaluation.forward import target_logits
 from evaluation.models import LoadedModel, layer_dims, replace_module
 from evaluation.query import SequenceQuery

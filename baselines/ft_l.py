@@ -38,6 +38,7 @@ from evaluation.encoding import EncodedBatch, encode_pairs
 from evaluation.errors import ConfigError
 from evaluation.forward import target_logits
 from evaluation.models import LoadedModel, get_module, layer_dims
+from evaluation.prefix_cache import frozen_prefix, replaying
 
 CLAMP_REFERENCES = ("edit", "original")
 OBJECTIVES = ("target_new", "prompt_last")
@@ -59,6 +60,7 @@ class FTLConf:
     early_stop_loss: float = 1e-2
     include_bias: bool = False
     batch_size: int = 1
+    prefix_cache: bool = True
 
 
 def resolve_rewrite_module(model: LoadedModel, layer: int, module_template: str) -> tuple[str, nn.Module]:
@@ -95,6 +97,7 @@ class FTLEditor(Editor):
         early_stop_loss: float = 1e-2,
         include_bias: bool = False,
         batch_size: int = 1,
+        prefix_cache: bool = True,
     ) -> None:
         if clamp_reference not in CLAMP_REFERENCES:
             raise ConfigError(f"editor.clamp_reference must be one of {CLAMP_REFERENCES}, got {clamp_reference!r}")
@@ -120,6 +123,8 @@ class FTLEditor(Editor):
         # the stream's starting point (the clamp centre when clamp_reference == "original")
         self.original = [p.detach().clone() for p in self.tuned] if clamp_reference == "original" else None
         self.num_edits = 0
+        # the blocks below the tuned layer see the same batch at every step: run them once per edit
+        self.prefix = frozen_prefix(model, prefix_cache, layer)
 
     # --- editing ---------------------------------------------------------------------------
     def _loss(self, batch: EncodedBatch) -> torch.Tensor:
@@ -157,7 +162,7 @@ class FTLEditor(Editor):
             p.requires_grad_(True)
         losses: list[float] = []
         try:
-            with torch.enable_grad():
+            with torch.enable_grad(), replaying(self.prefix):
                 for _ in range(self.steps):
                     loss = self._loss(batch)
                     losses.append(float(loss.detach()))

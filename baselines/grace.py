@@ -32,7 +32,7 @@ from evaluation.encoding import EncodedBatch, encode_pairs
 from evaluation.errors import ConfigError
 from evaluation.forward import target_logits
 from evaluation.models import LoadedModel, layer_dims, replace_module
-from evaluation.prefix_cache import FrozenPrefix
+from evaluation.prefix_cache import frozen_prefix, replaying
 from evaluation.query import SequenceQuery
 
 DIST_FNS = ("euc",)
@@ -61,20 +61,6 @@ def check_positive(key: str, value: float) -> None:
 
 def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
-
-
-def frozen_prefix(model: LoadedModel, enabled: bool, num_blocks: int) -> FrozenPrefix | None:
-    """Replay of the frozen blocks below ``num_blocks`` during one edit's iterations (``editor.prefix_cache``)."""
-    if not enabled or num_blocks == 0:
-        return None
-    if not model.block_template:
-        raise ConfigError(f"editor.prefix_cache=true needs the model config's block_template (model '{model.name}' "
-                          f"has none); set it or editor.prefix_cache=false")
-    return FrozenPrefix(model.model, model.block_template, num_blocks)
-
-
-def replaying(prefix: FrozenPrefix | None) -> contextlib.AbstractContextManager[None]:
-    return prefix.cache() if prefix is not None else contextlib.nullcontext()
 
 
 # --- the wrapped layer ---------------------------------------------------------------------------

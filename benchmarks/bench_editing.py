@@ -10,8 +10,9 @@ For each editor, in one invocation on one machine, it measures:
 - ``peak_rss_mb``: each measurement runs in its own process, so this is that editor's own peak;
 - ``floor_seconds_per_edit``: the unavoidable work, i.e. the editor's ``FloorSpec().passes``
   forward+backward passes per batch from the lowest block that carries gradients to the output,
-  with the frozen blocks below replayed, divided by the batch size. Each figure is also printed as a
-  ratio to this floor. Early stopping (FT-L, ROME) can make an editor beat its floor.
+  with the frozen blocks below replayed, divided by the batch size, over one sequence per request and
+  ``FloorSpec().prompt_prefixes`` entry (ROME: the bare prompt and its 20 prefixed copies). Each figure
+  is also printed as a ratio to this floor. Early stopping (FT-L, ROME) can make an editor beat its floor.
 Editors with a ``prefix_cache`` switch are measured with it off ("before") and on ("after").
 Results are written to ``<out>/bench.json`` and ``<out>/bench.md``.
 """
@@ -66,7 +67,8 @@ def measure_floor(overrides: list[str], batches: int = 3) -> dict[str, float]:
     seconds = 0.0
     for b in range(batches):
         chunk = requests[b * bs:(b + 1) * bs]
-        batch = encode_pairs(loaded.tokenizer, [r.prompt for r in chunk], [r.target for r in chunk])
+        batch = encode_pairs(loaded.tokenizer, [p + r.prompt for r in chunk for p in spec.prompt_prefixes],
+                             [r.target for r in chunk for _ in spec.prompt_prefixes])
         delta = torch.zeros(1, requires_grad=True)  # makes every block from first_layer up carry gradients
 
         def inject(module: Any, args: tuple, kwargs: dict) -> tuple:
@@ -83,7 +85,7 @@ def measure_floor(overrides: list[str], batches: int = 3) -> dict[str, float]:
             seconds += time.perf_counter() - start
         handle.remove()
     return {"floor_seconds_per_edit": seconds / (batches * bs), "floor_passes": spec.passes,
-            "floor_first_layer": spec.first_layer}
+            "floor_first_layer": spec.first_layer, "floor_rows_per_edit": len(spec.prompt_prefixes)}
 
 
 def measure_stream(overrides: list[str]) -> dict[str, float]:

@@ -17,7 +17,7 @@ from evaluation.errors import ConfigError
 from evaluation.encoding import encode_pairs
 from evaluation.forward import target_logits
 from evaluation.models import LoadedModel, layer_dims, replace_module
-from evaluation.prefix_cache import FrozenPrefix
+from evaluation.prefix_cache import frozen_prefix, replaying
 from evaluation.query import SequenceQuery
 
 AUX_LOSSES = ("guided", "none", "load_balance")
@@ -76,7 +76,7 @@ class ElderEditor(Editor):
                 self.adapters.append(adapter)
         self.query = SequenceQuery(query_module, on_query=self._route)
         # blocks below the query layer are frozen and see the same batch in every iteration
-        self.prefix = FrozenPrefix(self.model, model.block_template, query_layer) if prefix_cache else None
+        self.prefix = frozen_prefix(model, prefix_cache, query_layer)
         self.allocator = PresetAllocator(L, N, top_k, seed)
         self.stored_codes = torch.zeros(0, L * N, dtype=torch.bool)
         self.optimizer = self._new_optimizer()
@@ -134,9 +134,6 @@ class ElderEditor(Editor):
     def _new_optimizer(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(list(self.parameters()), lr=self.lr)
 
-    def _frozen_prefix(self) -> contextlib.AbstractContextManager[None]:
-        return self.prefix.cache() if self.prefix is not None else contextlib.nullcontext()
-
     def _aux(self, routes: Routes, preset: torch.Tensor) -> torch.Tensor:
         if self.aux_loss == "guided":
             return guided_loss(routes, preset)
@@ -151,7 +148,7 @@ class ElderEditor(Editor):
         if self.reset_optimizer:
             self.optimizer = self._new_optimizer()
         lm = aux = torch.zeros(())
-        with self._frozen_prefix():
+        with replaying(self.prefix):
             self.training = True
             codes = torch.zeros(0, dtype=torch.bool)
             try:

@@ -31,10 +31,16 @@ class EditStats:
 @dataclass(frozen=True)
 class FloorSpec:
     """The unavoidable work of one edit batch: ``passes`` forward+backward passes from block
-    ``first_layer`` (the lowest one that carries gradients) to the output. Benchmarks time it."""
+    ``first_layer`` (the lowest one that carries gradients) to the output. Benchmarks time it.
+
+    ``prompt_prefixes``: the texts the method puts before each edit prompt, one sequence per prefix
+    and request in every pass (ROME optimises its value over the bare prompt and 20 prefixed copies;
+    the others train on the bare prompt only, ``("",)``).
+    """
 
     first_layer: int
     passes: int
+    prompt_prefixes: tuple[str, ...] = ("",)
 
 
 class Editor(ABC):

@@ -14,7 +14,8 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from evaluation.models import replace_module
+from evaluation.errors import ConfigError
+from evaluation.models import LoadedModel, replace_module
 
 
 class _Replay(nn.Module):
@@ -66,3 +67,18 @@ class FrozenPrefix:
     @staticmethod
     def blocks_below(layers: Sequence[int]) -> int:
         return min(layers)
+
+
+def frozen_prefix(model: LoadedModel, enabled: bool, num_blocks: int) -> FrozenPrefix | None:
+    """Replay of the frozen blocks below ``num_blocks`` during one edit's iterations (``editor.prefix_cache``)."""
+    if not enabled or num_blocks == 0:
+        return None
+    if not model.block_template:
+        raise ConfigError(f"editor.prefix_cache=true needs the model config's block_template (model '{model.name}' "
+                          f"has none); set it or editor.prefix_cache=false")
+    return FrozenPrefix(model.model, model.block_template, num_blocks)
+
+
+def replaying(prefix: FrozenPrefix | None) -> contextlib.AbstractContextManager[None]:
+    """``prefix.cache()``, or nothing when the replay is off."""
+    return prefix.cache() if prefix is not None else contextlib.nullcontext()

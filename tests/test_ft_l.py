@@ -1,8 +1,6 @@
 """FT-L on the tiny random models: learning one edit, the L-infinity clamp, state, accounting, configs."""
 from __future__ import annotations
 
-from typing import Iterator
-
 import pytest
 import torch
 from hydra.core.config_store import ConfigStore
@@ -22,13 +20,7 @@ LAYERS = {"gpt2": 3, "llama": 1}  # conf/editor_model/ft_l_tiny_*.yaml
 MODELS = ("smollm2", "gpt2xl", "llama2", "tiny_gpt2", "tiny_llama", "gpt2xl_random", "llama2_random")
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models run fastest on one thread (the test machine's two cores are shared)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(arch: str, seed: int = 0) -> LoadedModel:
@@ -90,8 +82,8 @@ def test_prompt_last_objective_lowers_its_loss():
 
 def test_only_the_tuned_matrix_changes():
     model = tiny("gpt2")
+    ed = editor("gpt2", model, lr=1e-2)  # wraps the blocks below for replay (their keys gain '.block')
     before = {k: v.clone() for k, v in model.model.state_dict().items()}
-    ed = editor("gpt2", model, lr=1e-2)
     ed.edit(requests(1))
     changed = [k for k, v in model.model.state_dict().items() if not torch.equal(v, before[k])]
     assert changed == ["transformer.h.3.mlp.c_proj.weight"]
@@ -150,3 +142,16 @@ def test_composed_config_instantiates_on_a_tiny_model():
     ed = instantiate(cfg.editor, model=tiny("llama"))
     assert isinstance(ed, FTLEditor)
     assert ed.module_name == "model.layers.1.mlp.down_proj" and ed.batch_size == 1
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_prefix_cache_gives_bit_identical_weights(arch):
+    """Replaying the blocks below the tuned layer across the steps changes nothing but speed."""
+    weights = []
+    for cache in (True, False):
+        ed = editor(arch, lr=1e-2, norm_constraint=None, prefix_cache=cache)
+        assert (ed.prefix is not None) == cache
+        for r in requests(2):
+            ed.edit([r])
+        weights.append(ed.module.weight.detach().clone())
+    assert torch.equal(weights[0], weights[1])

@@ -105,8 +105,8 @@ def test_update_is_rank_one_and_maps_the_key_to_the_value(arch):
 
 def test_only_the_rewritten_matrix_changes():
     model = tiny("gpt2")
+    ed = editor("gpt2", model)  # wraps the blocks below for replay (their keys gain '.block')
     before = {k: v.clone() for k, v in model.model.state_dict().items()}
-    ed = editor("gpt2", model)
     ed.edit(zsre_requests(1))
     changed = [k for k, v in model.model.state_dict().items() if not torch.equal(v, before[k])]
     assert changed == ["transformer.h.3.mlp.c_proj.weight"]
@@ -246,3 +246,24 @@ def test_composed_config_instantiates_on_a_tiny_model():
     assert isinstance(ed, ROMEEditor)
     assert ed.module_name == "transformer.h.3.mlp.c_proj" and ed.transposed and ed.batch_size == 1
     assert ed.length_params == [[5, 10], [10, 10]]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_prefix_cache_gives_a_bit_identical_update(arch):
+    """Replaying the blocks below the edited layer in the value loop changes nothing but speed."""
+    weights = []
+    for cache in (True, False):
+        ed = editor(arch, tiny(arch), prefix_cache=cache)
+        assert (ed.prefix is not None) == cache
+        ed.edit(zsre_requests(2)[:1])
+        ed.edit(zsre_requests(2)[1:])
+        weights.append(ed.module.weight.detach().clone())
+    assert torch.equal(weights[0], weights[1])
+    assert not torch.equal(weights[0], tiny(arch).model.get_submodule(ed.module_name).weight)
+
+
+def test_floor_spec_counts_every_prefixed_row():
+    ed = editor("llama", tiny("llama"))
+    spec = ed.floor_spec()
+    assert spec.prompt_prefixes == tuple(ed.context_prefixes()) and spec.prompt_prefixes[0] == ""
+    assert len(spec.prompt_prefixes) == 1 + 5 and spec.first_layer == LAYERS["llama"]

@@ -27,6 +27,7 @@ from torch import nn
 
 from baselines.rome.compute_key import hidden_states, locate, pad
 from evaluation.models import layer_dims
+from evaluation.prefix_cache import FrozenPrefix, replaying
 
 
 @dataclass
@@ -52,7 +53,9 @@ def _add_at(positions: torch.Tensor, delta: torch.Tensor):
 def compute_value(model: nn.Module, tokenizer: Any, module: nn.Module, prefixes: list[str], prompt: str,
                   subject: str, target: str, *, fact_token: str = "subject_last", v_num_grad_steps: int = 20,
                   v_lr: float = 0.5, v_weight_decay: float = 0.5, clamp_norm_factor: float = 4.0,
-                  kl_factor: float = 0.0625, early_stop_loss: float = 5e-2) -> ValueResult:
+                  kl_factor: float = 0.0625, early_stop_loss: float = 5e-2,
+                  frozen: FrozenPrefix | None = None) -> ValueResult:
+    """``frozen``: replays the frozen blocks below ``module``'s layer across the steps (bit-identical)."""
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     # rewriting rows: "{prefix}{prompt} {target}" tokenised as encode_pairs does (prompt, then " target")
@@ -92,7 +95,7 @@ def compute_value(model: nn.Module, tokenizer: Any, module: nn.Module, prefixes:
 
     handles = [module.register_forward_hook(record_init), module.register_forward_hook(_add_at(positions, delta))]
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), replaying(frozen):
             for it in range(v_num_grad_steps):
                 iterations = it + 1
                 hidden = hidden_states(model, ids, mask)  # (B, T, d)

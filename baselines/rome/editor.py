@@ -30,6 +30,7 @@ from data.requests import EditRequest
 from evaluation.editor import EditStats, Editor, FloorSpec
 from evaluation.errors import ConfigError
 from evaluation.models import LoadedModel
+from evaluation.prefix_cache import frozen_prefix
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ class ROMEConf:
     mom2_batch_size: int = 16
     cache_dir: str = "${paths.cache_dir}/rome_stats"
     batch_size: int = 1
+    prefix_cache: bool = True
     seed: int = "${seed}"  # type: ignore[assignment]
 
 
@@ -90,6 +92,7 @@ class ROMEEditor(Editor):
         mom2_batch_size: int = 16,
         cache_dir: Optional[str] = None,
         batch_size: int = 1,
+        prefix_cache: bool = True,
         seed: int = 0,
     ) -> None:
         if fact_token not in FACT_TOKENS:
@@ -126,6 +129,8 @@ class ROMEEditor(Editor):
         self.num_edits = 0
         self.subject_fallbacks = 0  # edits whose subject was not found in the prompt
         self.last_update: tuple[torch.Tensor, torch.Tensor] | None = None  # (u, right vector) of the last edit
+        # the value loop's rows are the same at every step below the edited layer: run those blocks once
+        self.prefix = frozen_prefix(model, prefix_cache, layer)
 
     # --- pieces ------------------------------------------------------------------------------
     def context_prefixes(self) -> list[str]:
@@ -167,7 +172,8 @@ class ROMEEditor(Editor):
             u = self.inverse_second_moment() @ u
         u = u / u.norm()
         value = compute_value(self.model, self.tokenizer, self.module, prefixes, request.prompt, request.subject,
-                              request.target, **self.value_args)  # type: ignore[arg-type]
+                              request.target, frozen=self.prefix,
+                              **self.value_args)  # type: ignore[arg-type]
         cur_input, cur_output = reprs.inputs[0], reprs.outputs[0]  # the bare prompt (prefix "")
         right = (value.target - cur_output) / torch.dot(cur_input, u)
         self._apply(u, right)
@@ -185,8 +191,10 @@ class ROMEEditor(Editor):
 
     # --- accounting and state ------------------------------------------------------------------
     def floor_spec(self) -> FloorSpec:
-        # value optimisation: v_num_grad_steps passes from the edited layer up (keys are forward-only)
-        return FloorSpec(first_layer=self.layer, passes=int(self.value_args["v_num_grad_steps"]))
+        # value optimisation: v_num_grad_steps passes from the edited layer up over the bare and the
+        # prefixed prompts (keys are forward-only; the short KL row is left out, so this is a lower bound)
+        return FloorSpec(first_layer=self.layer, passes=int(self.value_args["v_num_grad_steps"]),
+                         prompt_prefixes=tuple(self.context_prefixes()))
 
     def trainable_params(self) -> int:
         """The elements of the rewritten matrix: every edit writes a rank-one update into all of it.
