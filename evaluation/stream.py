@@ -196,9 +196,12 @@ def run_stream(editor: Editor, requests: Sequence[EditRequest], base_locality: S
         result.eval_seconds += time.perf_counter() - start
         return point
 
+    def sizes() -> dict[str, int]:  # Figure 2 plots the parameter count against the stream length
+        return {"trainable_params": editor.trainable_params(), "stored_params": editor.stored_params()}
+
     def curve_point(position: int, state: dict[str, Any]) -> None:
         point = evaluate(position, lambda: snapshot(position, state, due=True))
-        result.curves.append({"edits": position, **point})
+        result.curves.append({"edits": position, **point, **sizes()})
         logger.log({f"curve/{k}": v for k, v in point.items()}, step=position)
 
     good = snapshot(done, to_cpu(editor.state_dict()), due=curve_due)
@@ -265,7 +268,7 @@ def run_stream(editor: Editor, requests: Sequence[EditRequest], base_locality: S
     if checkpoints is not None and checkpoints.every and checkpoints.last_saved != n:
         save(good, "end")  # a kill during the final evaluation keeps every edit
     result.metrics = evaluate(n, lambda: good, progress_bar=progress)
-    result.curves.append({"edits": n, **result.metrics})
+    result.curves.append({"edits": n, **result.metrics, **sizes()})
     return result
 
 

@@ -95,6 +95,7 @@ def row_from_payload(payload: Mapping[str, Any], source: str) -> dict[str, Any]:
     cuda = versions.get("cuda")
     row["device"] = cuda if cuda and cuda != "none" else versions.get("processor")
     row["git_commit"] = payload.get("git_commit")
+    row["curve"] = json.dumps(payload.get("curves") or [])  # for --from-curves
     return row
 
 
@@ -364,6 +365,7 @@ class Options:
     dataset: Optional[str] = None
     out: Optional[Path] = None
     paths: Sequence[str] = ()
+    from_curves: bool = False
 
 
 def _label(mapping: Mapping[str, str], key: Any) -> str:
@@ -673,15 +675,46 @@ def _curve_table(report: Report, frame: pd.DataFrame, opts: Options, x: str, x_l
     return curves
 
 
+def curve_rows(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per curve point of every finished run (``eval_every``), as if it were a run of that length.
+
+    The stream edits the dataset's first records in file order, so the point after t edits of a longer
+    stream is what a run of t edits gives (tests/test_tables.py checks this on a tiny ELDER). Points seen
+    in several runs of one seed (e.g. the first 100 edits of a 100- and a 200-edit run) are kept once.
+    """
+    rows: list[dict[str, Any]] = []
+    for run in frame.to_dict("records"):
+        points = json.loads(run.get("curve") or "[]") if run["status"] == "ok" else []
+        if not points:
+            rows.append(run)  # failed runs stay listed
+        for point in points:
+            params = point.get("trainable_params", run["trainable_params"] if point["edits"] == run["num_edits"]
+                               else math.nan)
+            rows.append({**run, "num_edits": int(point["edits"]), "reliability": _num(point.get("reliability")),
+                         "generalization": _num(point.get("generalization")), "trainable_params": _num(params),
+                         "stored_params": _num(point.get("stored_params"))})
+    out = pd.DataFrame(rows, columns=frame.columns)
+    keys = ["status", "editor", "model", "dataset", "seed", "num_edits", "source"]
+    ok = out["status"] == "ok"
+    deduped = out[ok].drop_duplicates(subset=[k for k in keys if k != "source"])
+    return pd.concat([deduped, out[~ok]], ignore_index=True)
+
+
 def build_figure2(frame: pd.DataFrame, opts: Options) -> Report:
     if opts.num_edits is not None:
         raise TablesError("figure2 plots every stream length; do not pass --num-edits")
     frame = frame[frame["editor"].isin(paper.FIGURE2_EDITORS) | frame["editor"].isna()] if not frame.empty else frame
+    if opts.from_curves and not frame.empty:
+        frame = curve_rows(frame)
     report = Report("figure2", "Figure 2: reliability and trainable parameters against the number of edits "
                                "(ELDER vs GRACE)", notes=_common_notes(frame))
     report.notes.append("The paper: ZsRE, LLaMA2-7B, five seeds (numbers only as a plot). The ZsRE file holds 1,037 "
                         "records, so streams longer than 1,037 edits can only run on CounterFact here.")
-    curves = _curve_table(report, frame, opts, "num_edits", "edits", paper.FIGURE2_NUM_EDITS, paper.FIGURE2_EDITORS,
+    if opts.from_curves:
+        report.notes.append("--from-curves: each point is a curve point (eval_every) of a longer run: the reliability "
+                            "and generalization on the edits made so far, which a run of that length also gives.")
+    expected = () if opts.from_curves else paper.FIGURE2_NUM_EDITS
+    curves = _curve_table(report, frame, opts, "num_edits", "edits", expected, paper.FIGURE2_EDITORS,
                           paper.FIGURE2_SEEDS)
     report.failed = _failed_list(frame)
     if opts.out is not None:
@@ -783,6 +816,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="paper column to compare with (default: gpt2xl for GPT-2 models, llama2 for LLaMA ones)")
     parser.add_argument("--num-edits", type=int, help="keep only runs with this stream length")
     parser.add_argument("--dataset", help="dataset for table3/grid/figures (default: zsre / those found)")
+    parser.add_argument("--from-curves", action="store_true",
+                        help="figure2: take the stream lengths from the runs' curve points (eval_every) "
+                             "instead of one run per length")
     args = parser.parse_args(argv)
     if not args.runs and not args.wandb:
         parser.error("give at least one run folder or --wandb ENTITY/PROJECT")
@@ -795,7 +831,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"warning: no runs found under {' '.join(args.runs)}; every cell will read 'missing'",
                   file=sys.stderr)
         opts = Options(models=args.model, paper_model=args.paper_model, num_edits=args.num_edits, dataset=args.dataset,
-                       out=out, paths=args.runs)
+                       out=out, paths=args.runs, from_curves=args.from_curves)
         frame = runs_frame(rows)
         report = BUILDERS[args.name](frame, opts)
     except TablesError as err:

@@ -16,7 +16,8 @@ EDITOR_CFG = {"elder": {"top_k": 2, "num_loras": 4, "guide_lambda": 0.01, "epsil
 
 
 def write_run(root: Path, name: str, editor: str, dataset: str, rel: float, gen: float, seed: int = 0,
-              model: str = "smollm2", num_edits: int = 1000, params: int = 1000, **metrics: Any) -> Path:
+              model: str = "smollm2", num_edits: int = 1000, params: int = 1000,
+              curves: list[dict[str, Any]] | None = None, **metrics: Any) -> Path:
     run = root / name
     (run / ".hydra").mkdir(parents=True)
     payload = {
@@ -27,6 +28,7 @@ def write_run(root: Path, name: str, editor: str, dataset: str, rel: float, gen:
                     "trainable_params": params, "stored_params": 0, "num_edits": num_edits, **metrics},
         "versions": {"cuda": "none", "processor": "x86_64"},
         "git_commit": "abc123",
+        "curves": curves or [],
     }
     (run / "results.json").write_text(json.dumps(payload))
     return run
@@ -169,6 +171,58 @@ def test_figure2_lists_missing_seeds_and_draws_png_and_pdf(tmp_path: Path) -> No
     assert "- GRACE / smollm2 / CounterFact / edits=2000: seed(s) 4 failed\n" in md
     assert "- ELDER / smollm2 / CounterFact / edits=3000: seed(s) 0, 1, 2, 3, 4 missing\n" in md
     assert "![figure2](figure2.png)" in md
+
+
+def test_figure2_from_curve_points_keeps_each_point_once(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+
+    def point(n: int, rel: float, params: int) -> dict[str, Any]:
+        return {"edits": n, "reliability": rel, "generalization": rel / 2, "trainable_params": params}
+
+    write_run(runs, "elder_20", "elder", "zsre", 0.6, 0.3, num_edits=20, params=500,
+              curves=[point(10, 0.8, 500), point(20, 0.6, 500)])
+    write_run(runs, "elder_30", "elder", "zsre", 0.5, 0.25, num_edits=30, params=500,  # shares 10 and 20
+              curves=[point(10, 0.8, 500), point(20, 0.6, 500), point(30, 0.5, 500)])
+    write_run(runs, "grace_20", "grace", "zsre", 1.0, 0.5, num_edits=20, params=2_000_000,
+              curves=[point(10, 1.0, 1_000_000), point(20, 1.0, 2_000_000)])  # GRACE grows per key
+    write_failed(runs, "grace_30", "grace", "zsre", num_edits=30)
+    out = tmp_path / "out" / "figure2"
+    assert main(["figure2", str(runs), "--from-curves", "--out", str(out)]) == 0
+    md = out.with_suffix(".md").read_text()
+    assert "| ELDER | 10 | 80.00 | 40.00 | 0.00 | 1 |" in md  # one seed, not the same point twice
+    assert "| ELDER | 30 | 50.00 | 25.00 | 0.00 | 1 |" in md
+    assert "| GRACE | 10 | 100.00 | 50.00 | 1.00 | 1 |" in md
+    assert "| GRACE | 20 | 100.00 | 50.00 | 2.00 | 1 |" in md
+    assert "| GRACE | 30 | failed | failed | failed | 0 |" in md
+    assert "edits=1000" not in md  # the paper's lengths are not expected from curves
+    assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_a_curve_point_equals_a_run_of_that_length() -> None:
+    """What --from-curves relies on: after t edits of a longer stream, the metrics are those of a t-edit run."""
+    import torch
+    from hydra.utils import instantiate
+
+    from baselines.unedited import Unedited
+    from evaluation.loggers import NullLogger
+    from evaluation.metrics import locality_inputs, predict
+    from evaluation.stream import run_stream
+    from tests.conftest import compose_config, zsre_requests
+
+    torch.set_num_threads(1)
+    cfg = compose_config(["model=tiny_llama", "editor.iterations=5", "editor.batch_size=2"])
+    requests = zsre_requests(8)
+
+    def stream(n: int, every: int) -> Any:
+        loaded = instantiate(cfg.model)
+        editor = instantiate(cfg.editor, _partial_=True)(model=loaded)
+        base = predict(Unedited(loaded), *locality_inputs(requests[:n]))
+        return run_stream(editor, requests[:n], base, NullLogger(), eval_every=every, progress=False)
+
+    long, short = stream(8, 4), stream(4, 0)
+    assert [p["edits"] for p in long.curves] == [4, 8]
+    assert long.curves[0] == short.curves[-1]
+    assert long.curves[0]["trainable_params"] > 0
 
 
 def test_figure4_from_codes_dumped_by_a_tiny_elder(tmp_path: Path) -> None:
