@@ -14,7 +14,8 @@ For each editor, in one invocation on one machine, it measures:
   ``FloorSpec().prompt_prefixes`` entry (ROME: the bare prompt and its 20 prefixed copies). Each figure
   is also printed as a ratio to this floor. Early stopping (FT-L, ROME) can make an editor beat its floor.
 Editors with a ``prefix_cache`` switch are measured with it off ("before") and on ("after").
-Results are written to ``<out>/bench.json`` and ``<out>/bench.md``.
+Results are written to ``<out>/bench.json`` and ``<out>/bench.md``; ``--merge`` re-measures the given
+editors and keeps the other editors' rows already there.
 """
 from __future__ import annotations
 
@@ -147,8 +148,17 @@ def _write(rows: list[dict[str, Any]], base: list[str], out: Path) -> None:
     (out / "bench.md").write_text("\n".join(lines) + f"\n\n{json.dumps(meta)}\n")
 
 
-def run(editors: list[str], base: list[str], out: Path) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
+def previous_rows(out: Path, editors: list[str]) -> list[dict[str, Any]]:
+    """The rows of ``out/bench.json`` for editors not measured again (``--merge``)."""
+    path = out / "bench.json"
+    if not path.exists():
+        return []
+    saved = json.loads(path.read_text())["editors"]
+    return [row for name, entry in saved.items() if name not in editors for row in entry["variants"].values()]
+
+
+def run(editors: list[str], base: list[str], out: Path, keep: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = list(keep or [])
     for editor in editors:
         overrides = [f"editor={editor}", *base]
         variants = [("before", ["editor.prefix_cache=false"]), ("after", [])] if _has_prefix_cache(overrides) \
@@ -173,6 +183,8 @@ def main() -> None:
     parser.add_argument("--dataset", default="zsre")
     parser.add_argument("--num-edits", type=int, default=100)
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "bench")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the rows of the other editors already in <out>/bench.json (re-measure a few)")
     parser.add_argument("--child", choices=("floor", "stream"), help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides, e.g. threads=2 model.device=cuda")
     args = parser.parse_args()
@@ -182,7 +194,8 @@ def main() -> None:
         return
     base = [f"model={args.model}", f"dataset={args.dataset}", f"dataset.num_edits={args.num_edits}",
             "retention=none", "logger=none", *args.overrides]
-    run([e.strip() for e in args.editors.split(",") if e.strip()], base, args.out)
+    editors = [e.strip() for e in args.editors.split(",") if e.strip()]
+    run(editors, base, args.out, previous_rows(args.out, editors) if args.merge else None)
 
 
 if __name__ == "__main__":

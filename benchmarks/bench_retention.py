@@ -1,6 +1,7 @@
 """Throughput of the retention suite: batched generation vs one prompt per call.
 
-    python benchmarks/bench_retention.py --model-config conf/model/gpt2-xl.yaml --limit 64 --batch-size 32
+    python -m benchmarks.bench_retention --model smollm2 --limit 32 --threads 1
+    python -m benchmarks.bench_retention --model gpt2xl --limit 64 --batch-size 32   # needs the weights
 
 For every task it generates the same prompts twice, once through the batched generator (one call
 with all prompts, sorted and batched inside) and once one prompt per call, and prints a Markdown

@@ -44,3 +44,18 @@ def test_prefix_replay_is_bit_identical_and_skips_the_frozen_blocks() -> None:
         target_logits(loaded.model, batch)
         with pytest.raises(RuntimeError, match="another shape"):
             target_logits(loaded.model, other)
+
+
+def test_floor_runs_one_row_per_rome_prefix_and_merge_keeps_other_editors(tmp_path) -> None:
+    import json
+
+    from benchmarks.bench_editing import measure_floor, previous_rows
+
+    torch.set_num_threads(1)
+    floor = measure_floor(["model=tiny_llama", "editor=rome", "dataset.num_edits=2",
+                           "editor.context_template_length_params=[[5,5]]"], batches=1)
+    assert floor["floor_rows_per_edit"] == 6 and floor["floor_passes"] == 20 and floor["floor_seconds_per_edit"] > 0
+    saved = {"editors": {e: {"variants": {"after": {"editor": e, "variant": "after"}}} for e in ("elder", "grace")}}
+    (tmp_path / "bench.json").write_text(json.dumps(saved))
+    assert previous_rows(tmp_path, ["elder"]) == [{"editor": "grace", "variant": "after"}]
+    assert previous_rows(tmp_path / "none", ["elder"]) == []
