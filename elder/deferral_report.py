@@ -16,29 +16,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 from elder.editor import ElderEditor
 from elder.routing import min_hamming
-from evaluation.checkpoint import CheckpointManager
 from evaluation.errors import HarnessError
+from evaluation.finished_run import load_finished
 
 
 def report(run_dir: Path, limit: int | None = None, batch_size: int = 32) -> dict[str, Any]:
-    results_path = run_dir / "results.json"
-    if not results_path.is_file():
-        raise HarnessError(f"{results_path} not found: pass the folder of a finished run")
-    cfg = OmegaConf.create(json.loads(results_path.read_text())["config"])
-    checkpoints = CheckpointManager(run_dir / cfg.checkpoint.dir if "checkpoint" in cfg else run_dir / "checkpoints")
-    ckpt = checkpoints.load_latest()
-    if ckpt is None:
-        raise HarnessError(f"no checkpoint in {checkpoints.directory}: the run must have saved one (checkpoint.every > 0)")
-    requests = instantiate(cfg.dataset).load()[:ckpt.position]
-    editor = instantiate(cfg.editor, _partial_=True)(model=instantiate(cfg.model))
+    run = load_finished(run_dir)
+    editor, requests = run.editor, run.requests
     if not isinstance(editor, ElderEditor):
-        raise HarnessError(f"{run_dir} is not an ELDER run (editor {cfg.editor._target_})")
-    editor.load_state_dict(ckpt.editor_state)
+        raise HarnessError(f"{run_dir} is not an ELDER run (editor {run.cfg.editor._target_}); "
+                           f"python -m evaluation.scope_report works for every editor")
     sample = requests[:limit] if limit else requests
     groups = {"edit prompts": [r.prompt for r in sample], "paraphrases": [r.paraphrase for r in sample],
               "locality prompts": [r.locality_prompt for r in sample]}

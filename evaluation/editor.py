@@ -17,6 +17,9 @@ import torch
 from torch import nn
 
 from data.requests import EditRequest
+from evaluation.encoding import encode_pairs
+from evaluation.forward import target_logits
+from evaluation.query import SequenceQuery
 
 
 @dataclass
@@ -53,6 +56,8 @@ class Editor(ABC):
     tokenizer: Any
     #: edits per call of :meth:`edit` in the stream (ELDER: 4, GRACE: 1, ...)
     batch_size: int = 1
+    #: the sequence-level router's query hook (ELDER, GRACE, MELO, Defer); None: the edit is in the weights
+    query: SequenceQuery | None = None
 
     @abstractmethod
     def edit(self, requests: Sequence[EditRequest]) -> EditStats:
@@ -79,6 +84,28 @@ class Editor(ABC):
         decoding steps of ``generate`` with a KV cache) reuse it. Editors without routing ignore it.
         """
         yield
+
+    @torch.no_grad()
+    def in_scope(self, prompts: Sequence[str], batch_size: int = 32) -> torch.Tensor | None:
+        """(B,) bool: whether the editor's router applies its edits to each prompt.
+
+        Read from the route the query hook derives at the last prompt token (its ``active`` mask;
+        no route: nothing stored yet, so nothing in scope). None for editors without a router
+        (FT-L, ROME): their edits are in the weights and act on every input.
+        """
+        if self.query is None:
+            return None
+        device = next(self.model.parameters()).device
+        masks = []
+        for i in range(0, len(prompts), batch_size):
+            chunk = list(prompts[i:i + batch_size])
+            enc = encode_pairs(self.tokenizer, chunk, ["x"] * len(chunk)).to(device)  # the target is not read
+            with self.scope(enc.query_positions):
+                target_logits(self.model, enc)
+                route = self.query.derived
+            active = getattr(route, "active", None) if route is not None else torch.zeros(len(chunk), dtype=torch.bool)
+            masks.append(torch.ones(len(chunk), dtype=torch.bool) if active is None else active.bool().cpu())
+        return torch.cat(masks) if masks else torch.zeros(0, dtype=torch.bool)
 
     @abstractmethod
     def state_dict(self) -> dict[str, Any]:

@@ -1,0 +1,42 @@
+"""Rebuild the editor of a finished run from its results.json and last checkpoint (for reports)."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from data.requests import EditRequest
+from evaluation.checkpoint import CheckpointManager
+from evaluation.editor import Editor
+from evaluation.errors import HarnessError
+
+
+@dataclass
+class FinishedRun:
+    cfg: DictConfig
+    editor: Editor  # with the checkpoint's state loaded
+    requests: list[EditRequest]  # the edits the checkpoint holds, in stream order
+
+
+def load_finished(run_dir: Path) -> FinishedRun:
+    """The run's config, its editor restored from the newest checkpoint, and the edits made so far.
+
+    Call ``evaluation.compose.compose_config([])`` first: it registers the resolvers the saved config uses.
+    """
+    results_path = run_dir / "results.json"
+    if not results_path.is_file():
+        raise HarnessError(f"{results_path} not found: pass the folder of a finished run")
+    cfg = OmegaConf.create(json.loads(results_path.read_text())["config"])
+    checkpoints = CheckpointManager(run_dir / cfg.checkpoint.dir if "checkpoint" in cfg else run_dir / "checkpoints")
+    ckpt = checkpoints.load_latest()
+    if ckpt is None:
+        raise HarnessError(f"no checkpoint in {checkpoints.directory}: the run must have saved one "
+                           f"(checkpoint.every > 0)")
+    requests = instantiate(cfg.dataset).load()[:ckpt.position]
+    editor: Any = instantiate(cfg.editor, _partial_=True)(model=instantiate(cfg.model))
+    editor.load_state_dict(ckpt.editor_state)
+    return FinishedRun(cfg, editor, requests)
