@@ -641,8 +641,13 @@ def build_grid(frame: pd.DataFrame, opts: Options) -> Report:
 
 
 def _curve_table(report: Report, frame: pd.DataFrame, opts: Options, x: str, x_label: str, expected_x: Sequence[int],
-                 editors: Sequence[str], expected_seeds: Sequence[int]) -> dict[tuple, dict[str, list]]:
-    """Rows per (editor, x) with seeds counted; returns the curves for the plot keyed (model, dataset)."""
+                 editors: Sequence[str], expected_seeds: Sequence[int], own_x_only: bool = False
+                 ) -> dict[tuple, dict[str, list]]:
+    """Rows per (editor, x) with seeds counted; returns the curves for the plot keyed (model, dataset).
+
+    ``own_x_only``: an editor's rows are the x values it has runs for (curve points fall where each
+    editor's batches end), not every x seen or expected.
+    """
     curves: dict[tuple, dict[str, list]] = {}
     cells = Cells(frame, ("editor", "model", "dataset", x))
     for model in _models(frame, opts):
@@ -654,6 +659,8 @@ def _curve_table(report: Report, frame: pd.DataFrame, opts: Options, x: str, x_l
                 series = curves.setdefault((model, ds), {}).setdefault(editor, [])
                 for value in xs:
                     key = (editor, model, ds, value)
+                    if own_x_only and cells.status(key) == "missing":
+                        continue
                     rel, gen = cells.stat(key, "reliability", 100), cells.stat(key, "generalization", 100)
                     params = cells.stat(key, "trainable_params", 1e-6)
                     seeds = cells.seeds(key)
@@ -715,7 +722,7 @@ def build_figure2(frame: pd.DataFrame, opts: Options) -> Report:
                             "and generalization on the edits made so far, which a run of that length also gives.")
     expected = () if opts.from_curves else paper.FIGURE2_NUM_EDITS
     curves = _curve_table(report, frame, opts, "num_edits", "edits", expected, paper.FIGURE2_EDITORS,
-                          paper.FIGURE2_SEEDS)
+                          paper.FIGURE2_SEEDS, own_x_only=opts.from_curves)
     report.failed = _failed_list(frame)
     if opts.out is not None:
         from evaluation.figures import plot_curves

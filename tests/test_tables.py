@@ -181,8 +181,8 @@ def test_figure2_from_curve_points_keeps_each_point_once(tmp_path: Path) -> None
 
     write_run(runs, "elder_20", "elder", "zsre", 0.6, 0.3, num_edits=20, params=500,
               curves=[point(10, 0.8, 500), point(20, 0.6, 500)])
-    write_run(runs, "elder_30", "elder", "zsre", 0.5, 0.25, num_edits=30, params=500,  # shares 10 and 20
-              curves=[point(10, 0.8, 500), point(20, 0.6, 500), point(30, 0.5, 500)])
+    write_run(runs, "elder_30", "elder", "zsre", 0.5, 0.25, num_edits=30, params=500,  # shares 20
+              curves=[point(12, 0.7, 500), point(20, 0.6, 500), point(30, 0.5, 500)])
     write_run(runs, "grace_20", "grace", "zsre", 1.0, 0.5, num_edits=20, params=2_000_000,
               curves=[point(10, 1.0, 1_000_000), point(20, 1.0, 2_000_000)])  # GRACE grows per key
     write_failed(runs, "grace_30", "grace", "zsre", num_edits=30)
@@ -195,6 +195,7 @@ def test_figure2_from_curve_points_keeps_each_point_once(tmp_path: Path) -> None
     assert "| GRACE | 20 | 100.00 | 50.00 | 2.00 | 1 |" in md
     assert "| GRACE | 30 | failed | failed | failed | 0 |" in md
     assert "edits=1000" not in md  # the paper's lengths are not expected from curves
+    assert "| ELDER | 12 | 70.00 |" in md and "| GRACE | 12 |" not in md  # each editor's own points only
     assert out.with_suffix(".png").stat().st_size > 0
 
 
