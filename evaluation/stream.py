@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import signal
 import threading
 import time
@@ -110,16 +111,22 @@ class _SignalGuard:
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
         self._previous.clear()
 
+    @staticmethod
+    def _say(text: str) -> None:
+        # os.write, not logging: the signal may interrupt a write to the same buffered stream, and a
+        # second buffered write from the handler would fail as a reentrant call
+        os.write(2, f"{text}\n".encode())
+
     def _handle(self, signum: int, frame: object) -> None:
         name = signal.Signals(signum).name
         if self.received is not None:
-            log.warning("second %s: stopping now, without a new checkpoint", name)
+            self._say(f"second {name}: stopping now, without a new checkpoint")
             if signum == signal.SIGINT:
                 raise KeyboardInterrupt
             raise SystemExit(128 + signum)
         self.received = name
-        log.warning("%s received: finishing the current batch, saving a checkpoint, then stopping "
-                    "(send it again to stop at once)", name)
+        self._say(f"{name} received: finishing the current batch, saving a checkpoint, then stopping "
+                  f"(send it again to stop at once)")
 
 
 def _describe(batch: Sequence[EditRequest], start: int) -> str:

@@ -693,7 +693,7 @@ def curve_rows(frame: pd.DataFrame) -> pd.DataFrame:
     for run in frame.to_dict("records"):
         points = json.loads(run.get("curve") or "[]") if run["status"] == "ok" else []
         if not points:
-            rows.append(run)  # failed runs stay listed
+            rows.append(run)  # failed runs (listed as such) and runs without curves stay as they are
         for point in points:
             params = point.get("trainable_params", run["trainable_params"] if point["edits"] == run["num_edits"]
                                else math.nan)
@@ -701,9 +701,8 @@ def curve_rows(frame: pd.DataFrame) -> pd.DataFrame:
                          "generalization": _num(point.get("generalization")), "trainable_params": _num(params),
                          "stored_params": _num(point.get("stored_params"))})
     out = pd.DataFrame(rows, columns=frame.columns)
-    keys = ["status", "editor", "model", "dataset", "seed", "num_edits", "source"]
     ok = out["status"] == "ok"
-    deduped = out[ok].drop_duplicates(subset=[k for k in keys if k != "source"])
+    deduped = out[ok].drop_duplicates(subset=["editor", "model", "dataset", "seed", "num_edits"])
     return pd.concat([deduped, out[~ok]], ignore_index=True)
 
 
