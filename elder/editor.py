@@ -118,11 +118,7 @@ class ElderEditor(Editor):
 
     def codes_for(self, prompts: Sequence[str]) -> torch.Tensor:
         """Allocation codes (B, L*N) of prompts, as stored and compared at inference."""
-        enc = encode_pairs(self.tokenizer, prompts, ["x"] * len(prompts))
-        device = next(self.model.parameters()).device
-        with torch.no_grad(), self.scope(enc.query_positions.to(device)):
-            target_logits(self.model, enc.to(device))
-            return self.query.derived.codes(self.num_loras).cpu()  # type: ignore[union-attr]
+        return self.routes_for(prompts).codes(self.num_loras).cpu()
 
     # --- editing ---------------------------------------------------------------------------
     def parameters(self) -> Iterator[nn.Parameter]:

@@ -95,17 +95,23 @@ class Editor(ABC):
         """
         if self.query is None:
             return None
-        device = next(self.model.parameters()).device
         masks = []
         for i in range(0, len(prompts), batch_size):
             chunk = list(prompts[i:i + batch_size])
-            enc = encode_pairs(self.tokenizer, chunk, ["x"] * len(chunk)).to(device)  # the target is not read
-            with self.scope(enc.query_positions):
-                target_logits(self.model, enc)
-                route = self.query.derived
+            route = self.routes_for(chunk)
             active = getattr(route, "active", None) if route is not None else torch.zeros(len(chunk), dtype=torch.bool)
             masks.append(torch.ones(len(chunk), dtype=torch.bool) if active is None else active.bool().cpu())
         return torch.cat(masks) if masks else torch.zeros(0, dtype=torch.bool)
+
+    @torch.no_grad()
+    def routes_for(self, prompts: Sequence[str]) -> Any:
+        """The route the query hook derives for each prompt's last token (one batch, one forward)."""
+        assert self.query is not None, "routes_for needs an editor with a router"
+        device = next(self.model.parameters()).device
+        enc = encode_pairs(self.tokenizer, list(prompts), ["x"] * len(prompts)).to(device)  # the target is not read
+        with self.scope(enc.query_positions):
+            target_logits(self.model, enc)
+            return self.query.derived
 
     @abstractmethod
     def state_dict(self) -> dict[str, Any]:

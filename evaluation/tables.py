@@ -441,6 +441,12 @@ def _common_notes(frame: pd.DataFrame) -> list[str]:
     return notes
 
 
+def _elder_runs(frame: pd.DataFrame, opts: Options) -> tuple[pd.DataFrame, int]:
+    """The ELDER runs of one stream length (Table 4, the grid and Figure 3 vary only ELDER)."""
+    frame, n_edits = _stream_length(frame, opts, 1000)
+    return _only(frame, editor="elder"), n_edits
+
+
 def build_table1(frame: pd.DataFrame, opts: Options) -> Report:
     frame, n_edits = _stream_length(frame, opts, 1000)
     report = Report("table1", f"Table 1: reliability and generalization (%) after {n_edits} sequential edits",
@@ -560,8 +566,7 @@ def build_table3(frame: pd.DataFrame, opts: Options) -> Report:
 
 
 def build_table4(frame: pd.DataFrame, opts: Options) -> Report:
-    frame, n_edits = _stream_length(frame, opts, 1000)
-    frame = _only(frame, editor="elder")
+    frame, n_edits = _elder_runs(frame, opts)
     report = Report("table4", f"Table 4: ablation of the guided loss, generalization (%) after {n_edits} edits",
                     notes=_common_notes(frame))
     cells = Cells(frame, ("aux_loss", "model", "dataset"))
@@ -599,8 +604,7 @@ def _grid_expected(param: str) -> list[Any]:
 
 
 def build_grid(frame: pd.DataFrame, opts: Options) -> Report:
-    frame, n_edits = _stream_length(frame, opts, 1000)
-    frame = _only(frame, editor="elder")
+    frame, n_edits = _elder_runs(frame, opts)
     report = Report("grid", f"Hyper-parameter search (ELDER, {n_edits} edits): one parameter at a time, the "
                             f"others at the paper's choice", notes=_common_notes(frame))
     report.notes.append("k = top_k, N = num_loras, lambda = guide_lambda, epsilon = deferral threshold; the paper "
@@ -731,8 +735,7 @@ def build_figure2(frame: pd.DataFrame, opts: Options) -> Report:
 
 
 def build_figure3(frame: pd.DataFrame, opts: Options) -> Report:
-    frame, n_edits = _stream_length(frame, opts, 1000)
-    frame = _only(frame, editor="elder")
+    frame, n_edits = _elder_runs(frame, opts)
     report = Report("figure3", f"Figure 3: ELDER against the number of ELDER layers L ({n_edits} edits)",
                     notes=_common_notes(frame))
     report.notes.append("epsilon = 2L in every run (the paper's 12 at L=6, N=4, k=2: half the code's bits).")
