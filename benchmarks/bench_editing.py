@@ -13,7 +13,9 @@ For each editor, in one invocation on one machine, it measures:
   with the frozen blocks below replayed, divided by the batch size, over one sequence per request and
   ``FloorSpec().prompt_prefixes`` entry (ROME: the bare prompt and its 20 prefixed copies). Each figure
   is also printed as a ratio to this floor. Early stopping (FT-L, ROME) can make an editor beat its floor.
-Editors with a ``prefix_cache`` switch are measured with it off ("before") and on ("after").
+Editors with a ``prefix_cache`` switch are measured with it off ("before") and on ("after");
+``--compile`` adds a "compiled" variant (``compile.enabled=true``; its s/edit includes compilation,
+so it pays off only over streams long enough to amortise it).
 Results are written to ``<out>/bench.json`` and ``<out>/bench.md``; ``--merge`` re-measures the given
 editors and keeps the other editors' rows already there.
 """
@@ -94,6 +96,8 @@ def measure_stream(overrides: list[str]) -> dict[str, float]:
     from hydra.utils import instantiate
 
     from baselines.unedited import Unedited
+    from evaluation.compilation import compile_blocks
+    from evaluation.experiment import autocast_context
     from evaluation.loggers import NullLogger
     from evaluation.metrics import locality_inputs, predict
     from evaluation.stream import run_stream
@@ -103,10 +107,12 @@ def measure_stream(overrides: list[str]) -> dict[str, float]:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     loaded = instantiate(cfg.model)
+    compile_blocks(loaded, **cfg.compile)  # as run.py does: before the editor wraps anything
     requests = instantiate(cfg.dataset).load()
-    base = predict(Unedited(loaded), *locality_inputs(requests), batch_size=cfg.eval_batch_size)
-    editor = instantiate(cfg.editor, _partial_=True)(model=loaded)
-    result = run_stream(editor, requests, base, NullLogger(), eval_batch_size=cfg.eval_batch_size, progress=False)
+    with autocast_context(cfg.autocast, str(cfg.model.get("device", "cpu"))):
+        base = predict(Unedited(loaded), *locality_inputs(requests), batch_size=cfg.eval_batch_size)
+        editor = instantiate(cfg.editor, _partial_=True)(model=loaded)
+        result = run_stream(editor, requests, base, NullLogger(), eval_batch_size=cfg.eval_batch_size, progress=False)
     return {"seconds_per_edit": result.edit_seconds / len(requests), "eval_seconds": result.eval_seconds,
             "peak_rss_mb": _peak_rss_mb(), **{k: result.metrics[k] for k in ("reliability", "generalization")}}
 
@@ -157,12 +163,15 @@ def previous_rows(out: Path, editors: list[str]) -> list[dict[str, Any]]:
     return [row for name, entry in saved.items() if name not in editors for row in entry["variants"].values()]
 
 
-def run(editors: list[str], base: list[str], out: Path, keep: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+def run(editors: list[str], base: list[str], out: Path, keep: list[dict[str, Any]] | None = None,
+        compiled: bool = False) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = list(keep or [])
     for editor in editors:
         overrides = [f"editor={editor}", *base]
         variants = [("before", ["editor.prefix_cache=false"]), ("after", [])] if _has_prefix_cache(overrides) \
             else [("after", [])]
+        if compiled:  # "after" plus torch.compile of the blocks (compilation time included)
+            variants.append(("compiled", ["compile.enabled=true"]))
         floor = _child("floor", overrides)
         for label, extra in variants:
             row = {"editor": editor, "variant": label, **_child("stream", overrides + extra), **floor}
@@ -185,6 +194,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "bench")
     parser.add_argument("--merge", action="store_true",
                         help="keep the rows of the other editors already in <out>/bench.json (re-measure a few)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also measure each editor with compile.enabled=true (variant 'compiled')")
     parser.add_argument("--child", choices=("floor", "stream"), help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides, e.g. threads=2 model.device=cuda")
     args = parser.parse_args()
@@ -195,7 +206,7 @@ def main() -> None:
     base = [f"model={args.model}", f"dataset={args.dataset}", f"dataset.num_edits={args.num_edits}",
             "retention=none", "logger=none", *args.overrides]
     editors = [e.strip() for e in args.editors.split(",") if e.strip()]
-    run(editors, base, args.out, previous_rows(args.out, editors) if args.merge else None)
+    run(editors, base, args.out, previous_rows(args.out, editors) if args.merge else None, compiled=args.compile)
 
 
 if __name__ == "__main__":

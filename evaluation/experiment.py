@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from baselines.unedited import Unedited
 from evaluation.codes_dump import dump_codes
+from evaluation.compilation import compile_blocks
 from evaluation.checkpoint import CheckpointManager, StreamCheckpoint
 from evaluation.editor import Editor
 from evaluation.errors import ConfigError
@@ -128,7 +129,7 @@ def _config_key(node: Any) -> str:
     return hashlib.sha256(OmegaConf.to_yaml(node, resolve=True).encode()).hexdigest()[:16]
 
 
-def _autocast(dtype: str | None, device: str) -> contextlib.AbstractContextManager[Any]:
+def autocast_context(dtype: str | None, device: str) -> contextlib.AbstractContextManager[Any]:
     """Mixed precision for every forward of the run (``autocast=bfloat16``); off by default."""
     if not dtype:
         return contextlib.nullcontext()
@@ -146,7 +147,7 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path, choices: Mapping[str, s
         torch.set_num_threads(cfg.threads)
     previous_deterministic = set_deterministic(cfg.deterministic)
     try:
-        with _autocast(cfg.autocast, str(cfg.model.get("device", "cpu"))):
+        with autocast_context(cfg.autocast, str(cfg.model.get("device", "cpu"))):
             return _run(cfg, run_dir, choices, checkpoints, resume_from)
     finally:
         torch.use_deterministic_algorithms(previous_deterministic[0], warn_only=previous_deterministic[1])
@@ -163,6 +164,7 @@ def _run(cfg: DictConfig, run_dir: Path, choices: Mapping[str, str], checkpoints
     start = time.perf_counter()
     loaded = build(cfg.model)
     timings["model_load_seconds"] = time.perf_counter() - start
+    compile_blocks(loaded, **cfg.compile)  # before the editors wrap anything: they are traced with the blocks
     retention = build(cfg.retention)
 
     # the unedited model's view: locality reference and retention baseline

@@ -109,6 +109,14 @@ class CheckpointConf:
 
 
 @dataclass
+class CompileConf:
+    enabled: bool = False  # torch.compile each decoder block in place (evaluation.compilation)
+    backend: str = "inductor"
+    mode: Optional[str] = None
+    dynamic: Optional[bool] = None
+
+
+@dataclass
 class RunConf:
     model: Any = MISSING
     editor: Any = MISSING
@@ -126,6 +134,7 @@ class RunConf:
     checkpoint: CheckpointConf = field(default_factory=CheckpointConf)
     on_nan: str = "stop"  # NaN/inf loss in an edit batch: stop (checkpoint, error) | skip (undo the batch, go on)
     autocast: Optional[str] = None  # bfloat16 | float16: mixed precision (for GPUs); null: off
+    compile: CompileConf = field(default_factory=CompileConf)
     deterministic: bool = True  # torch.use_deterministic_algorithms(True, warn_only=True)
 
 

@@ -75,3 +75,16 @@ def test_bfloat16_autocast_runs_and_learns(tmp_path: Path) -> None:
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["config"]["autocast"] == "bfloat16"
     assert results["metrics"]["reliability_token"] > 0.5
+
+
+def test_compiled_run_matches_the_eager_run(tmp_path: Path) -> None:
+    args = ["model=tiny_llama", "dataset.num_edits=4", "retention=none", "progress=false", "logger=none",
+            "threads=1"]
+    results = []
+    for name, extra in (("eager", []), ("compiled", ["compile.enabled=true", "compile.backend=eager"])):
+        proc = run_cli(args + extra, tmp_path / name)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        results.append(json.loads((tmp_path / name / "results.json").read_text()))
+    assert results[1]["config"]["compile"]["enabled"] is True
+    for key in ("reliability", "reliability_token", "generalization", "locality"):
+        assert results[1]["metrics"][key] == results[0]["metrics"][key], key
