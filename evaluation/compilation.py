@@ -2,13 +2,12 @@
 
 Regional compilation: each decoder block is compiled in place (``nn.Module.compile``), so parameter
 names, state dicts and checkpoints stay as they are, and the editors' adapters, hooks and replay
-wrappers keep working: the blocks are compiled right after loading, and whatever an editor later
-puts inside a block (a module or a hook) is traced with it: Dynamo's guards see the change and
-recompile, so an editor that adds a fresh hook per edit (ROME) recompiles per edit until Dynamo's
-recompile limit sends it back to eager execution. Python
-control flow in the editors (routing, deferral, codebook look-ups) becomes a graph break, not a
-different result. Meant for GPUs; on a CPU the inductor backend needs a C++ compiler and the first
-batches of each new shape pay seconds of compilation.
+wrappers keep working. The blocks are compiled right after loading; whatever an editor later puts
+inside a block (a module or a hook) is traced with it, because Dynamo's guards see the change and
+recompile. An editor that adds a fresh hook per edit (ROME) recompiles per edit until Dynamo's
+recompile limit sends it back to eager execution. Python control flow in the editors (routing,
+deferral, codebook look-ups) becomes a graph break, not a different result. Meant for GPUs; on a CPU
+the inductor backend needs a C++ compiler and each new graph costs seconds of compilation.
 """
 from __future__ import annotations
 
