@@ -20,7 +20,7 @@ import torch
 from elder.editor import ElderEditor
 from elder.routing import min_hamming
 from evaluation.errors import HarnessError
-from evaluation.finished_run import load_finished
+from evaluation.finished_run import load_finished, prompt_groups
 
 
 def report(run_dir: Path, limit: int | None = None, batch_size: int = 32) -> dict[str, Any]:
@@ -30,8 +30,7 @@ def report(run_dir: Path, limit: int | None = None, batch_size: int = 32) -> dic
         raise HarnessError(f"{run_dir} is not an ELDER run (editor {run.cfg.editor._target_}); "
                            f"python -m evaluation.scope_report works for every editor")
     sample = requests[:limit] if limit else requests
-    groups = {"edit prompts": [r.prompt for r in sample], "paraphrases": [r.paraphrase for r in sample],
-              "locality prompts": [r.locality_prompt for r in sample]}
+    groups = prompt_groups(sample)
     bits = editor.stored_codes.shape[1]
     out: dict[str, Any] = {"run": str(run_dir), "edits_stored": len(editor.stored_codes), "epsilon": editor.epsilon,
                            "bits": bits, "groups": {}}

@@ -16,9 +16,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from baselines.unedited import Unedited
+from evaluation.checkpoint import CheckpointManager, StreamCheckpoint
 from evaluation.codes_dump import dump_codes
 from evaluation.compilation import compile_blocks
-from evaluation.checkpoint import CheckpointManager, StreamCheckpoint
 from evaluation.editor import Editor
 from evaluation.errors import ConfigError
 from evaluation.generation import make_generate_fn

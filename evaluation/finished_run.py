@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -40,3 +40,9 @@ def load_finished(run_dir: Path) -> FinishedRun:
     editor: Any = instantiate(cfg.editor, _partial_=True)(model=instantiate(cfg.model))
     editor.load_state_dict(ckpt.editor_state)
     return FinishedRun(cfg, editor, requests)
+
+
+def prompt_groups(requests: Sequence[EditRequest]) -> dict[str, list[str]]:
+    """The three inputs of each edit the reports compare: its prompt, a paraphrase, an unrelated prompt."""
+    return {"edit prompts": [r.prompt for r in requests], "paraphrases": [r.paraphrase for r in requests],
+            "locality prompts": [r.locality_prompt for r in requests]}

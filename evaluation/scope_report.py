@@ -16,20 +16,18 @@ from pathlib import Path
 from typing import Any
 
 from evaluation.errors import HarnessError
-from evaluation.finished_run import load_finished
+from evaluation.finished_run import load_finished, prompt_groups
 
-GROUPS = ("edit prompts", "paraphrases", "locality prompts")
 
 
 def report(run_dir: Path, limit: int | None = None) -> dict[str, Any]:
     run = load_finished(run_dir)
     sample = run.requests[:limit] if limit else run.requests
-    prompts = {"edit prompts": [r.prompt for r in sample], "paraphrases": [r.paraphrase for r in sample],
-               "locality prompts": [r.locality_prompt for r in sample]}
+    prompts = prompt_groups(sample)
     out: dict[str, Any] = {"run": str(run_dir), "editor": run.cfg.editor._target_, "edits": len(run.requests),
                            "groups": {}}
-    for name in GROUPS:
-        mask = run.editor.in_scope(prompts[name])
+    for name, group in prompts.items():
+        mask = run.editor.in_scope(group)
         if mask is None:
             raise HarnessError(f"{run.cfg.editor._target_} has no router: its edits are in the weights and act on "
                                f"every input, so every prompt is in scope")
@@ -53,7 +51,7 @@ def main() -> None:
             out = report(run_dir, args.limit)
         except HarnessError as err:
             raise SystemExit(f"error: {err}") from None
-        shares = " | ".join(f"{out['groups'][g]['in_scope']:.2f}" for g in GROUPS)
+        shares = " | ".join(f"{g['in_scope']:.2f}" for g in out["groups"].values())
         print(f"| {run_dir.name} | {out['editor'].rsplit('.', 1)[-1]} | {out['edits']} | {shares} |", flush=True)
 
 
