@@ -146,6 +146,32 @@ def data_hash(requests: Sequence[Any]) -> str:
     return h.hexdigest()[:16]
 
 
+def state_digest(obj: Any) -> str:
+    """A hash of a (nested) editor state: equal states, e.g. a saved one and the same one loaded back,
+    give equal digests. Names the edited model in the retention cache."""
+    h = hashlib.sha256()
+
+    def walk(node: Any) -> None:
+        if isinstance(node, torch.Tensor):
+            t = node.detach().to("cpu").contiguous().reshape(-1)  # 1-d: a 0-d tensor cannot be viewed as bytes
+            h.update(f"T{node.dtype}{tuple(node.shape)}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(node, Mapping):
+            h.update(f"M{len(node)}".encode())
+            for key in sorted(node, key=str):
+                h.update(f"K{key!s}".encode())
+                walk(node[key])
+        elif isinstance(node, (list, tuple)):
+            h.update(f"L{len(node)}".encode())
+            for value in node:
+                walk(value)
+        else:
+            h.update(f"V{node!r}".encode())
+
+    walk(obj)
+    return h.hexdigest()[:16]
+
+
 # --- atomic files ------------------------------------------------------------------------------------
 def _fsync_dir(directory: Path) -> None:
     try:

@@ -6,6 +6,7 @@ import hashlib
 import logging
 import os
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -16,17 +17,21 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from baselines.unedited import Unedited
-from evaluation.checkpoint import CheckpointManager, StreamCheckpoint
+from evaluation.checkpoint import CheckpointManager, StreamCheckpoint, state_digest, to_cpu
 from evaluation.codes_dump import dump_codes
 from evaluation.compilation import compile_blocks
 from evaluation.editor import Editor
 from evaluation.errors import ConfigError
 from evaluation.generation import make_generate_fn
+from evaluation.interrupts import stop_on_signals
 from evaluation.metrics import locality_inputs, predict
 from evaluation.results import git_commit, write_results
 from evaluation.stream import ON_NAN, run_stream
 
 log = logging.getLogger(__name__)
+
+#: the run folder's store of retention tasks scored on the edited model (one file per task)
+RETENTION_STORE = "retention"
 
 
 def seed_everything(seed: int) -> None:
@@ -143,6 +148,8 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path, choices: Mapping[str, s
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoints, resume_from = _checkpoints(cfg, run_dir)  # before any work: a bad resume fails at once
+    if resume_from is None and (run_dir / RETENTION_STORE).exists():
+        shutil.rmtree(run_dir / RETENTION_STORE)  # a new run: tasks scored by an earlier run here do not count
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     previous_deterministic = set_deterministic(cfg.deterministic)
@@ -172,10 +179,16 @@ def _run(cfg: DictConfig, run_dir: Path, choices: Mapping[str, str], checkpoints
     base_locality = predict(unedited, *locality_inputs(requests), batch_size=cfg.eval_batch_size,
                             desc="unedited locality" if cfg.progress else None)
     retention_base = None
+    # names the unedited model and how it generates; the edited model's key adds the editor and its state
+    model_key = f"{choices.get('model', 'model')}-{_config_key(cfg.model)}" + (f"-{cfg.autocast}" if cfg.autocast else "")
     if retention.enabled:
         start = time.perf_counter()
         gen = make_generate_fn(loaded.model, loaded.tokenizer, unedited, cfg.eval_batch_size, cfg.progress)
-        retention_base = retention.evaluate(gen, cache_key=f"{choices.get('model', 'model')}-{_config_key(cfg.model)}")
+        kept = ("are cached, so rerunning the same command skips them" if getattr(retention, "cache_dir", None)
+                else "are lost (retention.cache_dir is null)")
+        with stop_on_signals(lambda sig: f"stopped by {sig} during the unedited model's retention suite; "
+                                         f"the tasks it finished {kept}"):
+            retention_base = retention.evaluate(gen, cache_key=model_key)
         timings["retention_base_seconds"] = time.perf_counter() - start
 
     # _partial_: Hydra would turn the LoadedModel dataclass into a config if passed as a kwarg
@@ -202,7 +215,14 @@ def _run(cfg: DictConfig, run_dir: Path, choices: Mapping[str, str], checkpoints
         if retention.enabled:
             start = time.perf_counter()
             gen = make_generate_fn(editor.model, editor.tokenizer, editor, cfg.eval_batch_size, cfg.progress)
-            after = retention.evaluate(gen)
+            edited_key = (f"{model_key}-{choices.get('editor', 'editor')}-{_config_key(cfg.editor)}"
+                          f"-{state_digest(to_cpu(editor.state_dict()))}")
+            store = run_dir / RETENTION_STORE
+            resumable = checkpoints.every > 0  # the stream saved its end state, so resume=true can skip the edits
+            with stop_on_signals(lambda sig: f"stopped by {sig} during the retention suite after {len(requests)} "
+                                             f"edits; the tasks it finished are kept in {store}" +
+                                             (f"; to go on, {checkpoints.resume_hint}" if resumable else "")):
+                after = retention.evaluate(gen, cache_key=edited_key, cache_dir=str(store))
             timings["retention_seconds"] = time.perf_counter() - start
             metrics["retention"] = after.scores
             metrics["retention_base"] = retention_base.scores
@@ -210,14 +230,20 @@ def _run(cfg: DictConfig, run_dir: Path, choices: Mapping[str, str], checkpoints
                                           for k, v in after.scores.items()}
             metrics["retention_details"] = after.details
             metrics["retention_base_details"] = retention_base.details
+            # per task: seconds to generate and score (measured when it ran) and which were read from a cache
+            retention_tasks = {name: {"seconds": report.seconds, "reused": report.reused}
+                               for name, report in (("unedited", retention_base), ("edited", after))}
         timings["wall_seconds"] = time.perf_counter() - wall
         flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-        flat.update({f"retention/{k}": v for k, v in metrics.get("retention", {}).items()})
+        for group in ("retention", "retention_base", "retention_ratio"):  # each task, the average, the ratio
+            flat.update({f"{group}/{k}": v for k, v in metrics.get(group, {}).items()})
         logger.summary(flat)
         stream_info = {"resumed_from": stream.resumed_from, "skipped": stream.skipped,
                        "checkpoints": str(checkpoints.directory), "wandb_run_id": run_id}
-        path = write_results(run_dir, resolved, metrics, stream.curves, timings,
-                             {"choices": dict(choices), "stream": stream_info}, commit=commit)
+        extra: dict[str, Any] = {"choices": dict(choices), "stream": stream_info}
+        if retention.enabled:
+            extra["retention_tasks"] = retention_tasks
+        path = write_results(run_dir, resolved, metrics, stream.curves, timings, extra, commit=commit)
         log.info("results written to %s", path)
         if hasattr(editor, "codes_for"):  # Figure 4: allocation codes of paraphrase groups and NQ inputs
             dump_codes(editor, requests, cfg.retention.get("data_dir") or f"{cfg.paths.data_dir}/retention",

@@ -95,26 +95,56 @@ def test_empty_generator_scores_zero_except_conll_empty_rule():
     assert report.scores["average"] == pytest.approx(sum(report.scores[n] for n in TASK_NAMES) / 8)
 
 
-def test_cache_reuses_report_and_keys_on_settings(tmp_path):
+def test_cache_stores_each_task_and_keys_on_settings(tmp_path):
     gen = Recorder(lambda p: " True")
     suite = Gu2024Suite(str(DATA), tasks=["rte", "sst2"], limit=3, cache_dir=str(tmp_path))
     first = suite.evaluate(gen, cache_key="gpt2-xl")
-    assert len(gen.calls) == 2 and not first.cached
+    assert len(gen.calls) == 2 and not first.cached and first.reused == []
     again = Gu2024Suite(str(DATA), tasks=["rte", "sst2"], limit=3, cache_dir=str(tmp_path))
     second = again.evaluate(gen, cache_key="gpt2-xl")
-    assert len(gen.calls) == 2 and second.cached  # generate not called
-    assert second.scores == first.scores and second.details == first.details
+    assert len(gen.calls) == 2 and second.cached and second.reused == ["rte", "sst2"]  # generate not called
+    assert second.scores == first.scores and second.details == first.details and second.seconds == first.seconds
     assert set(second.scores) == {"rte", "sst2", "average"}
-    # another model, another limit or another task list is generated afresh
+    # another model or another limit is generated afresh
     again.evaluate(gen, cache_key="llama-2-7b")
     assert len(gen.calls) == 4
     Gu2024Suite(str(DATA), tasks=["rte", "sst2"], limit=4, cache_dir=str(tmp_path)).evaluate(gen, cache_key="gpt2-xl")
-    Gu2024Suite(str(DATA), tasks=["rte"], limit=3, cache_dir=str(tmp_path)).evaluate(gen, cache_key="gpt2-xl")
-    assert len(gen.calls) == 7
-    # no cache_key (e.g. an edited model): always generated
+    assert len(gen.calls) == 6
+    # the cache is per task: a subset reads back, a superset generates only what is new
+    subset = Gu2024Suite(str(DATA), tasks=["sst2"], limit=3, cache_dir=str(tmp_path)).evaluate(gen, cache_key="gpt2-xl")
+    assert len(gen.calls) == 6 and subset.cached and subset.scores["sst2"] == first.scores["sst2"]
+    more = Gu2024Suite(str(DATA), tasks=["rte", "sst2", "boolq"], limit=3, cache_dir=str(tmp_path))
+    report = more.evaluate(gen, cache_key="gpt2-xl")
+    assert [c[0] for c in gen.calls[6:]] == ["boolq"] and report.reused == ["rte", "sst2"] and not report.cached
+    assert report.scores["average"] == pytest.approx(sum(report.scores[t] for t in ("rte", "sst2", "boolq")) / 3)
+    # no cache_key: always generated
     again.evaluate(gen)
     assert len(gen.calls) == 9
-    assert len(list(tmp_path.glob("*.json"))) == 4
+    assert len(list(tmp_path.glob("*.json"))) == 7  # gpt2-xl@3: rte sst2 boolq; llama@3: 2; gpt2-xl@4: 2
+
+
+def test_an_interrupted_suite_keeps_finished_tasks_and_ends_as_an_uninterrupted_one(tmp_path):
+    tasks = ["sst2", "rte", "boolq"]
+    answer = Recorder(lambda p: " positive" if len(p) % 2 else " yes")
+    uninterrupted = Gu2024Suite(str(DATA), tasks=tasks, limit=4).evaluate(answer)
+
+    class Stop(Exception):
+        pass
+
+    def dies_in_rte(prompts, max_new_tokens, desc=""):
+        if desc == "rte":
+            raise Stop
+        return answer(prompts, max_new_tokens, desc)
+
+    store = tmp_path / "run" / "retention"  # a per-call folder (as a run's edited-model store), not the suite's
+    suite = Gu2024Suite(str(DATA), tasks=tasks, limit=4, cache_dir=str(tmp_path / "shared"))
+    with pytest.raises(Stop):
+        suite.evaluate(dies_in_rte, cache_key="edited_abc", cache_dir=str(store))
+    assert [p.name.split("-")[1] for p in store.glob("*.json")] == ["sst2"] and not (tmp_path / "shared").exists()
+    calls = len(answer.calls)
+    resumed = suite.evaluate(answer, cache_key="edited_abc", cache_dir=str(store))
+    assert [c[0] for c in answer.calls[calls:]] == ["rte", "boolq"] and resumed.reused == ["sst2"]
+    assert resumed.scores == uninterrupted.scores and resumed.details == uninterrupted.details
 
 
 def test_report_round_trip():

@@ -4,6 +4,10 @@ Large Language Models"), run through the harness's batched generator.
 ``Gu2024Suite(data_dir, tasks, limit, cache_dir).evaluate(generate, cache_key=...)`` prompts every
 task zero-shot with the authors' templates, decodes greedily for the authors' number of new tokens
 and scores the continuations with the authors' rules (see docs/retention.md).
+
+With a cache key, each task's score is stored as soon as the task is done (one file per task), so
+an interrupted suite loses at most the task it was in, and runs over different task subsets (say,
+one per core) fill one cache that a later run over all eight reads back.
 """
 from __future__ import annotations
 
@@ -41,8 +45,13 @@ SCORING_VERSION = 1
 class RetentionReport:
     scores: dict[str, float]  # headline per task (0..1) and "average"
     details: dict[str, dict[str, float]] = field(default_factory=dict)
-    seconds: dict[str, float] = field(default_factory=dict)
-    cached: bool = False  # True when loaded from the cache instead of generated
+    seconds: dict[str, float] = field(default_factory=dict)  # generation + scoring, when it was generated
+    reused: list[str] = field(default_factory=list)  # tasks read back from the cache, not generated now
+
+    @property
+    def cached(self) -> bool:
+        """Every task came from the cache."""
+        return bool(self.details) and set(self.reused) >= set(self.details)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -50,7 +59,7 @@ class RetentionReport:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RetentionReport":
         return cls(scores=dict(d["scores"]), details={k: dict(v) for k, v in d.get("details", {}).items()},
-                   seconds=dict(d.get("seconds", {})), cached=bool(d.get("cached", False)))
+                   seconds=dict(d.get("seconds", {})), reused=list(d.get("reused", [])))
 
 
 def _task_list(tasks: Sequence[str] | str) -> list[str]:
@@ -103,62 +112,70 @@ class Gu2024Suite:
             for rel in task.files:
                 data_path(self.data_dir, rel)
         self._examples: dict[str, list] = {}
-        self._fingerprints: dict[str, str] | None = None
+        self._fingerprints: dict[str, str] = {}
 
     def examples(self, name: str) -> list:
         if name not in self._examples:
             self._examples[name] = self.tasks[name].load(self.data_dir, self.limit)
         return self._examples[name]
 
-    def settings(self) -> dict[str, Any]:
-        """Everything besides the model that decides the report; part of the cache key."""
-        if self._fingerprints is None:
-            self._fingerprints = {rel: _fingerprint(data_path(self.data_dir, rel))
-                                  for task in self.tasks.values() for rel in task.files}
-        return {"suite": "gu2024", "scoring_version": SCORING_VERSION, "tasks": list(self.task_names),
-                "limit": self.limit, "data": self._fingerprints}
+    def _data_fingerprint(self, rel: str) -> str:
+        if rel not in self._fingerprints:
+            self._fingerprints[rel] = _fingerprint(data_path(self.data_dir, rel))
+        return self._fingerprints[rel]
 
-    def cache_path(self, cache_key: str) -> str:
-        assert self.cache_dir is not None
-        blob = json.dumps({"key": cache_key, "settings": self.settings()}, sort_keys=True)
+    def task_settings(self, name: str) -> dict[str, Any]:
+        """Everything besides the model that decides one task's score; part of its cache key."""
+        return {"suite": "gu2024", "scoring_version": SCORING_VERSION, "task": name, "limit": self.limit,
+                "data": {rel: self._data_fingerprint(rel) for rel in self.tasks[name].files}}
+
+    def cache_path(self, cache_dir: str, cache_key: str, name: str) -> str:
+        blob = json.dumps({"key": cache_key, "settings": self.task_settings(name)}, sort_keys=True)
         digest = hashlib.sha256(blob.encode()).hexdigest()[:16]
         stem = re.sub(r"[^A-Za-z0-9._-]+", "_", cache_key)[:80].strip("_") or "model"
-        return os.path.join(self.cache_dir, f"{stem}-{digest}.json")
+        return os.path.join(cache_dir, f"{stem}-{name}-{digest}.json")
 
-    def _load_cached(self, path: str, cache_key: str) -> RetentionReport | None:
+    def _load_cached(self, path: str, cache_key: str, name: str) -> dict[str, Any] | None:
         try:
             with open(path, encoding="utf-8") as f:
                 blob = json.load(f)
         except (OSError, json.JSONDecodeError):
             return None
-        if blob.get("key") != cache_key or blob.get("settings") != self.settings():
+        if blob.get("key") != cache_key or blob.get("settings") != self.task_settings(name):
             return None
-        report = RetentionReport.from_dict(blob["report"])
-        report.cached = True
-        return report
+        return blob
 
-    def _store(self, path: str, cache_key: str, report: RetentionReport) -> None:
+    def _store(self, path: str, cache_key: str, name: str, score: float, details: dict[str, float],
+               seconds: float) -> None:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        blob = {"key": cache_key, "settings": self.settings(), "report": report.to_dict()}
+        blob = {"key": cache_key, "settings": self.task_settings(name), "score": score, "details": details,
+                "seconds": seconds}
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(blob, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
+        os.replace(tmp, path)  # atomic: a kill mid-write leaves no half file
 
-    def evaluate(self, generate: GenerateFn, *, cache_key: str | None = None) -> RetentionReport:
-        """Run every task through ``generate``; with ``cache_key`` (naming the model and its
-        generation settings) and a ``cache_dir``, reuse a stored report for the same key and settings."""
-        path = self.cache_path(cache_key) if cache_key is not None and self.cache_dir is not None else None
-        if path is not None and os.path.exists(path):
-            cached = self._load_cached(path, cache_key)
-            if cached is not None:
-                return cached
+    def evaluate(self, generate: GenerateFn, *, cache_key: str | None = None,
+                 cache_dir: str | None = None) -> RetentionReport:
+        """Run every task through ``generate``. With ``cache_key`` (naming the model, its state and its
+        generation settings) and a cache folder (``cache_dir``, else the suite's), each task's score is
+        read back when stored for the same key and task settings, and stored as soon as it is computed."""
+        directory = cache_dir if cache_dir is not None else self.cache_dir
+        paths = ({name: self.cache_path(directory, cache_key, name) for name in self.task_names}
+                 if cache_key is not None and directory is not None else {})
+        stored = {name: blob for name, path in paths.items()
+                  if (blob := self._load_cached(path, cache_key, name)) is not None}
         for name in self.task_names:  # parse every file first: a bad record fails before generating
-            self.examples(name)
+            if name not in stored:
+                self.examples(name)
         scores: dict[str, float] = {}
         details: dict[str, dict[str, float]] = {}
         seconds: dict[str, float] = {}
         for name in self.task_names:
+            if name in stored:
+                blob = stored[name]
+                scores[name], details[name], seconds[name] = blob["score"], dict(blob["details"]), blob["seconds"]
+                continue
             task = self.tasks[name]
             t0 = time.perf_counter()
             examples = self.examples(name)
@@ -166,12 +183,12 @@ class Gu2024Suite:
             outputs = list(generate(prompts, task.max_new_tokens, desc=name))
             scores[name], details[name] = task.score(examples, outputs)
             seconds[name] = time.perf_counter() - t0
+            if name in paths:
+                self._store(paths[name], cache_key, name, scores[name], details[name], seconds[name])
         vals = [scores[n] for n in self.task_names]
         scores["average"] = sum(vals) / len(vals)
-        report = RetentionReport(scores=scores, details=details, seconds=seconds)
-        if path is not None:
-            self._store(path, cache_key, report)
-        return report
+        return RetentionReport(scores=scores, details=details, seconds=seconds,
+                               reused=[n for n in self.task_names if n in stored])
 
 
 class NoRetention:
@@ -182,5 +199,6 @@ class NoRetention:
     def __init__(self, **_: Any):
         pass
 
-    def evaluate(self, generate: GenerateFn | None = None, *, cache_key: str | None = None) -> None:
+    def evaluate(self, generate: GenerateFn | None = None, *, cache_key: str | None = None,
+                 cache_dir: str | None = None) -> None:
         return None

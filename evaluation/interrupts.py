@@ -1,0 +1,37 @@
+"""Stop long work that has no batch boundary to save at (the retention suite) at once on SIGTERM/SIGINT,
+with a message that says what was kept and how to go on, instead of a bare kill or traceback."""
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from typing import Any, Callable, Iterator
+
+from evaluation.errors import HarnessError
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class WorkInterrupted(HarnessError):
+    """SIGTERM/SIGINT during work that keeps what it finished (e.g. the retention tasks already scored)."""
+
+
+@contextlib.contextmanager
+def stop_on_signals(message: Callable[[str], str]) -> Iterator[None]:
+    """Inside the block, SIGTERM/SIGINT raise :class:`WorkInterrupted` with ``message(signal name)``.
+
+    Only in the main thread (elsewhere signals cannot be caught); the previous handlers come back after.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum: int, frame: Any) -> None:
+        raise WorkInterrupted(message(signal.Signals(signum).name))
+
+    previous = {sig: signal.signal(sig, handle) for sig in SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)

@@ -1,0 +1,79 @@
+"""The retention suite inside a run: results.json's shape, per-task reuse on resume, clean interrupts."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from evaluation.checkpoint import state_digest, to_cpu
+from evaluation.interrupts import WorkInterrupted, stop_on_signals
+from evaluation.retention.suite import TASK_NAMES
+from tests.conftest import REPO
+
+DATA = REPO.parent / "shared" / "data" / "retention"
+CHOICES = {"editor": "elder", "model": "tiny_llama", "dataset": "zsre"}
+KEYS = set(TASK_NAMES) | {"average"}
+
+
+def overrides(cache: Path, *extra: str) -> list[str]:
+    return ["model=tiny_llama", "dataset.num_edits=4", "progress=false", "editor.iterations=5", "logger=none",
+            "checkpoint.every=4", "retention.limit=2", f"retention.cache_dir={cache}", *extra]
+
+
+@pytest.mark.skipif(not DATA.is_dir(), reason=f"retention data not at {DATA}")
+def test_results_hold_all_eight_tasks_and_a_resumed_run_reuses_scored_tasks(tmp_path: Path, one_thread: None) -> None:
+    from evaluation.compose import compose_config
+    from evaluation.experiment import RETENTION_STORE, run_experiment
+
+    run = tmp_path / "run"
+    first = run_experiment(compose_config(overrides(tmp_path / "cache", "retention.tasks=[rte,sst2]")), run, CHOICES)
+    assert set(first["metrics"]["retention"]) == {"rte", "sst2", "average"}
+
+    # resumed after the stream with the whole suite: the two scored tasks are read back, six are generated
+    full = run_experiment(compose_config(overrides(tmp_path / "cache", "resume=true")), run, CHOICES)
+    results = json.loads((run / "results.json").read_text())
+    metrics = results["metrics"]
+    for group in ("retention", "retention_base", "retention_ratio"):
+        assert set(metrics[group]) == KEYS, group
+    assert metrics["retention"]["average"] == pytest.approx(sum(metrics["retention"][t] for t in TASK_NAMES) / 8)
+    assert results["retention_tasks"]["edited"]["reused"] == ["rte", "sst2"]
+    assert results["retention_tasks"]["unedited"]["reused"] == ["rte", "sst2"]
+    assert set(results["retention_tasks"]["edited"]["seconds"]) == set(TASK_NAMES)
+    assert len(list((run / RETENTION_STORE).glob("*.json"))) == 8
+    for t in ("rte", "sst2"):
+        assert full["metrics"]["retention"][t] == first["metrics"]["retention"][t]
+
+    # what was read back equals what a run from scratch generates
+    fresh = run_experiment(compose_config(overrides(tmp_path / "cache2")), tmp_path / "fresh", CHOICES)
+    assert fresh["metrics"]["retention"] == full["metrics"]["retention"]
+    assert fresh["metrics"]["retention_base"] == full["metrics"]["retention_base"]
+    assert fresh["metrics"]["retention_details"] == full["metrics"]["retention_details"]
+
+    # a new run in the same folder does not count the old run's tasks
+    again = run_experiment(compose_config(overrides(tmp_path / "cache", "retention.tasks=[rte]")), run, CHOICES)
+    assert json.loads((run / "results.json").read_text())["retention_tasks"]["edited"]["reused"] == []
+    assert again["metrics"]["retention"]["rte"] == full["metrics"]["retention"]["rte"]
+
+
+def test_a_signal_during_uninterruptible_work_raises_a_message_and_restores_the_handler() -> None:
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(WorkInterrupted, match="stopped by SIGTERM; kept 3 tasks"):
+        with stop_on_signals(lambda sig: f"stopped by {sig}; kept 3 tasks"):
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(10_000_000):  # the handler runs at the next bytecode
+                pass
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_state_digest_names_a_state_and_survives_a_round_trip(tmp_path: Path) -> None:
+    state = {"adapters": [torch.randn(4, 3), torch.zeros(0)], "codebook": {"keys": torch.arange(6)}, "n": 3}
+    torch.save(state, tmp_path / "s.pt")
+    assert state_digest(torch.load(tmp_path / "s.pt")) == state_digest(to_cpu(state))
+    changed = to_cpu(state)
+    changed["adapters"][0][1, 2] += 1e-6
+    assert state_digest(changed) != state_digest(state)
+    assert state_digest({**state, "n": 4}) != state_digest(state)
