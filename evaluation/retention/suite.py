@@ -6,8 +6,8 @@ task zero-shot with the authors' templates, decodes greedily for the authors' nu
 and scores the continuations with the authors' rules (see docs/retention.md).
 
 With a cache key, each task's score is stored as soon as the task is done (one file per task), so
-an interrupted suite loses at most the task it was in, and runs over different task subsets (say,
-one per core) fill one cache that a later run over all eight reads back.
+an interrupted suite loses at most the task it was in, and runs over different task subsets fill
+one cache that a later run over all eight reads back.
 """
 from __future__ import annotations
 
