@@ -85,7 +85,7 @@ def test_padding_side_does_not_change_routing() -> None:
 def test_deferral_returns_the_unedited_logits_bit_for_bit() -> None:
     loaded = tiny_model()
     requests = zsre_requests(4)
-    probes = ["Michel Rocard is a native speaker of", "nq question: who sings the song",
+    probes = ["Ada Lovelace wrote her notes in", "nq question: who painted the chapel ceiling",
               "The Eiffel Tower is located in", "1 2 3 4 5 6", "zzzz qqqq"]
     probe_batch = encode_pairs(loaded.tokenizer, probes, ["French"] * len(probes))
     with torch.no_grad():

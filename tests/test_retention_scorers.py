@@ -168,21 +168,28 @@ def test_loader_counts_and_limit(task, count):
 @needs_data
 def test_first_prompts_match_the_authors_templates():
     d = str(DATA)
-    gsm = GSM8K().prompts(GSM8K().load(d, 1))[0]
-    assert gsm.startswith("Q: Janet\u2019s ducks lay 16 eggs per day.")
-    assert gsm.endswith("farmers' market? A:Let's think step by step. Janet sells 16 - 3 - 4 = <<16-3-4=9>>9 duck eggs "
-                        "a day.\nShe makes 9 * 2 = $<<9*2=18>>18 every day at the farmer\u2019s market.\n Therefore, "
-                        "the answer (arabic numerals) is:")
-    assert GSM8K().load(d, 1)[0].answer == "18"
-    assert RTE().prompts(RTE().load(d, 1)) == [
-        "No Weapons of Mass Destruction Found in Iraq Yet. entails the Weapons of Mass Destruction Found in Iraq.. "
-        "True or False? answer:"]
+    # expected prompts are built from the raw first records, read here (no data text lives in the repo)
+    with open(DATA / "test-reasoning.jsonl", encoding="utf-8") as f:
+        rec = json.loads(f.readline())
+    rationale, answer = rec["answer"].split("#### ")
+    assert GSM8K().prompts(GSM8K().load(d, 1)) == [
+        f"Q: {rec['question']} A:Let's think step by step. {rationale} Therefore, the answer (arabic numerals) is:"]
+    assert rationale.endswith("\n") and GSM8K().load(d, 1)[0].answer == answer
+    with open(DATA / "test-NLI.tsv", encoding="utf-8") as f:
+        _, sentence1, sentence2, _ = f.read().splitlines()[1].split("\t")
+    assert RTE().prompts(RTE().load(d, 1)) == [f"{sentence1} entails the {sentence2}. True or False? answer:"]
+    with open(DATA / "test-SentimentAnalysis.tsv", encoding="utf-8") as f:
+        text = f.read().splitlines()[1].split("\t")[0]
     assert SST2().prompts(SST2().load(d, 1)) == [
         "For each snippet of text,label the sentiment of the text as positive or negative.The answer should be exact "
-        "'positive' or 'negative'. text: it 's a charming and often affecting journey .  answer:"]
+        f"'positive' or 'negative'. text: {text} answer:"]
+    with open(DATA / "test-NER.txt", encoding="utf-8") as f:
+        lines = f.read().split("\n\n")[1].splitlines()  # the first sentence, after -DOCSTART-
+    sentence = authors_sentence([line.split(" ")[0] for line in lines])
+    assert " ." not in sentence  # "." attached to the word before it, as the authors join
     assert CoNLL03().prompts(CoNLL03().load(d, 1)) == [
-        f"Please identify {t} Entity from the given text. Text: CRICKET - LEICESTERSHIRE TAKE OVER AT TOP AFTER "
-        f"INNINGS VICTORY. Entity:" for t in ("Person", "Location", "Organization", "Miscellaneous")]
+        f"Please identify {t} Entity from the given text. Text: {sentence} Entity:"
+        for t in ("Person", "Location", "Organization", "Miscellaneous")]
 
     with open(DATA / "test-OpenDomainQA.jsonl", encoding="utf-8") as f:
         rec = json.loads(f.readline())
