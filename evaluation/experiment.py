@@ -17,7 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from baselines.unedited import Unedited
-from evaluation.checkpoint import CheckpointManager, StreamCheckpoint, state_digest, to_cpu
+from evaluation.checkpoint import CheckpointManager, StreamCheckpoint, state_digest
 from evaluation.codes_dump import dump_codes
 from evaluation.compilation import compile_blocks
 from evaluation.editor import Editor
@@ -216,7 +216,7 @@ def _run(cfg: DictConfig, run_dir: Path, choices: Mapping[str, str], checkpoints
             start = time.perf_counter()
             gen = make_generate_fn(editor.model, editor.tokenizer, editor, cfg.eval_batch_size, cfg.progress)
             edited_key = (f"{model_key}-{choices.get('editor', 'editor')}-{_config_key(cfg.editor)}"
-                          f"-{state_digest(to_cpu(editor.state_dict()))}")
+                          f"-{state_digest(editor.state_dict())}")
             store = run_dir / RETENTION_STORE
             resumable = checkpoints.every > 0  # the stream saved its end state, so resume=true can skip the edits
             with stop_on_signals(lambda sig: f"stopped by {sig} during the retention suite after {len(requests)} "

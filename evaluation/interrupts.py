@@ -17,21 +17,26 @@ class WorkInterrupted(HarnessError):
 
 
 @contextlib.contextmanager
-def stop_on_signals(message: Callable[[str], str]) -> Iterator[None]:
-    """Inside the block, SIGTERM/SIGINT raise :class:`WorkInterrupted` with ``message(signal name)``.
-
-    Only in the main thread (elsewhere signals cannot be caught); the previous handlers come back after.
-    """
+def handling_signals(handler: Callable[[int, Any], None]) -> Iterator[bool]:
+    """``handler`` for SIGTERM/SIGINT inside the block, the previous handlers after it. Only in the main
+    thread (elsewhere signals cannot be caught); yields whether the handler was installed."""
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield False
         return
+    previous = {sig: signal.signal(sig, handler) for sig in SIGNALS}
+    try:
+        yield True
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old if old is not None else signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def stop_on_signals(message: Callable[[str], str]) -> Iterator[None]:
+    """Inside the block, SIGTERM/SIGINT raise :class:`WorkInterrupted` with ``message(signal name)``."""
 
     def handle(signum: int, frame: Any) -> None:
         raise WorkInterrupted(message(signal.Signals(signum).name))
 
-    previous = {sig: signal.signal(sig, handle) for sig in SIGNALS}
-    try:
+    with handling_signals(handle):
         yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)

@@ -19,7 +19,6 @@ from evaluation.errors import HarnessError
 from evaluation.finished_run import load_finished, prompt_groups
 
 
-
 def report(run_dir: Path, limit: int | None = None) -> dict[str, Any]:
     run = load_finished(run_dir)
     sample = run.requests[:limit] if limit else run.requests

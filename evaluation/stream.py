@@ -19,7 +19,6 @@ import logging
 import math
 import os
 import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +43,7 @@ from evaluation.checkpoint import (
 )
 from evaluation.editor import EditStats, Editor
 from evaluation.errors import ConfigError
+from evaluation.interrupts import handling_signals
 from evaluation.loggers import NullLogger
 from evaluation.metrics import RowPredictions, evaluate_edits
 
@@ -93,23 +93,18 @@ def _free_memory() -> None:
 class _SignalGuard:
     """SIGTERM/SIGINT become a request to stop at the next batch boundary; a second one stops at once."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
     def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.enabled = enabled
         self.received: str | None = None
-        self._previous: dict[int, Any] = {}
+        self._handlers = contextlib.ExitStack()
 
     def __enter__(self) -> "_SignalGuard":
         if self.enabled:
-            for sig in self.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
+            self._handlers.enter_context(handling_signals(self._handle))
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-        self._previous.clear()
+        self._handlers.close()
 
     @staticmethod
     def _say(text: str) -> None:
