@@ -187,3 +187,24 @@ def test_hydra_config_instantiates(tmp_path):
     assert suite.limit is None and suite.cache_dir == str(tmp_path / "retention")
     cfg.retention = OmegaConf.load(root / "none.yaml")
     assert isinstance(instantiate(cfg.retention), NoRetention)
+
+
+@pytest.mark.parametrize("damage", [
+    lambda b: b.pop("score"),
+    lambda b: b.update(score="0.5"),
+    lambda b: b.update(details=None),
+    lambda b: b.update(details={"accuracy_valid": "high"}),
+    lambda b: b.pop("seconds"),
+])
+def test_a_damaged_stored_task_is_generated_again_and_rewritten(tmp_path, damage, caplog):
+    gen = Recorder(lambda p: " True")
+    suite = Gu2024Suite(str(DATA), tasks=["rte", "sst2"], limit=3, cache_dir=str(tmp_path))
+    first = suite.evaluate(gen, cache_key="m")
+    path = Path(suite.cache_path(str(tmp_path), "m", "rte"))
+    blob = json.loads(path.read_text())
+    damage(blob)
+    path.write_text(json.dumps(blob))
+    again = suite.evaluate(gen, cache_key="m")
+    assert [c[0] for c in gen.calls[2:]] == ["rte"] and again.reused == ["sst2"]
+    assert again.scores == first.scores and path.name in caplog.text
+    assert json.loads(path.read_text())["score"] == first.scores["rte"]  # rewritten whole

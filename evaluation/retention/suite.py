@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import tempfile
@@ -39,6 +40,8 @@ TASKS: dict[str, type] = {"gsm8k": GSM8K, "rte": RTE, "nq": NQ, "boolq": BoolQ, 
 
 # Bump when prompts, decoding lengths or scoring change: cached reports made before are then ignored.
 SCORING_VERSION = 1
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -141,7 +144,11 @@ class Gu2024Suite:
                 blob = json.load(f)
         except (OSError, json.JSONDecodeError):
             return None
-        if blob.get("key") != cache_key or blob.get("settings") != self.task_settings(name):
+        if not isinstance(blob, dict) or blob.get("key") != cache_key or blob.get("settings") != self.task_settings(name):
+            return None
+        if not _valid_stored_fields(blob):
+            # a damaged or hand-edited file: generate the task again (and overwrite it) rather than fail
+            log.warning("ignoring %s: its score, details or seconds are missing or not numbers", path)
             return None
         return blob
 
@@ -189,6 +196,16 @@ class Gu2024Suite:
         scores["average"] = sum(vals) / len(vals)
         return RetentionReport(scores=scores, details=details, seconds=seconds,
                                reused=[n for n in self.task_names if n in stored])
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _valid_stored_fields(blob: dict[str, Any]) -> bool:
+    details = blob.get("details")
+    return (_is_number(blob.get("score")) and _is_number(blob.get("seconds")) and isinstance(details, dict)
+            and all(isinstance(k, str) and _is_number(v) for k, v in details.items()))
 
 
 class NoRetention:
