@@ -1,0 +1,104 @@
+"""Lock files that let concurrent runs share one retention cache without generating a task twice.
+
+A sweep's parallel jobs (Hydra's joblib or submitit launchers) all start with the unedited model's
+suite. Before generating a task, a run claims it by creating ``<task file>.lock`` exclusively; a run
+that finds the task claimed does its other tasks first and then reads the claimed one back once
+its holder has stored it. A live holder refreshes its lock's modification time every
+``heartbeat_seconds``; a lock whose holder died (same host, process gone) or whose heartbeat is older
+than ``stale_seconds`` (another host) is taken over.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+HEARTBEAT_SECONDS = 60.0
+STALE_SECONDS = 600.0
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def holder(lock: str) -> dict[str, Any] | None:
+    """The lock's content (host, pid, since), or None when there is no lock or it cannot be read."""
+    try:
+        with open(lock, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def is_stale(lock: str, stale_seconds: float = STALE_SECONDS) -> bool:
+    """True when the lock's holder is known dead or its heartbeat is older than ``stale_seconds``."""
+    try:
+        age = time.time() - os.path.getmtime(lock)
+    except FileNotFoundError:
+        return False
+    info = holder(lock)
+    if info is not None and info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int):
+        if not _pid_alive(info["pid"]):
+            return True
+    return age > stale_seconds
+
+
+class Claim:
+    """A held lock; refreshes its heartbeat in a daemon thread until :meth:`release`."""
+
+    def __init__(self, lock: str, heartbeat_seconds: float):
+        self.lock = lock
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, args=(heartbeat_seconds,), daemon=True)
+        self._thread.start()
+
+    def _beat(self, every: float) -> None:
+        while not self._stop.wait(every):
+            try:
+                os.utime(self.lock)
+            except FileNotFoundError:
+                return
+
+    def release(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        try:
+            os.remove(self.lock)
+        except FileNotFoundError:
+            pass
+
+    def __enter__(self) -> "Claim":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def claim(lock: str, *, heartbeat_seconds: float = HEARTBEAT_SECONDS,
+          stale_seconds: float = STALE_SECONDS) -> Claim | None:
+    """Create ``lock`` exclusively and return its :class:`Claim`; None while another live run holds it."""
+    os.makedirs(os.path.dirname(lock) or ".", exist_ok=True)
+    for _ in range(2):  # a second try after removing a stale lock
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            if not is_stale(lock, stale_seconds):
+                return None
+            try:
+                os.remove(lock)
+            except FileNotFoundError:
+                pass
+            continue
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}, f)
+        return Claim(lock, heartbeat_seconds)
+    return None

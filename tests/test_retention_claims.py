@@ -1,0 +1,128 @@
+"""Concurrent runs sharing one retention cache generate each task once (lock files, evaluation/retention/claims.py)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from evaluation.retention import claims
+from evaluation.retention.suite import Gu2024Suite
+from tests.test_retention_suite import DATA, Recorder
+
+pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"retention data not at {DATA} (set RETENTION_DATA_DIR)")
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = ["rte", "sst2", "boolq", "mutual"]
+
+
+def _suite(cache: Path, tasks=("rte", "sst2")) -> Gu2024Suite:
+    return Gu2024Suite(str(DATA), tasks=list(tasks), limit=3, cache_dir=str(cache), wait_poll_seconds=0.02,
+                       heartbeat_seconds=0.05, stale_seconds=5.0)
+
+
+def _write_lock(lock: str, host: str, pid: int) -> None:
+    with open(lock, "w", encoding="utf-8") as f:
+        json.dump({"host": host, "pid": pid, "since": time.time()}, f)
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_task_claimed_by_a_live_run_is_done_last_and_read_back_not_generated(tmp_path):
+    reference = _suite(tmp_path / "ref").evaluate(Recorder(lambda p: " True"), cache_key="m")
+    suite = _suite(tmp_path / "cache")
+    rte = suite.cache_path(str(tmp_path / "cache"), "m", "rte")
+    os.makedirs(os.path.dirname(rte), exist_ok=True)
+    _write_lock(rte + ".lock", "elsewhere", 1)  # another machine's run holds rte
+
+    def other_run_finishes() -> None:
+        time.sleep(0.3)
+        _suite(tmp_path / "cache")._store(rte, "m", "rte", reference.scores["rte"], reference.details["rte"], 1.0)
+        os.remove(rte + ".lock")
+
+    other = threading.Thread(target=other_run_finishes)
+    other.start()
+    gen = Recorder(lambda p: " True")
+    report = suite.evaluate(gen, cache_key="m")
+    other.join()
+    assert [c[0] for c in gen.calls] == ["sst2"] and report.reused == ["rte"]
+    assert report.scores == reference.scores and not os.path.exists(rte + ".lock")
+
+
+def test_a_claim_released_without_a_result_is_taken_over(tmp_path):
+    suite = _suite(tmp_path)
+    rte = suite.cache_path(str(tmp_path), "m", "rte")
+    os.makedirs(os.path.dirname(rte), exist_ok=True)
+    _write_lock(rte + ".lock", "elsewhere", 1)
+    threading.Timer(0.2, os.remove, args=(rte + ".lock",)).start()  # the holder was stopped before storing
+    gen = Recorder(lambda p: " True")
+    report = suite.evaluate(gen, cache_key="m")
+    assert [c[0] for c in gen.calls] == ["sst2", "rte"] and report.reused == []
+    assert os.path.exists(rte) and not os.path.exists(rte + ".lock")
+
+
+@pytest.mark.parametrize("holder", ["dead process on this host", "silent other host"])
+def test_a_stale_claim_is_taken_over_at_once(tmp_path, holder):
+    suite = _suite(tmp_path)
+    rte = suite.cache_path(str(tmp_path), "m", "rte")
+    os.makedirs(os.path.dirname(rte), exist_ok=True)
+    lock = rte + ".lock"
+    if holder == "dead process on this host":
+        _write_lock(lock, claims.socket.gethostname(), _dead_pid())
+    else:
+        _write_lock(lock, "elsewhere", 1)
+        old = time.time() - 60
+        os.utime(lock, (old, old))  # no heartbeat for a minute, stale_seconds is 5
+    gen = Recorder(lambda p: " True")
+    suite.evaluate(gen, cache_key="m")
+    assert [c[0] for c in gen.calls] == ["rte", "sst2"] and not os.path.exists(lock)
+
+
+def test_a_live_claim_is_kept_fresh_and_removed_on_release(tmp_path):
+    lock = str(tmp_path / "x.lock")
+    held = claims.claim(lock, heartbeat_seconds=0.05)
+    assert held is not None and claims.claim(lock) is None  # exclusive while held
+    old = time.time() - 60
+    os.utime(lock, (old, old))
+    time.sleep(0.3)
+    assert time.time() - os.path.getmtime(lock) < 5 and not claims.is_stale(lock, stale_seconds=5)
+    held.release()
+    assert not os.path.exists(lock) and claims.claim(lock) is not None
+
+
+WORKER = """
+import json, sys, time
+from evaluation.retention.suite import Gu2024Suite
+data, cache, log = sys.argv[1:4]
+suite = Gu2024Suite(data, tasks={tasks!r}, limit=3, cache_dir=cache, wait_poll_seconds=0.02)
+def generate(prompts, max_new_tokens, desc=""):
+    with open(log, "a") as f:
+        f.write(desc + "\\n")
+    time.sleep(0.5)
+    return [" True"] * len(prompts)
+report = suite.evaluate(generate, cache_key="shared-model")
+print(json.dumps(report.scores, sort_keys=True))
+"""
+
+
+def test_two_concurrent_runs_generate_each_task_once_and_agree(tmp_path):
+    """Two processes start the same suite on one cache at once (a sweep's parallel jobs)."""
+    script = WORKER.format(tasks=TASKS)
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(DATA), str(tmp_path / "cache"), str(log)],
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for log in logs]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    generated = [line for log in logs if log.exists() for line in log.read_text().split()]
+    assert sorted(generated) == sorted(TASKS)  # each task once, between them
+    assert json.loads(outs[0][0]) == json.loads(outs[1][0])
+    assert not list((tmp_path / "cache").glob("*.lock"))
