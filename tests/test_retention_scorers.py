@@ -78,9 +78,9 @@ def test_nq_normalisation_and_span_match():
     assert normalize_answer("The  United-States!") == "unitedstates"
     assert normalize_answer("  An apple, a day. ") == "apple day"
     ex = [NQExample("q", "p", ("Wilhelm Conrad Röntgen",)), NQExample("q", "p", ("the United States",)),
-          NQExample("q", "p", ("May 18 , 2018",)), NQExample("q", "p", ("42",))]
+          NQExample("q", "p", ("June 3 , 1907",)), NQExample("q", "p", ("42",))]
     out = [" Wilhelm Conrad Röntgen was the first.", "\nAnswer: The United States!",
-           " on May 18, 2018 in theatres", " 420 people"]
+           " on June 3, 1907 in theatres", " 420 people"]
     score, d = NQ().score(ex, out)
     assert score == pytest.approx(3 / 4)  # "42" is not a whole-word span of "420 people"
     assert d["exact_match"] == pytest.approx(1 / 4)  # only the "Answer:"-prefixed one is an exact match
