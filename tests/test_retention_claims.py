@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from evaluation.errors import ConfigError
 from evaluation.retention import claims
 from evaluation.retention.suite import Gu2024Suite
 from tests.test_retention_suite import DATA, Recorder
@@ -126,3 +127,10 @@ def test_two_concurrent_runs_generate_each_task_once_and_agree(tmp_path):
     assert sorted(generated) == sorted(TASKS)  # each task once, between them
     assert json.loads(outs[0][0]) == json.loads(outs[1][0])
     assert not list((tmp_path / "cache").glob("*.lock"))
+
+
+@pytest.mark.parametrize("bad", [dict(stale_seconds=30, heartbeat_seconds=60), dict(wait_poll_seconds=0),
+                                 dict(heartbeat_seconds=-1)])
+def test_lock_timing_that_would_break_a_live_claim_is_refused(bad):
+    with pytest.raises(ConfigError, match="stale_seconds"):
+        Gu2024Suite(str(DATA), tasks=["rte"], **bad)

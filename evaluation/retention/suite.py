@@ -110,6 +110,11 @@ class Gu2024Suite:
         self.wait_poll_seconds = float(wait_poll_seconds)
         self.heartbeat_seconds = float(heartbeat_seconds)
         self.stale_seconds = float(stale_seconds)
+        if min(self.wait_poll_seconds, self.heartbeat_seconds) <= 0 or self.stale_seconds <= self.heartbeat_seconds:
+            raise ConfigError(
+                f"retention.wait_poll_seconds ({wait_poll_seconds}) and retention.heartbeat_seconds "
+                f"({heartbeat_seconds}) must be positive, and retention.stale_seconds ({stale_seconds}) larger "
+                f"than heartbeat_seconds, or a live run's lock would be taken over")
         self.task_names = _task_list(tasks)
         if limit is not None and (isinstance(limit, bool) or int(limit) != limit or limit < 1):
             raise ConfigError(f"retention.limit must be null or a positive integer, got {limit!r}")
