@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -78,7 +79,7 @@ def test_a_stale_claim_is_taken_over_at_once(tmp_path, holder):
     os.makedirs(os.path.dirname(rte), exist_ok=True)
     lock = rte + ".lock"
     if holder == "dead process on this host":
-        _write_lock(lock, claims.socket.gethostname(), _dead_pid())
+        _write_lock(lock, socket.gethostname(), _dead_pid())
     else:
         _write_lock(lock, "elsewhere", 1)
         old = time.time() - 60

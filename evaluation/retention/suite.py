@@ -7,7 +7,8 @@ and scores the continuations with the authors' rules (see docs/retention.md).
 
 With a cache key, each task's score is stored as soon as the task is done (one file per task), so
 an interrupted suite loses at most the task it was in, and runs over different task subsets fill
-one cache that a later run over all eight reads back.
+one cache that a later run over all eight reads back. While a task is generated its file is claimed
+with a lock (``claims.py``), so parallel runs on one cache generate each task once between them.
 """
 from __future__ import annotations
 
