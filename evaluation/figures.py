@@ -1,8 +1,9 @@
 """Figures of the paper, drawn with matplotlib (Agg backend) to PNG and PDF.
 
 ``plot_curves`` draws Figures 2 and 3 (reliability/generalization and trainable parameters against the
-stream length or the number of ELDER layers, mean ± std over seeds); ``plot_codes`` draws Figure 4 (a
-t-SNE map of the allocation codes that :func:`evaluation.codes_dump.dump_codes` saved after a stream).
+stream length or the number of ELDER layers, mean ± std over seeds); ``plot_retention`` draws Table 2's
+per-task scores as grouped bars (unedited beside each editor); ``plot_codes`` draws Figure 4 (a t-SNE
+map of the allocation codes that :func:`evaluation.codes_dump.dump_codes` saved after a stream).
 Called by ``python -m evaluation.tables``.
 """
 from __future__ import annotations
@@ -80,6 +81,35 @@ def plot_curves(curves: Mapping[tuple, Mapping[str, Sequence[tuple]]], xlabel: s
 
 
 # --- Figure 4 -------------------------------------------------------------------------------------
+def plot_retention(bars: Mapping[tuple, Sequence[tuple[str, Sequence[Any]]]], tasks: Sequence[str], out: Path,
+                   title: str) -> list[str]:
+    """One panel per (model, dataset): a group of bars per task, one bar per editor (mean ± std over seeds).
+
+    ``bars[(model, dataset)]`` lists ``(label, stats)`` with one :class:`evaluation.tables.Stat` (or None,
+    drawn as no bar) per entry of ``tasks``; the first label is the unedited model.
+    """
+    plt = _pyplot()
+    keys = list(bars)
+    fig, axes = plt.subplots(len(keys), 1, figsize=(11, 3.8 * len(keys)), squeeze=False)
+    for ax, key in zip(axes[:, 0], keys):
+        model, dataset = key
+        series = bars[key]
+        width = 0.8 / len(series)
+        xs = np.arange(len(tasks))
+        for i, (label, stats) in enumerate(series):
+            heights = [s.mean if s is not None else np.nan for s in stats]
+            errors = [0.0 if s is None or math.isnan(s.std) else s.std for s in stats]
+            offset = (i - (len(series) - 1) / 2) * width
+            ax.bar(xs + offset, heights, width, yerr=errors if any(errors) else None, capsize=2,
+                   color="0.6" if i == 0 else f"C{i - 1}", label=label)
+        where = f"{paper.MODEL_LABELS.get(model, model)}, {paper.DATASET_LABELS.get(dataset, dataset)}"
+        ax.set(ylabel="score (%)", title=f"{title} ({where})", xticks=xs, xticklabels=list(tasks))
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=8, ncol=min(4, len(series)))
+    fig.tight_layout()
+    return _save(fig, out)
+
+
 def _load(path: Path) -> dict[str, np.ndarray]:
     with np.load(path, allow_pickle=False) as data:
         return {k: data[k] for k in data.files}

@@ -486,6 +486,7 @@ def build_table2(frame: pd.DataFrame, opts: Options) -> Report:
         frame = frame[frame["status"] != "ok"]
     report = Report("table2", f"Table 2: test retention (%) after {n_edits} sequential edits",
                     notes=_common_notes(frame))
+    bars: dict[tuple, list[tuple[str, list[Optional[Stat]]]]] = {}  # per (model, dataset), for the figure
     limits = sorted({str(_key_value(v)) for v in frame.loc[frame["status"] == "ok", "retention_limit"]}) \
         if not frame.empty else []
     if limits:
@@ -522,17 +523,28 @@ def build_table2(frame: pd.DataFrame, opts: Options) -> Report:
         tasks = [*paper.RETENTION_TASKS, "average"]
         for ds in paper.DATASETS:
             columns = ["Editor", *[_label(paper.RETENTION_LABELS, t) for t in tasks]]
-            rows = [["Base (unedited)", *[fmt(base.stat((model, ds), f"retention_base.{t}", 100),
-                                              base.status((model, ds)), 1) for t in tasks]]]
+            base_stats = [base.stat((model, ds), f"retention_base.{t}", 100) for t in tasks]
+            rows = [["Base (unedited)", *[fmt(s, base.status((model, ds)), 1) for s in base_stats]]]
+            series = [("Base (unedited)", base_stats)] if base.status((model, ds)) == "ok" else []
             for editor in paper.EDITORS:
                 key = (editor, model, ds)
-                rows.append([_label(paper.EDITOR_LABELS, editor),
-                             *[fmt(cells.stat(key, f"retention.{t}", 100), cells.status(key), 1) for t in tasks]])
+                stats = [cells.stat(key, f"retention.{t}", 100) for t in tasks]
+                rows.append([_label(paper.EDITOR_LABELS, editor), *[fmt(s, cells.status(key), 1) for s in stats]])
+                if cells.status(key) == "ok":
+                    series.append((_label(paper.EDITOR_LABELS, editor), stats))
+            if len(series) > 1:  # something edited to compare with the unedited model
+                bars[(model, ds)] = series
             report.tables.append(Table(f"Per task (appendix C): {_label(paper.MODEL_LABELS, model)}, "
                                        f"{_label(paper.DATASET_LABELS, ds)}", columns, rows,
                                        ["Reproduced only: the spec does not transcribe the appendix's "
                                         "per-task numbers."]))
     report.failed = _failed_list(frame)
+    if opts.out is not None and bars:
+        from evaluation.figures import plot_retention
+
+        labels = [_label(paper.RETENTION_LABELS, t) for t in (*paper.RETENTION_TASKS, "average")]
+        report.figures = plot_retention(bars, labels, opts.out,
+                                        f"Test retention after {n_edits} edits")
     return report
 
 

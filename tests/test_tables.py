@@ -152,6 +152,41 @@ def test_tables_2_to_4(tmp_path: Path) -> None:
                                         ["w/ load balancing (instead)", "missing", "71.39", ""]]
 
 
+def test_table2_draws_each_editor_beside_the_unedited_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from evaluation import figures
+
+    tasks = ("gsm8k", "rte", "nq", "boolq", "mutual", "samsum", "conll03", "sst2")
+    base = {**{t: 0.5 for t in tasks}, "average": 0.5}
+    runs = tmp_path / "runs"
+    for seed, score in ((0, 0.2), (1, 0.4)):
+        write_run(runs, f"e{seed}", "elder", "zsre", 0.9, 0.8, seed=seed, retention_base=base,
+                  retention={**{t: score for t in tasks}, "gsm8k": 0.1, "average": score})
+    write_run(runs, "c", "grace", "counterfact", 1.0, 0.0, retention_base=base,
+              retention={**{t: 0.5 for t in tasks}, "average": 0.5})
+    write_run(runs, "u", "grace", "zsre", 1.0, 0.0)  # no suite: neither in the table nor in the figure
+    drawn: dict = {}
+    real = figures.plot_retention
+
+    def spy(bars: Any, labels: Any, out: Path, title: str) -> list[str]:
+        drawn.update(bars=bars, labels=labels, title=title)
+        return real(bars, labels, out, title)
+
+    monkeypatch.setattr(figures, "plot_retention", spy)
+    out = tmp_path / "out" / "table2"
+    assert main(["table2", str(runs), "--out", str(out)]) == 0
+    assert out.with_suffix(".png").stat().st_size > 0 and out.with_suffix(".pdf").stat().st_size > 0
+    assert "![table2](table2.png)" in out.with_suffix(".md").read_text()
+    assert drawn["labels"][0] == "GSM8K" and drawn["labels"][-1] == "Avg." and len(drawn["labels"]) == 9
+    assert set(drawn["bars"]) == {("smollm2", "zsre"), ("smollm2", "counterfact")}
+    zsre = drawn["bars"][("smollm2", "zsre")]
+    assert [label for label, _ in zsre] == ["Base (unedited)", "ELDER"]
+    elder = zsre[1][1]
+    assert elder[0].mean == pytest.approx(10.0) and elder[0].n == 2  # GSM8K, both seeds
+    assert elder[1].mean == pytest.approx(30.0) and elder[1].std == pytest.approx(np.std([20, 40], ddof=1))
+    assert zsre[0][1][-1].mean == pytest.approx(50.0)  # the unedited average, counted once
+    assert [label for label, _ in drawn["bars"][("smollm2", "counterfact")]] == ["Base (unedited)", "GRACE"]
+
+
 def test_figure2_lists_missing_seeds_and_draws_png_and_pdf(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     for editor, params in (("elder", 1_000_000), ("grace", 2_000_000)):
