@@ -1,10 +1,13 @@
 """results.json: everything a table needs from one run (config, metrics, timings, versions, commit)."""
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import platform
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -29,11 +32,23 @@ def git_commit() -> str:
         return "unknown"
 
 
-def write_json_atomic(path: str | Path, payload: Mapping[str, Any]) -> None:
+def write_json_atomic(path: str | Path, payload: Mapping[str, Any], *, indent: int = 2,
+                      sort_keys: bool = False) -> None:
+    """Write ``payload`` to a fresh temporary file beside ``path``, then rename it over ``path``.
+
+    A kill mid-write leaves no half file, and concurrent writers (parallel runs sharing a cache) each
+    rename their own complete file: a fixed temporary name would let one truncate another's.
+    """
     path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=float))
-    tmp.replace(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(payload, f, indent=indent, sort_keys=sort_keys, default=float)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
 
 
 def write_results(run_dir: str | Path, config: Mapping[str, Any], metrics: Mapping[str, Any],

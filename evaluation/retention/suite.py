@@ -17,12 +17,12 @@ import json
 import logging
 import os
 import re
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
 from evaluation.errors import ConfigError
+from evaluation.results import write_json_atomic
 from evaluation.retention import claims
 from evaluation.retention.base import RetentionTask, data_path
 from evaluation.retention.boolq import BoolQ
@@ -169,10 +169,7 @@ class Gu2024Suite:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         blob = {"key": cache_key, "settings": self.task_settings(name), "score": score, "details": details,
                 "seconds": seconds}
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(blob, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)  # atomic: a kill mid-write leaves no half file
+        write_json_atomic(path, blob, indent=1, sort_keys=True)
 
     def evaluate(self, generate: GenerateFn, *, cache_key: str | None = None,
                  cache_dir: str | None = None) -> RetentionReport:
