@@ -80,7 +80,7 @@ def plot_curves(curves: Mapping[tuple, Mapping[str, Sequence[tuple]]], xlabel: s
     return _save(fig, out)
 
 
-# --- Figure 4 -------------------------------------------------------------------------------------
+# --- Table 2 --------------------------------------------------------------------------------------
 def plot_retention(bars: Mapping[tuple, Sequence[tuple[str, Sequence[Any]]]], tasks: Sequence[str], out: Path,
                    title: str) -> list[str]:
     """One panel per (model, dataset): a group of bars per task, one bar per editor (mean ± std over seeds).
@@ -110,6 +110,7 @@ def plot_retention(bars: Mapping[tuple, Sequence[tuple[str, Sequence[Any]]]], ta
     return _save(fig, out)
 
 
+# --- Figure 4 -------------------------------------------------------------------------------------
 def _load(path: Path) -> dict[str, np.ndarray]:
     with np.load(path, allow_pickle=False) as data:
         return {k: data[k] for k in data.files}
