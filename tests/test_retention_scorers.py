@@ -77,9 +77,9 @@ def test_mutual_case_sensitive_letter_and_chi_rule():
 def test_nq_normalisation_and_span_match():
     assert normalize_answer("The  United-States!") == "unitedstates"
     assert normalize_answer("  An apple, a day. ") == "apple day"
-    ex = [NQExample("q", "p", ("Wilhelm Conrad Röntgen",)), NQExample("q", "p", ("the United States",)),
+    ex = [NQExample("q", "p", ("Åke Törnqvist Blom",)), NQExample("q", "p", ("the United States",)),
           NQExample("q", "p", ("June 3 , 1907",)), NQExample("q", "p", ("42",))]
-    out = [" Wilhelm Conrad Röntgen was the first.", "\nAnswer: The United States!",
+    out = [" Åke Törnqvist Blom was the first.", "\nAnswer: The United States!",
            " on June 3, 1907 in theatres", " 420 people"]
     score, d = NQ().score(ex, out)
     assert score == pytest.approx(3 / 4)  # "42" is not a whole-word span of "420 people"
@@ -109,18 +109,18 @@ def test_samsum_rouge_identical_disjoint_empty():
 
 def test_conll_helpers_reproduce_authors_quirks():
     assert authors_sentence(["Hello", ",", "world", "."]) == "Hello, world."
-    w, lab = ["Japan", "beat", "Syria"], ["B-LOC", "O", "B-LOC"]
-    assert authors_entities(w, lab, "LOC") == ["Japan", ""]  # no "O" after the last entity
-    assert iob_chunks(w, lab, "LOC") == ["Japan", "Syria"]
-    w, lab = ["U.S.", "Treasury", "said"], ["B-LOC", "B-ORG", "O"]
-    assert authors_entities(w, lab, "LOC") == ["U.S. Treasury"]  # adjacent entities merge
-    assert iob_chunks(w, lab, "LOC") == ["U.S."] and iob_chunks(w, lab, "ORG") == ["Treasury"]
-    assert split_entity_list(" Phil Simmons, U.S.; Leicestershire.\n\nText: x") == ["Phil Simmons", "U.S.", "Leicestershire"]
+    w, lab = ["Ostrand", "beat", "Kelvara"], ["B-LOC", "O", "B-LOC"]
+    assert authors_entities(w, lab, "LOC") == ["Ostrand", ""]  # no "O" after the last entity
+    assert iob_chunks(w, lab, "LOC") == ["Ostrand", "Kelvara"]
+    w, lab = ["N.V.", "Mintwork", "said"], ["B-LOC", "B-ORG", "O"]
+    assert authors_entities(w, lab, "LOC") == ["N.V. Mintwork"]  # adjacent entities merge
+    assert iob_chunks(w, lab, "LOC") == ["N.V."] and iob_chunks(w, lab, "ORG") == ["Mintwork"]
+    assert split_entity_list(" Ada Byrne, N.V.; Glenmoor.\n\nText: x") == ["Ada Byrne", "N.V.", "Glenmoor"]
     assert split_entity_list(" None") == []
 
 
 def _conll_example():
-    words = ("Phil", "Simmons", "took", "four", "for", "Leicestershire", "in", "London", ".")
+    words = ("Ada", "Byrne", "took", "four", "for", "Glenmoor", "in", "Velmora", ".")
     labels = ("B-PER", "I-PER", "O", "O", "O", "B-ORG", "O", "B-LOC", "O")
     return CoNLLExample(words, labels, 1)
 
@@ -129,14 +129,14 @@ def test_conll_hit_rate_vs_entity_f1():
     ex = [_conll_example()]
     task = CoNLL03()
     assert task.prompts(ex)[0] == ("Please identify Person Entity from the given text. Text: "
-                                   "Phil Simmons took four for Leicestershire in London. Entity:")
+                                   "Ada Byrne took four for Glenmoor in Velmora. Entity:")
     # outputs in prompt order: Person, Location, Organization, Miscellaneous
-    out = [" Phil Simmons, Leicestershire", " London\n\nText:", " Leicestershire County Cricket Club", " None"]
+    out = [" Ada Byrne, Glenmoor", " Velmora\n\nText:", " Glenmoor County Cricket Club", " None"]
     score, d = task.score(ex, out)
     # hits: PER 1/1, LOC 1/1, ORG 1/1 (substring), MISC: no gold and a non-empty output -> 0/1
     assert score == pytest.approx(0.75) and d["hit_rate"] == score
     assert d["hit_rate_MISC"] == 0.0 and d["recall_macro"] == 1.0
-    # string-level F1: predicted {Phil Simmons, Leicestershire}, {London}, {Leicestershire County Cricket Club}
+    # string-level F1: predicted {Ada Byrne, Glenmoor}, {Velmora}, {Glenmoor County Cricket Club}
     assert d["entity_precision"] == pytest.approx(2 / 4)
     assert d["entity_recall"] == pytest.approx(2 / 3)
     assert d["entity_f1"] == pytest.approx(2 * 0.5 * (2 / 3) / (0.5 + 2 / 3))
