@@ -81,12 +81,12 @@ def plot_curves(curves: Mapping[tuple, Mapping[str, Sequence[tuple]]], xlabel: s
 
 
 # --- Table 2 --------------------------------------------------------------------------------------
-def plot_retention(bars: Mapping[tuple, Sequence[tuple[str, Sequence[Any]]]], tasks: Sequence[str], out: Path,
+def plot_retention(bars: Mapping[tuple, Sequence[tuple[str, Sequence[Any]]]], labels: Sequence[str], out: Path,
                    title: str) -> list[str]:
     """One panel per (model, dataset): a group of bars per task, one bar per editor (mean ± std over seeds).
 
-    ``bars[(model, dataset)]`` lists ``(label, stats)`` with one :class:`evaluation.tables.Stat` (or None,
-    drawn as no bar) per entry of ``tasks``; the first label is the unedited model.
+    ``bars[(model, dataset)]`` lists ``(editor, stats)`` with one :class:`evaluation.tables.Stat` (or None,
+    drawn as no bar) per entry of ``labels`` (the tasks, then the average); the first is the unedited model.
     """
     plt = _pyplot()
     keys = list(bars)
@@ -95,15 +95,15 @@ def plot_retention(bars: Mapping[tuple, Sequence[tuple[str, Sequence[Any]]]], ta
         model, dataset = key
         series = bars[key]
         width = 0.8 / len(series)
-        xs = np.arange(len(tasks))
-        for i, (label, stats) in enumerate(series):
+        xs = np.arange(len(labels))
+        for i, (editor, stats) in enumerate(series):
             heights = [s.mean if s is not None else np.nan for s in stats]
             errors = [0.0 if s is None or math.isnan(s.std) else s.std for s in stats]
             offset = (i - (len(series) - 1) / 2) * width
             ax.bar(xs + offset, heights, width, yerr=errors if any(errors) else None, capsize=2,
-                   color="0.6" if i == 0 else f"C{i - 1}", label=label)
+                   color="0.6" if i == 0 else f"C{i - 1}", label=editor)
         where = f"{paper.MODEL_LABELS.get(model, model)}, {paper.DATASET_LABELS.get(dataset, dataset)}"
-        ax.set(ylabel="score (%)", title=f"{title} ({where})", xticks=xs, xticklabels=list(tasks))
+        ax.set(ylabel="score (%)", title=f"{title} ({where})", xticks=xs, xticklabels=list(labels))
         ax.grid(alpha=0.3, axis="y")
         ax.legend(fontsize=8, ncol=min(4, len(series)))
     fig.tight_layout()
