@@ -226,8 +226,7 @@ def _run(cfg: DictConfig, run_dir: Path, choices: Mapping[str, str], checkpoints
             timings["retention_seconds"] = time.perf_counter() - start
             metrics["retention"] = after.scores
             metrics["retention_base"] = retention_base.scores
-            metrics["retention_ratio"] = {k: (v / retention_base.scores[k] if retention_base.scores[k] else float("nan"))
-                                          for k, v in after.scores.items()}
+            metrics["retention_ratio"] = after.ratio_to(retention_base)
             metrics["retention_details"] = after.details
             metrics["retention_base_details"] = retention_base.details
             # per task: seconds to generate and score (measured when it ran) and which were read from a cache
@@ -236,7 +235,7 @@ def _run(cfg: DictConfig, run_dir: Path, choices: Mapping[str, str], checkpoints
         timings["wall_seconds"] = time.perf_counter() - wall
         flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         for group in ("retention", "retention_base", "retention_ratio"):  # each task, the average, the ratio
-            flat.update({f"{group}/{k}": v for k, v in metrics.get(group, {}).items()})
+            flat.update({f"{group}/{k}": v for k, v in metrics.get(group, {}).items() if v is not None})
         logger.summary(flat)
         stream_info = {"resumed_from": stream.resumed_from, "skipped": stream.skipped,
                        "checkpoints": str(checkpoints.directory), "wandb_run_id": run_id}

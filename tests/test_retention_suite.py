@@ -208,3 +208,13 @@ def test_a_damaged_stored_task_is_generated_again_and_rewritten(tmp_path, damage
     assert [c[0] for c in gen.calls[2:]] == ["rte"] and again.reused == ["sst2"]
     assert again.scores == first.scores and path.name in caplog.text
     assert json.loads(path.read_text())["score"] == first.scores["rte"]  # rewritten whole
+
+
+def test_retention_ratio_is_null_where_the_unedited_score_is_zero() -> None:
+    base = RetentionReport(scores={"rte": 0.0, "sst2": 0.5, "average": 0.25})
+    after = RetentionReport(scores={"rte": 0.2, "sst2": 0.25, "average": 0.225})
+    ratio = after.ratio_to(base)
+    assert ratio["rte"] is None
+    assert ratio["sst2"] == pytest.approx(0.5) and ratio["average"] == pytest.approx(0.9)
+    # strict JSON (no NaN literal) so results.json reads in any JSON parser
+    json.dumps(ratio, allow_nan=False)

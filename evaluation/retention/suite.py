@@ -58,6 +58,10 @@ class RetentionReport:
         """Every task came from the cache."""
         return bool(self.details) and set(self.reused) >= set(self.details)
 
+    def ratio_to(self, base: "RetentionReport") -> dict[str, float | None]:
+        """Each score over ``base``'s; None (JSON null) where the base scores 0 and the ratio is undefined."""
+        return {k: (v / base.scores[k] if base.scores.get(k) else None) for k, v in self.scores.items()}
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
