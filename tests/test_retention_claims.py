@@ -101,6 +101,57 @@ def test_a_live_claim_is_kept_fresh_and_removed_on_release(tmp_path):
     assert not os.path.exists(lock) and claims.claim(lock) is not None
 
 
+def test_a_stale_lock_replaced_by_another_run_meanwhile_is_put_back(tmp_path):
+    """Two runs judge one dead run's lock stale; the first takes it over, the second must not remove
+    the first's new lock (before, it did, and both generated the task)."""
+    lock = str(tmp_path / "x.lock")
+    _write_lock(lock, socket.gethostname(), _dead_pid())
+    judged = claims._stale_identity(lock, stale_seconds=5)  # the second run's look
+    assert judged is not None
+    first = claims.claim(lock, heartbeat_seconds=0.05)  # the first run takes it over
+    assert first is not None
+    mine = claims.holder(lock)
+    assert claims.take_over(lock, judged) is False  # the second run, acting on its old look
+    assert claims.holder(lock) == mine and claims.claim(lock) is None
+    assert [p.name for p in tmp_path.iterdir()] == ["x.lock"]  # nothing left aside
+    first.release()
+
+
+def test_a_takeover_left_by_a_killed_run_does_not_block_the_task_for_good(tmp_path):
+    lock = str(tmp_path / "x.lock")
+    _write_lock(lock, socket.gethostname(), _dead_pid())
+    Path(lock + ".takeover").touch()
+    assert claims.claim(lock) is None  # a takeover under way: wait
+    old = time.time() - 2 * claims.TAKEOVER_STALE_SECONDS
+    os.utime(lock + ".takeover", (old, old))  # its run died inside the takeover
+    assert claims.claim(lock) is None and not os.path.exists(lock + ".takeover")
+    held = claims.claim(lock)  # the next poll takes the dead run's lock over
+    assert held is not None and claims.holder(lock)["pid"] == os.getpid()
+    held.release()
+
+
+def test_of_many_runs_taking_over_one_stale_lock_exactly_one_holds_it(tmp_path):
+    dead = _dead_pid()
+    for round_ in range(50):
+        lock = str(tmp_path / f"{round_}.lock")
+        _write_lock(lock, socket.gethostname(), dead)
+        start = threading.Barrier(4)
+        held: list[claims.Claim] = []
+
+        def take() -> None:
+            start.wait()
+            if (c := claims.claim(lock, heartbeat_seconds=0.05)) is not None:
+                held.append(c)
+
+        threads = [threading.Thread(target=take) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(held) == 1, round_
+        held[0].release()
+
+
 WORKER = """
 import json, sys, time
 from evaluation.retention.suite import Gu2024Suite
