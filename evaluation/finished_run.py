@@ -1,4 +1,4 @@
-"""Rebuild the editor of a finished run from its results.json and last checkpoint (for reports)."""
+"""Rebuild a run's editor from its config and last checkpoint (for reports), finished or still going."""
 from __future__ import annotations
 
 import json
@@ -25,12 +25,18 @@ class FinishedRun:
 def load_finished(run_dir: Path) -> FinishedRun:
     """The run's config, its editor restored from the newest checkpoint, and the edits made so far.
 
+    The config is results.json's, or for a run not finished yet (stopped, or still editing) the one
+    Hydra saved in ``.hydra/config.yaml``: a report can then look at the stream's latest checkpoint.
     Call ``evaluation.compose.compose_config([])`` first: it registers the resolvers the saved config uses.
     """
-    results_path = run_dir / "results.json"
-    if not results_path.is_file():
-        raise HarnessError(f"{results_path} not found: pass the folder of a finished run")
-    cfg = OmegaConf.create(json.loads(results_path.read_text())["config"])
+    results_path, hydra_path = run_dir / "results.json", run_dir / ".hydra" / "config.yaml"
+    if results_path.is_file():
+        cfg = OmegaConf.create(json.loads(results_path.read_text())["config"])
+    elif hydra_path.is_file():
+        cfg = OmegaConf.load(hydra_path)
+    else:
+        raise HarnessError(f"neither {results_path} nor {hydra_path} exists: pass the folder of a run "
+                           f"(its hydra.run.dir)")
     checkpoints = CheckpointManager(run_dir / cfg.checkpoint.dir if "checkpoint" in cfg else run_dir / "checkpoints")
     ckpt = checkpoints.load_latest()
     if ckpt is None:

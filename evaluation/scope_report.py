@@ -1,6 +1,6 @@
 """Which inputs a finished run's router treats as edited: edit prompts, paraphrases, unrelated prompts.
 
-    python -m evaluation.scope_report outputs/runs/<run> [--limit 300]
+    python -m evaluation.scope_report outputs/runs/<run> [--limit 300]   (finished, or stopped mid-stream)
 
 For editors that route (ELDER's deferral, GRACE's codebook radii, MELO's cluster radii, Defer's
 deferral unit) it rebuilds the editor from the run's last checkpoint and reports the share of each

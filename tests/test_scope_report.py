@@ -50,6 +50,12 @@ def test_report_on_a_finished_tiny_grace_run(tmp_path: Path) -> None:
     assert out["edits"] == 8 and out["editor"] == "baselines.grace.GraceEditor"
     assert out["groups"]["edit prompts"] == {"n": 8, "in_scope": 1.0}
     assert 0.0 <= out["groups"]["locality prompts"]["in_scope"] <= 1.0 and (tmp_path / "scope.json").is_file()
+    # a run not finished yet has no results.json: the report reads Hydra's saved config instead
+    (tmp_path / "results.json").unlink()
+    assert report(tmp_path)["groups"] == out["groups"]
+    (tmp_path / ".hydra" / "config.yaml").unlink()
+    with pytest.raises(HarnessError, match="pass the folder of a run"):
+        report(tmp_path)
 
 
 def test_report_refuses_a_weight_editor(tmp_path: Path) -> None:
