@@ -66,6 +66,9 @@ class StreamCheckpoint:
     fingerprint: dict[str, Any] = field(default_factory=dict)  # config keys that must match on resume
     reason: str = "periodic"  # periodic | end | signal SIGTERM | nan | oom
     curve_due: bool = False  # a curve point at ``position`` is owed (evaluation interrupted, or the stream grew)
+    # the final evaluation's metrics, saved once the whole stream is evaluated: resuming a finished
+    # stream (to add retention tasks) then skips that evaluation
+    final_metrics: dict[str, float] | None = None
     path: Path | None = None  # where it was loaded from / saved to (not stored)
 
     def to_payload(self) -> dict[str, Any]:
@@ -73,7 +76,7 @@ class StreamCheckpoint:
                 "rng": self.rng, "curves": self.curves, "edit_seconds": self.edit_seconds,
                 "eval_seconds": self.eval_seconds, "skipped": self.skipped, "data_hash": self.data_hash,
                 "run_id": self.run_id, "fingerprint": self.fingerprint, "reason": self.reason,
-                "curve_due": self.curve_due}
+                "curve_due": self.curve_due, "final_metrics": self.final_metrics}
 
     @classmethod
     def from_payload(cls, payload: Mapping[str, Any], path: Path | None = None) -> "StreamCheckpoint":
@@ -81,7 +84,7 @@ class StreamCheckpoint:
             raise ValueError(f"not a stream checkpoint of format {FORMAT_VERSION}")
         keys = ("position", "editor_state", "rng", "curves", "edit_seconds", "eval_seconds", "skipped",
                 "data_hash", "run_id", "fingerprint", "reason", "curve_due")
-        return cls(**{k: payload[k] for k in keys}, path=path)
+        return cls(**{k: payload[k] for k in keys}, final_metrics=payload.get("final_metrics"), path=path)
 
 
 # --- RNG and state helpers ---------------------------------------------------------------------------

@@ -75,6 +75,7 @@ class _Snapshot:
     edit_seconds: float
     eval_seconds: float
     curve_due: bool = False
+    final_metrics: dict[str, float] | None = None
 
 
 def is_out_of_memory(err: BaseException) -> bool:
@@ -168,7 +169,7 @@ def run_stream(editor: Editor, requests: Sequence[EditRequest], base_locality: S
                                 curves=snap.curves, edit_seconds=snap.edit_seconds,
                                 eval_seconds=snap.eval_seconds, skipped=snap.skipped,
                                 data_hash=data_hash(requests[:snap.position]), reason=reason,
-                                curve_due=snap.curve_due)
+                                curve_due=snap.curve_due, final_metrics=snap.final_metrics)
         return checkpoints.save(ckpt)
 
     def saved_note(path: Path | None, position: int) -> str:
@@ -267,10 +268,18 @@ def run_stream(editor: Editor, requests: Sequence[EditRequest], base_locality: S
             raise StreamInterrupted(f"stopped by {guard.received} after {good.position} of {n} edits. "
                                     f"{saved_note(path, good.position)}")
 
+    if resume is not None and resume.position == n and resume.final_metrics is not None:
+        result.metrics = dict(resume.final_metrics)  # evaluated before; its curve point came with the checkpoint
+        log.info("the stream was evaluated after all %d edits before; using those metrics", n)
+        return result
     if checkpoints is not None and checkpoints.every and checkpoints.last_saved != n:
         save(good, "end")  # a kill during the final evaluation keeps every edit
     result.metrics = evaluate(n, lambda: good, progress_bar=progress)
     result.curves.append({"edits": n, **result.metrics, **sizes()})
+    if checkpoints is not None and checkpoints.every:
+        evaluated = snapshot(n, good.state)
+        evaluated.final_metrics = dict(result.metrics)
+        save(evaluated, "end, evaluated")  # a later resume=true (more retention tasks) skips the evaluation
     return result
 
 

@@ -25,7 +25,9 @@ def overrides(cache: Path, *extra: str) -> list[str]:
 
 
 @pytest.mark.skipif(not DATA.is_dir(), reason=f"retention data not at {DATA}")
-def test_results_hold_all_eight_tasks_and_a_resumed_run_reuses_scored_tasks(tmp_path: Path, one_thread: None) -> None:
+def test_results_hold_all_eight_tasks_and_a_resumed_run_reuses_scored_tasks(
+        tmp_path: Path, one_thread: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    import evaluation.stream
     from evaluation.compose import compose_config
     from evaluation.experiment import RETENTION_STORE, run_experiment
 
@@ -33,8 +35,18 @@ def test_results_hold_all_eight_tasks_and_a_resumed_run_reuses_scored_tasks(tmp_
     first = run_experiment(compose_config(overrides(tmp_path / "cache", "retention.tasks=[rte,sst2]")), run, CHOICES)
     assert set(first["metrics"]["retention"]) == {"rte", "sst2", "average"}
 
-    # resumed after the stream with the whole suite: the two scored tasks are read back, six are generated
+    # resumed after the stream with the whole suite: the two scored tasks are read back, six are generated,
+    # and the stream's final evaluation is read from the end checkpoint, not run again
+    evaluations = []
+    real_evaluate = evaluation.stream.evaluate_edits
+    monkeypatch.setattr(evaluation.stream, "evaluate_edits",
+                        lambda *a, **k: evaluations.append(1) or real_evaluate(*a, **k))
     full = run_experiment(compose_config(overrides(tmp_path / "cache", "resume=true")), run, CHOICES)
+    monkeypatch.undo()
+    assert evaluations == []
+    assert full["curves"] == first["curves"]
+    assert {k: full["metrics"][k] for k in ("reliability", "generalization", "locality")} == \
+        {k: first["metrics"][k] for k in ("reliability", "generalization", "locality")}
     results = json.loads((run / "results.json").read_text())
     metrics = results["metrics"]
     for group in ("retention", "retention_base", "retention_ratio"):
