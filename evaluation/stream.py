@@ -158,9 +158,10 @@ def run_stream(editor: Editor, requests: Sequence[EditRequest], base_locality: S
             checkpoints.last_saved = done
         log.info("resuming the stream after %d of %d edits from %s", done, n, resume.path)
 
-    def snapshot(position: int, state: dict[str, Any], due: bool = False) -> _Snapshot:
+    def snapshot(position: int, state: dict[str, Any], due: bool = False,
+                 final_metrics: dict[str, float] | None = None) -> _Snapshot:
         return _Snapshot(position, state, rng_states(), list(result.curves), list(result.skipped),
-                         result.edit_seconds, result.eval_seconds, due)
+                         result.edit_seconds, result.eval_seconds, due, final_metrics)
 
     def save(snap: _Snapshot, reason: str) -> Path | None:
         if checkpoints is None:
@@ -277,9 +278,7 @@ def run_stream(editor: Editor, requests: Sequence[EditRequest], base_locality: S
     result.metrics = evaluate(n, lambda: good, progress_bar=progress)
     result.curves.append({"edits": n, **result.metrics, **sizes()})
     if checkpoints is not None and checkpoints.every:
-        evaluated = snapshot(n, good.state)
-        evaluated.final_metrics = dict(result.metrics)
-        save(evaluated, "end, evaluated")  # a later resume=true (more retention tasks) skips the evaluation
+        save(snapshot(n, good.state, final_metrics=dict(result.metrics)), "end, evaluated")  # a later resume=true (more retention tasks) skips the evaluation
     return result
 
 
