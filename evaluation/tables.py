@@ -6,12 +6,14 @@
 
 Every ``results.json`` under the given folders (searched recursively) becomes one row of a pandas
 frame (the run's Hydra choices, seed, ELDER hyper-parameters and metrics). A folder with a ``.hydra``
-sub-folder but no ``results.json`` is a failed or unfinished run: it is kept as a row with status
-``failed``. Rows are grouped by the table's keys and averaged over seeds (mean ± sample standard
-deviation where a cell has more than one run). The output is ``<out>.md`` and ``<out>.tex`` (reproduced
+sub-folder but no ``results.json`` is kept as a row with status ``unfinished`` when it saved a stream
+checkpoint (stopped or still running: ``resume=true`` continues it) and ``failed`` otherwise. Rows are
+grouped by the table's keys and averaged over seeds (mean ± sample standard deviation where a cell has
+more than one run). The output is ``<out>.md`` and ``<out>.tex`` (reproduced
 | paper | difference), ``<out>.csv`` (the per-run frame) and, for figures, ``<out>.png`` and ``<out>.pdf``.
-Cells with no run say ``missing``, cells whose only runs failed say ``failed``; both are listed under
-the table together with the failed run folders, so nothing is dropped silently.
+Cells with no run say ``missing``, cells whose only runs failed or have not finished say ``failed`` or
+``unfinished``; all are listed under the table together with those run folders, so nothing is dropped
+silently.
 
 Names: table1 table2 table3 table4 figure2 figure3 grid figure4 (see results/README.md).
 """
@@ -107,8 +109,21 @@ def _last_line(path: Path) -> str:
     return lines[-1][-200:] if lines else ""
 
 
+def _checkpoint_state(run_dir: Path, cfg: Mapping[str, Any]) -> Optional[dict[str, Any]]:
+    """The run's ``latest.json`` (edits done, why it was saved), or None where it saved no checkpoint."""
+    ckpt = cfg.get("checkpoint")
+    sub = ckpt.get("dir") if isinstance(ckpt, Mapping) else None
+    latest = run_dir / (sub if isinstance(sub, str) and not sub.startswith("${") else "checkpoints") / "latest.json"
+    try:
+        state = json.loads(latest.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return state if isinstance(state, dict) and isinstance(state.get("position"), int) else None
+
+
 def failed_row(run_dir: Path, reason: str) -> dict[str, Any]:
-    """A run folder that has Hydra's record of the job but no (readable) results.json."""
+    """A run folder that has Hydra's record of the job but no (readable) results.json: ``unfinished``
+    where it saved a stream checkpoint, ``failed`` where it did not."""
     from omegaconf import OmegaConf
 
     choices: dict[str, Any] = {}
@@ -123,11 +138,20 @@ def failed_row(run_dir: Path, reason: str) -> dict[str, Any]:
         cfg = OmegaConf.to_container(loaded, resolve=False)  # type: ignore[assignment]
     except Exception:  # noqa: BLE001
         pass
+    status = "failed"
+    state = _checkpoint_state(run_dir, cfg)
+    if state is not None:
+        status = "unfinished"
+        dataset = cfg.get("dataset")
+        total = dataset.get("num_edits") if isinstance(dataset, Mapping) else None
+        done = f"{state['position']}/{total}" if isinstance(total, int) else str(state["position"])
+        reason += (f"; checkpoint after {done} edits ({state.get('reason', 'periodic')}): "
+                   f"resume=true hydra.run.dir={run_dir} continues it")
     logs = sorted(run_dir.glob("*.log"))
     last = _last_line(logs[0]) if logs else ""
     if last:
         reason += f"; last log line: {last}"
-    row = {"source": str(run_dir), "status": "failed", "reason": reason, **_settings(choices, cfg)}
+    row = {"source": str(run_dir), "status": status, "reason": reason, **_settings(choices, cfg)}
     # unresolved interpolations (``${...}``) are not settings we can group on
     return {k: (None if isinstance(v, str) and v.startswith("${") else v) for k, v in row.items()}
 
@@ -231,10 +255,14 @@ class Cells:
         return tuple(_key_value(v) for v in key)
 
     def status(self, key: Sequence[Any]) -> str:
+        """``ok`` where a run finished; else ``unfinished`` where every run of the cell saved a checkpoint
+        and stopped (or is still going), ``failed`` where one did not, ``missing`` where there is none."""
         key = self._key(key)
         if key in self.ok:
             return "ok"
-        return "failed" if key in self.failed else "missing"
+        if key not in self.failed:
+            return "missing"
+        return "unfinished" if (self.failed[key]["status"] == "unfinished").all() else "failed"
 
     def stat(self, key: Sequence[Any], metric: str, scale: float = 1.0) -> Optional[Stat]:
         sub = self.ok.get(self._key(key))
@@ -246,7 +274,10 @@ class Cells:
         return Stat(float(values.mean()), float(values.std()) if len(values) > 1 else math.nan, int(values.count()))
 
     def seeds(self, key: Sequence[Any], status: str = "ok") -> list[int]:
+        """The seeds of the cell's runs with this status (ok, failed or unfinished)."""
         sub = (self.ok if status == "ok" else self.failed).get(self._key(key))
+        if sub is not None and status != "ok":
+            sub = sub[sub["status"] == status]
         return [] if sub is None else sorted(int(s) for s in pd.to_numeric(sub["seed"], errors="coerce").dropna())
 
     def values(self, column: str) -> list[Any]:
@@ -392,7 +423,7 @@ def _failed_list(frame: pd.DataFrame) -> list[str]:
     for _, row in frame[frame["status"] != "ok"].iterrows():
         settings = " ".join(f"{k}={_key_value(row[k])}" for k in ("editor", "model", "dataset", "seed", "num_edits")
                             if _key_value(row[k]) is not None)
-        out.append(f"`{row['source']}` ({settings}): {row['reason']}")
+        out.append(f"`{row['source']}` ({settings}; {row['status']}): {row['reason']}")
     return out
 
 
@@ -682,11 +713,13 @@ def _curve_table(report: Report, frame: pd.DataFrame, opts: Options, x: str, x_l
                     seeds = cells.seeds(key)
                     rows.append([_label(paper.EDITOR_LABELS, editor), f"{value:g}", fmt(rel, cells.status(key)),
                                  fmt(gen, cells.status(key)), fmt(params, cells.status(key)), str(len(seeds))])
-                    failed = set(cells.seeds(key, "failed"))
+                    failed, unfinished = set(cells.seeds(key, "failed")), set(cells.seeds(key, "unfinished"))
                     lacking = [s for s in expected_seeds if s not in seeds]
                     parts = [f"seed(s) {', '.join(map(str, group))} {what}"
-                             for what, group in (("missing", [s for s in lacking if s not in failed]),
-                                                 ("failed", [s for s in lacking if s in failed])) if group]
+                             for what, group in (("missing", [s for s in lacking if s not in failed | unfinished]),
+                                                 ("failed", [s for s in lacking if s in failed]),
+                                                 ("unfinished", [s for s in lacking if s in unfinished - failed]))
+                             if group]
                     if parts:
                         report.missing.append(f"{_label(paper.EDITOR_LABELS, editor)} / {model} / "
                                               f"{_label(paper.DATASET_LABELS, ds)} / {x_label}={value:g}: "

@@ -35,7 +35,8 @@ def write_run(root: Path, name: str, editor: str, dataset: str, rel: float, gen:
 
 
 def write_failed(root: Path, name: str, editor: str, dataset: str, seed: int = 0, model: str = "smollm2",
-                 num_edits: int = 1000) -> Path:
+                 num_edits: int = 1000, checkpoint_at: int | None = None) -> Path:
+    """A run folder without results.json; ``checkpoint_at``: it saved a stream checkpoint after that many edits."""
     run = root / name
     (run / ".hydra").mkdir(parents=True)
     (run / ".hydra" / "hydra.yaml").write_text(
@@ -43,6 +44,10 @@ def write_failed(root: Path, name: str, editor: str, dataset: str, seed: int = 0
     (run / ".hydra" / "config.yaml").write_text(
         f"seed: {seed}\ndataset:\n  num_edits: {num_edits}\neditor:\n  seed: ${{seed}}\n")
     (run / "run.log").write_text("[INFO] - loading model\n[INFO] - edit 400/1000\n")
+    if checkpoint_at is not None:
+        (run / "checkpoints").mkdir()
+        (run / "checkpoints" / "latest.json").write_text(json.dumps(
+            {"file": f"step-{checkpoint_at:06d}.pt", "position": checkpoint_at, "reason": "signal SIGTERM"}))
     return run
 
 
@@ -85,6 +90,26 @@ def test_table1_from_fixture_runs_matches_the_expected_markdown(table1_runs: Pat
     failed = report.failed[0]
     assert "melo_counterfact_s0" in failed and "editor=melo" in failed and "dataset=counterfact" in failed
     assert "no results.json" in failed and "edit 400/1000" in failed  # the last line of the run's log
+
+
+def test_a_run_stopped_after_a_checkpoint_is_unfinished_not_failed(tmp_path: Path) -> None:
+    """A run folder with a stream checkpoint is ``unfinished`` (with how far it got and how to go on); a cell
+    with one run that saved nothing is ``failed``."""
+    root = tmp_path / "multirun"
+    write_run(root, "grace_zsre", "grace", "zsre", 1.0, 0.0)
+    stopped = write_failed(root, "defer_zsre", "defer", "zsre", checkpoint_at=610)
+    write_failed(root, "defer_cf_s0", "defer", "counterfact", checkpoint_at=20)
+    write_failed(root, "defer_cf_s1", "defer", "counterfact", seed=1)
+    rows = {Path(r["source"]).name: r for r in collect_runs([root])}
+    assert [rows[n]["status"] for n in ("grace_zsre", "defer_zsre", "defer_cf_s0", "defer_cf_s1")] == \
+        ["ok", "unfinished", "unfinished", "failed"]
+    assert f"checkpoint after 610/1000 edits (signal SIGTERM): resume=true hydra.run.dir={stopped}" \
+        in rows["defer_zsre"]["reason"]
+    report = build("table1", list(rows.values()), Options())
+    assert "| Defer | unfinished | 53.82 |  | unfinished | 51.32 |  | failed | 68.82 |" in report.tables[0].markdown()
+    assert "Defer / smollm2 / ZsRE: unfinished" in report.missing
+    assert "Defer / smollm2 / CounterFact: failed" in report.missing  # one of its two runs saved nothing
+    assert sum("defer_zsre" in f and "unfinished" in f and "610/1000" in f for f in report.failed) == 1
 
 
 def test_cli_writes_markdown_latex_and_csv_and_lists_what_is_missing(table1_runs: Path, tmp_path: Path) -> None:
@@ -192,11 +217,12 @@ def test_figure2_lists_missing_seeds_and_draws_png_and_pdf(tmp_path: Path) -> No
     for editor, params in (("elder", 1_000_000), ("grace", 2_000_000)):
         for n in (1000, 2000):
             for seed in (0, 1, 2, 3, 4):
-                if editor == "grace" and n == 2000 and seed == 4:
+                if (editor, n, seed) in {("grace", 2000, 4), ("elder", 2000, 3)}:
                     continue
                 write_run(runs, f"{editor}_{n}_{seed}", editor, "counterfact", 0.9 - seed / 100, 0.5, seed=seed,
                           num_edits=n, params=params * n // 1000)
     write_failed(runs, "grace_2000_4", "grace", "counterfact", seed=4, num_edits=2000)
+    write_failed(runs, "elder_2000_3", "elder", "counterfact", seed=3, num_edits=2000, checkpoint_at=1500)
     out = tmp_path / "out" / "figure2"
     assert main(["figure2", str(runs), "--out", str(out)]) == 0
     assert out.with_suffix(".png").stat().st_size > 0 and out.with_suffix(".pdf").stat().st_size > 0
@@ -204,6 +230,7 @@ def test_figure2_lists_missing_seeds_and_draws_png_and_pdf(tmp_path: Path) -> No
     assert "| ELDER | 1000 | 88.00 ± 1.58 | 50.00 ± 0.00 | 1.00 ± 0.00 | 5 |" in md
     assert "| GRACE | 2000 | 88.50 ± 1.29 | 50.00 ± 0.00 | 4.00 ± 0.00 | 4 |" in md
     assert "- GRACE / smollm2 / CounterFact / edits=2000: seed(s) 4 failed\n" in md
+    assert "- ELDER / smollm2 / CounterFact / edits=2000: seed(s) 3 unfinished\n" in md
     assert "- ELDER / smollm2 / CounterFact / edits=3000: seed(s) 0, 1, 2, 3, 4 missing\n" in md
     assert "![figure2](figure2.png)" in md
 
