@@ -20,11 +20,11 @@ import torch
 from elder.editor import ElderEditor
 from elder.routing import min_hamming
 from evaluation.errors import HarnessError
-from evaluation.finished_run import load_finished, prompt_groups
+from evaluation.saved_run import load_saved_run, prompt_groups
 
 
 def report(run_dir: Path, limit: int | None = None, batch_size: int = 32) -> dict[str, Any]:
-    run = load_finished(run_dir)
+    run = load_saved_run(run_dir)
     editor, requests = run.editor, run.requests
     if not isinstance(editor, ElderEditor):
         raise HarnessError(f"{run_dir} is not an ELDER run (editor {run.cfg.editor._target_}); "

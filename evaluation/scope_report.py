@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from evaluation.errors import HarnessError
-from evaluation.finished_run import load_finished, prompt_groups
+from evaluation.saved_run import load_saved_run, prompt_groups
 
 
 def report(run_dir: Path, limit: int | None = None) -> dict[str, Any]:
-    run = load_finished(run_dir)
+    run = load_saved_run(run_dir)
     sample = run.requests[:limit] if limit else run.requests
     prompts = prompt_groups(sample)
     out: dict[str, Any] = {"run": str(run_dir), "editor": run.cfg.editor._target_, "edits": len(run.requests),

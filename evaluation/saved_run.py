@@ -1,4 +1,4 @@
-"""Rebuild a run's editor from its config and last checkpoint (for reports), finished or still going."""
+"""Rebuild a saved run's editor from its config and newest checkpoint (for reports), finished or still going."""
 from __future__ import annotations
 
 import json
@@ -16,13 +16,13 @@ from evaluation.errors import HarnessError
 
 
 @dataclass
-class FinishedRun:
+class SavedRun:
     cfg: DictConfig
     editor: Editor  # with the checkpoint's state loaded
     requests: list[EditRequest]  # the edits the checkpoint holds, in stream order
 
 
-def load_finished(run_dir: Path) -> FinishedRun:
+def load_saved_run(run_dir: Path) -> SavedRun:
     """The run's config, its editor restored from the newest checkpoint, and the edits made so far.
 
     The config is results.json's, or for a run not finished yet (stopped, or still editing) the one
@@ -45,7 +45,7 @@ def load_finished(run_dir: Path) -> FinishedRun:
     requests = instantiate(cfg.dataset).load()[:ckpt.position]
     editor: Any = instantiate(cfg.editor, _partial_=True)(model=instantiate(cfg.model))
     editor.load_state_dict(ckpt.editor_state)
-    return FinishedRun(cfg, editor, requests)
+    return SavedRun(cfg, editor, requests)
 
 
 def prompt_groups(requests: Sequence[EditRequest]) -> dict[str, list[str]]:
