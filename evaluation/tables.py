@@ -37,7 +37,7 @@ SCALAR_METRICS = ("reliability", "generalization", "reliability_token", "general
                   "seconds_per_edit", "trainable_params", "stored_params", "skipped_edits")
 KEY_COLUMNS = ("source", "status", "reason", "editor", "model", "dataset", "experiment", "seed", "num_edits",
                "top_k", "num_loras", "guide_lambda", "epsilon", "aux_loss", "L", "layers", "retention_limit",
-               "device", "git_commit")
+               "retention_suite", "device", "git_commit")
 DASH = "—"
 
 
@@ -77,6 +77,8 @@ def _settings(choices: Mapping[str, Any], cfg: Mapping[str, Any]) -> dict[str, A
         "L": len(layers) if isinstance(layers, list) else None,
         "layers": ",".join(map(str, layers)) if isinstance(layers, list) else None,
         "retention_limit": retention_cfg.get("limit") if "tasks" in retention_cfg else None,
+        # whether the run measures test retention at all (retention=none has no tasks); None: unknown
+        "retention_suite": ("tasks" in retention_cfg) if retention_cfg else None,
     }
 
 
@@ -509,12 +511,13 @@ def build_table1(frame: pd.DataFrame, opts: Options) -> Report:
 
 def build_table2(frame: pd.DataFrame, opts: Options) -> Report:
     frame, n_edits = _stream_length(frame, opts, 1000)
-    if not frame.empty and "retention.average" in frame.columns:
-        # finished runs without a retention suite cannot fill this table
-        no_suite = (frame["status"] == "ok") & frame["retention.average"].isna()
+    if not frame.empty:
+        # runs without a retention suite cannot fill this table: finished ones without scores, and
+        # unfinished or failed ones whose config has none (``retention=none``; unknown is kept)
+        finished = frame["status"] == "ok"
+        scored = frame["retention.average"].notna() if "retention.average" in frame.columns else False
+        no_suite = (finished & ~scored) | (~finished & (frame["retention_suite"] == False))  # noqa: E712
         frame = frame[~no_suite]
-    elif not frame.empty:
-        frame = frame[frame["status"] != "ok"]
     report = Report("table2", f"Table 2: test retention (%) after {n_edits} sequential edits",
                     notes=_common_notes(frame))
     bars: dict[tuple, list[tuple[str, list[Optional[Stat]]]]] = {}  # per (model, dataset), for the figure

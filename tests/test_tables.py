@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -35,14 +36,18 @@ def write_run(root: Path, name: str, editor: str, dataset: str, rel: float, gen:
 
 
 def write_failed(root: Path, name: str, editor: str, dataset: str, seed: int = 0, model: str = "smollm2",
-                 num_edits: int = 1000, checkpoint_at: int | None = None) -> Path:
-    """A run folder without results.json; ``checkpoint_at``: it saved a stream checkpoint after that many edits."""
+                 num_edits: int = 1000, checkpoint_at: int | None = None, suite: bool | None = None) -> Path:
+    """A run folder without results.json; ``checkpoint_at``: it saved a stream checkpoint after that many edits;
+    ``suite``: its config has a retention suite (True), ``retention=none`` (False), or no retention key (None)."""
     run = root / name
     (run / ".hydra").mkdir(parents=True)
     (run / ".hydra" / "hydra.yaml").write_text(
         f"hydra:\n  runtime:\n    choices:\n      editor: {editor}\n      model: {model}\n      dataset: {dataset}\n")
+    retention = {None: "", False: "retention:\n  _target_: evaluation.retention.suite.NoRetention\n",
+                 True: "retention:\n  _target_: evaluation.retention.suite.RetentionSuite\n  tasks: [sst2]\n"
+                       "  limit: null\n"}[suite]
     (run / ".hydra" / "config.yaml").write_text(
-        f"seed: {seed}\ndataset:\n  num_edits: {num_edits}\neditor:\n  seed: ${{seed}}\n")
+        f"seed: {seed}\ndataset:\n  num_edits: {num_edits}\neditor:\n  seed: ${{seed}}\n{retention}")
     (run / "run.log").write_text("[INFO] - loading model\n[INFO] - edit 400/1000\n")
     if checkpoint_at is not None:
         (run / "checkpoints").mkdir()
@@ -160,6 +165,14 @@ def test_tables_2_to_4(tmp_path: Path) -> None:
     assert avg.rows[0][:4] == ["Base (unedited)", "32.0", "32.1", "-0.1"]
     assert avg.rows[-1][:4] == ["ELDER", "30.0", "32.3", "-2.3"]
     assert avg.rows[1][1] == "missing"  # FT-L
+    # an unfinished run counts in Table 2 only where it runs a suite (a Table 1 run with retention=none does not)
+    write_failed(tmp_path, "defer_cf", "defer", "counterfact", checkpoint_at=300, suite=False)
+    write_failed(tmp_path, "ft_l_zsre", "ft_l", "zsre", checkpoint_at=1000, suite=True)
+    avg = build("table2", collect_runs([tmp_path]), Options()).tables[0]
+    assert avg.rows[0][4] == "missing"  # the unedited model on CounterFact: no run with a suite
+    assert avg.rows[1][1] == "unfinished" and avg.rows[3][4] == "missing"  # FT-L ZsRE; Defer CounterFact
+    for name in ("defer_cf", "ft_l_zsre"):
+        shutil.rmtree(tmp_path / name)
     per_task = t2.tables[1]
     assert per_task.columns[1] == "GSM8K" and per_task.rows[-1][1:3] == ["30.0", "30.0"]
 
