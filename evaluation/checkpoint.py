@@ -270,15 +270,25 @@ class CheckpointManager:
         payload = torch.load(path, map_location="cpu", weights_only=False)  # our own file: python objects
         return StreamCheckpoint.from_payload(payload, path)
 
+    def pointer(self) -> dict[str, Any] | None:
+        """``latest.json`` (file, position, reason, run id) without loading the checkpoint, or None where
+        there is none or it is unreadable."""
+        path = self.directory / LATEST
+        if not path.is_file():
+            return None
+        try:
+            state = json.loads(path.read_text())
+            if isinstance(state, dict) and isinstance(state["file"], str) and isinstance(state["position"], int):
+                return state
+            raise TypeError("expected {file: str, position: int, ...}")
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            log.warning("ignoring unreadable %s (%s)", path, err)
+            return None
+
     def load_latest(self) -> StreamCheckpoint | None:
         """The newest readable checkpoint (the one ``latest.json`` names, else the highest step file)."""
-        candidates: list[Path] = []
-        pointer = self.directory / LATEST
-        if pointer.is_file():
-            try:
-                candidates.append(self.directory / json.loads(pointer.read_text())["file"])
-            except (ValueError, KeyError, TypeError) as err:
-                log.warning("ignoring unreadable %s (%s)", pointer, err)
+        pointer = self.pointer()
+        candidates = [self.directory / pointer["file"]] if pointer else []
         candidates += [p for _, p in reversed(self.files()) if p not in candidates]
         for path in candidates:
             if not path.is_file():

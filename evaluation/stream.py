@@ -278,7 +278,8 @@ def run_stream(editor: Editor, requests: Sequence[EditRequest], base_locality: S
     result.metrics = evaluate(n, lambda: good, progress_bar=progress)
     result.curves.append({"edits": n, **result.metrics, **sizes()})
     if checkpoints is not None and checkpoints.every:
-        save(snapshot(n, good.state, final_metrics=dict(result.metrics)), "end, evaluated")  # a later resume=true (more retention tasks) skips the evaluation
+        # with its metrics, so a later resume=true (more retention tasks) skips the evaluation
+        save(snapshot(n, good.state, final_metrics=dict(result.metrics)), "end, evaluated")
     return result
 
 

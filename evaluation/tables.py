@@ -113,14 +113,12 @@ def _last_line(path: Path) -> str:
 
 def _checkpoint_state(run_dir: Path, cfg: Mapping[str, Any]) -> Optional[dict[str, Any]]:
     """The run's ``latest.json`` (edits done, why it was saved), or None where it saved no checkpoint."""
+    from evaluation.checkpoint import CheckpointManager  # torch: only for folders without results.json
+
     ckpt = cfg.get("checkpoint")
     sub = ckpt.get("dir") if isinstance(ckpt, Mapping) else None
-    latest = run_dir / (sub if isinstance(sub, str) and not sub.startswith("${") else "checkpoints") / "latest.json"
-    try:
-        state = json.loads(latest.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return state if isinstance(state, dict) and isinstance(state.get("position"), int) else None
+    directory = sub if isinstance(sub, str) and not sub.startswith("${") else "checkpoints"
+    return CheckpointManager(run_dir / directory).pointer()
 
 
 def failed_row(run_dir: Path, reason: str) -> dict[str, Any]:
