@@ -92,11 +92,17 @@ def _free_memory() -> None:
 
 
 class _SignalGuard:
-    """SIGTERM/SIGINT become a request to stop at the next batch boundary; a second one stops at once."""
+    """SIGTERM/SIGINT become a request to stop at the next batch boundary; a second one stops at once.
 
-    def __init__(self, enabled: bool) -> None:
+    A repeat within ``repeat_window`` seconds is the same stop delivered twice (``timeout`` signals
+    its whole process group and ``make`` forwards the signal to its child), so it is ignored.
+    """
+
+    def __init__(self, enabled: bool, repeat_window: float = 1.0) -> None:
         self.enabled = enabled
+        self.repeat_window = repeat_window
         self.received: str | None = None
+        self._received_at = 0.0
         self._handlers = contextlib.ExitStack()
 
     def __enter__(self) -> "_SignalGuard":
@@ -116,11 +122,14 @@ class _SignalGuard:
     def _handle(self, signum: int, frame: object) -> None:
         name = signal.Signals(signum).name
         if self.received is not None:
+            if time.monotonic() - self._received_at < self.repeat_window:
+                return
             self._say(f"second {name}: stopping now, without a new checkpoint")
             if signum == signal.SIGINT:
                 raise KeyboardInterrupt
             raise SystemExit(128 + signum)
         self.received = name
+        self._received_at = time.monotonic()
         self._say(f"{name} received: finishing the current batch, saving a checkpoint, then stopping "
                   f"(send it again to stop at once)")
 

@@ -218,3 +218,16 @@ def test_every_baseline_resumes_exactly_from_its_checkpoint(editor: str, overrid
     assert resumed.resumed_from == 4
     assert (resumed.metrics, resumed.curves) == (full.metrics, full.curves)
     assert _state_equal(to_cpu(resumed_editor.state_dict()), to_cpu(full_editor.state_dict()))
+
+
+def test_a_repeated_signal_is_one_stop_and_a_later_one_stops_at_once() -> None:
+    """``timeout`` + ``make`` deliver one SIGTERM twice; that must still save, a deliberate second must not."""
+    from evaluation.stream import _SignalGuard
+
+    guard = _SignalGuard(enabled=False, repeat_window=60.0)
+    guard._handle(signal.SIGTERM, None)
+    guard._handle(signal.SIGTERM, None)  # within the window: the same stop, no exit
+    assert guard.received == "SIGTERM"
+    guard.repeat_window = 0.0
+    with pytest.raises(SystemExit):
+        guard._handle(signal.SIGTERM, None)
