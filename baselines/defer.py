@@ -44,6 +44,7 @@ class DeferConf:
     threshold: float = 0.5
     batch_size: int = 1
     prefix_cache: bool = True
+    key_position: str = "prompt_last"
     seed: int = "${seed}"  # type: ignore[assignment]
 
 
@@ -59,6 +60,7 @@ class DeferEditor(Editor):
         threshold: float = 0.5,
         batch_size: int = 1,
         prefix_cache: bool = True,
+        key_position: str = "prompt_last",
         seed: int = 0,
     ) -> None:
         check_layer(model, "layer", layer)
@@ -67,6 +69,7 @@ class DeferEditor(Editor):
         check_positive("batch_size", batch_size)
         if not 0.0 < threshold < 1.0:
             raise ConfigError(f"editor.threshold must lie strictly between 0 and 1 (a sigmoid output), got {threshold}")
+        self.key_position = self.checked_key_position(key_position)
         self.loaded, self.model, self.tokenizer = model, model.model, model.tokenizer
         self.layer, self.threshold = layer, threshold
         self.lr, self.iterations, self.batch_size = lr, iterations, batch_size
@@ -121,7 +124,7 @@ class DeferEditor(Editor):
         try:
             with replaying(self.prefix):
                 for _ in range(self.iterations):
-                    with self.scope(batch.query_positions):
+                    with self.batch_scope(batch):
                         loss = target_logits(self.model, batch).loss()
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()

@@ -12,7 +12,9 @@ Follows the authors' ``grace/editors/grace.py`` (Thartvigsen/GRACE) and EasyEdit
 labels are compared as target strings (the authors compare the mean of the label token ids),
 ties between equidistant keys go to the newest key (the authors take the oldest, which makes a
 re-edit of the same prompt unreachable), and the query token is per row (``Editor.scope``) instead
-of one position shared by the whole batch.
+of one position shared by the whole batch. The query token is the last prompt token by default;
+``key_position=sequence_last`` reads the last token as fed (``key_id = -1``), which under teacher
+forcing is the last target token; the replaced token(s) follow the query token, as in the authors' code.
 
 The value-replacement layer and the routing record here are shared with ``baselines.defer``.
 """
@@ -209,6 +211,7 @@ class GraceConf:
     iterations: int = 100
     batch_size: int = 1
     prefix_cache: bool = True
+    key_position: str = "prompt_last"
     seed: int = "${seed}"  # type: ignore[assignment]
 
 
@@ -228,6 +231,7 @@ class GraceEditor(Editor):
         iterations: int = 100,
         batch_size: int = 1,
         prefix_cache: bool = True,
+        key_position: str = "prompt_last",
         seed: int = 0,
     ) -> None:
         check_layer(model, "layer", layer)
@@ -239,6 +243,7 @@ class GraceEditor(Editor):
         check_positive("lr", lr)
         check_positive("iterations", iterations)
         check_positive("batch_size", batch_size)
+        self.key_position = self.checked_key_position(key_position)
         self.loaded, self.model, self.tokenizer = model, model.model, model.tokenizer
         self.layer, self.value_init = layer, value_init
         self.lr, self.iterations, self.batch_size = lr, iterations, batch_size
@@ -275,7 +280,7 @@ class GraceEditor(Editor):
     @torch.no_grad()
     def keys_for(self, batch: EncodedBatch) -> torch.Tensor:
         """(B, d_in) the layer input at each row's query token (the codebook key)."""
-        with self.scope(batch.query_positions):
+        with self.batch_scope(batch):
             target_logits(self.model, batch)
             assert self.query.value is not None
             return self.query.value.clone()
@@ -300,7 +305,7 @@ class GraceEditor(Editor):
             loss = torch.zeros(())
             try:
                 for _ in range(self.iterations):
-                    with self.scope(batch.query_positions):
+                    with self.batch_scope(batch):
                         loss = target_logits(self.model, batch).loss()
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()

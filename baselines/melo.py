@@ -16,7 +16,8 @@ max(farthest key, ``radius``)); a key with another label starts a cluster and bo
 half the distance (-/+ 1e-5), the old cluster forgetting keys now outside it.
 
 Differences from the released code, all on purpose: the key token is the last prompt token of
-each row (MELO's ``key_id: -1`` takes the last token of "{prompt} {target}"); labels are compared
+each row by default (MELO's ``key_id: -1`` takes the last token of "{prompt} {target}", which
+``key_position=sequence_last`` reproduces, without ever reading a pad token); labels are compared
 as target strings (MELO compares the sums of the label token ids); running out of blocks is an
 error (MELO silently indexes past its rank).
 
@@ -206,6 +207,7 @@ class MeloConf:
     iterations: int = 50
     batch_size: int = 4
     prefix_cache: bool = True
+    key_position: str = "prompt_last"
     seed: int = "${seed}"  # type: ignore[assignment]
 
 
@@ -228,6 +230,7 @@ class MeloEditor(Editor):
         iterations: int = 50,
         batch_size: int = 4,
         prefix_cache: bool = True,
+        key_position: str = "prompt_last",
         seed: int = 0,
     ) -> None:
         layers = list(layers)
@@ -238,6 +241,7 @@ class MeloEditor(Editor):
             check_positive(key, value)
         if alpha is not None:
             check_positive("alpha", alpha)
+        self.key_position = self.checked_key_position(key_position)
         self.loaded, self.model, self.tokenizer = model, model.model, model.tokenizer
         self.layers, self.query_layer, self.key_source = layers, query_layer, key_source
         self.rank_per_block, self.num_blocks = rank_per_block, num_blocks
@@ -304,7 +308,7 @@ class MeloEditor(Editor):
         """(B, d_key) the database key of each row."""
         self._capture_keys = True
         try:
-            with self.scope(batch.query_positions):
+            with self.batch_scope(batch):
                 target_logits(self.model, batch)
                 keys = self.query.derived
         finally:
@@ -333,7 +337,7 @@ class MeloEditor(Editor):
             loss = torch.zeros(())
             try:
                 for _ in range(self.iterations):
-                    with self.scope(batch.query_positions):
+                    with self.batch_scope(batch):
                         loss = target_logits(self.model, batch).loss()
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()

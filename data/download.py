@@ -20,6 +20,11 @@ FILES = {  # relative path under the data dir: (url, sha256)
     "counterfact/counterfact-edit.json": (
         f"{RAW}/qizhou000/RECIPE/main/data/counterfact/counterfact-edit.json",
         "bfe31a7081932739406e282bb625d74222549c3386c15b1df3dfbc3978c69eec"),
+    # dataset=counterfact_rome: 500 of ROME's counterfact.json records (https://rome.baulab.info/data/dsets/
+    # counterfact.json), as committed to furonglegend/Met (data/counterfact_500.json) at this commit
+    "counterfact/rome-counterfact-500.json": (
+        f"{RAW}/furonglegend/Met/9a33baa807b2fb0b9bbe72712df82b4fb675c692/data/counterfact_500.json",
+        "99a455fe1b99dc332ec1fa921e69fd9297606e9c51d4f108522782f6ad125803"),
 }
 
 

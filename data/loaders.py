@@ -1,13 +1,18 @@
-"""Loaders for the two edit sets, following the ELDER protocol (spec section 6).
+"""Loaders for the edit sets, following the ELDER protocol (spec section 6).
 
 The first ``num_edits`` records that have a paraphrase are kept, in file order; the edit prompt is
-edited and its paraphrase is held out for generalization. Files are read through the ``datasets``
+edited and its paraphrase(s) held out for generalization. Files are read through the ``datasets``
 json builder (cached in ``cache_dir``) and every record is validated so a malformed one is named.
+
+Three formats: ``zsre`` (MEND/WISE lifelong split), ``counterfact`` (EasyEdit's flat CounterFact,
+one paraphrase and one locality pair per record) and ``counterfact_rome`` (ROME's own CounterFact
+records: two paraphrases, ten neighbourhood prompts). ``dataset.target`` picks the edit target's
+field where a format has a choice (``TARGETS``).
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -83,9 +88,9 @@ def load_edit_requests(
     num_edits: int,
     cache_dir: str | None = None,
 ) -> list[EditRequest]:
+    """A flat-format edit set (ZsRE, EasyEdit CounterFact): one paraphrase and one locality pair each."""
     path = Path(path)
-    if num_edits < 1:
-        raise DataError(f"dataset.num_edits must be at least 1, got {num_edits}")
+    _check_num_edits(num_edits)
     records = _read_records(path, cache_dir)
     requests: list[EditRequest] = []
     for index, record in enumerate(records):
@@ -110,11 +115,118 @@ def load_edit_requests(
         )
         if len(requests) == num_edits:
             break
+    _check_enough(path, requests, num_edits)
+    return requests
+
+
+def _check_num_edits(num_edits: int) -> None:
+    if num_edits < 1:
+        raise DataError(f"dataset.num_edits must be at least 1, got {num_edits}")
+
+
+def _check_enough(path: Path, requests: list[EditRequest], num_edits: int) -> None:
     if len(requests) < num_edits:
         raise DataError(
             f"{path}: asked for {num_edits} edits but only {len(requests)} records have a paraphrase; "
             f"lower dataset.num_edits"
         )
+
+
+_MISSING = object()
+
+
+def _get(record: Mapping[str, Any], dotted: str) -> Any:
+    """``record["a"]["b"]`` for ``"a.b"``; ``_MISSING`` where a level is absent or not an object."""
+    node: Any = record
+    for key in dotted.split("."):
+        if not isinstance(node, Mapping) or key not in node:
+            return _MISSING
+        node = node[key]
+    return node
+
+
+def _rome_text(record: Mapping[str, Any], field: str, path: Path, index: int) -> str:
+    value = _get(record, field)
+    if value is _MISSING:
+        raise DataError(f"{path}: record {index} is malformed: field '{field}' is missing")
+    if not isinstance(value, str) or not value.strip():
+        raise DataError(
+            f"{path}: record {index} is malformed: field '{field}' must be a non-empty string, got {value!r}"
+        )
+    return value.strip()
+
+
+def _rome_texts(record: Mapping[str, Any], field: str, path: Path, index: int) -> list[str]:
+    value = _get(record, field)
+    if value is _MISSING:
+        raise DataError(f"{path}: record {index} is malformed: field '{field}' is missing")
+    if not isinstance(value, list):
+        raise DataError(
+            f"{path}: record {index} is malformed: field '{field}' must be a list of strings, got {value!r}"
+        )
+    for j, item in enumerate(value):
+        if not isinstance(item, str) or not item.strip():
+            raise DataError(
+                f"{path}: record {index} is malformed: field '{field}[{j}]' must be a non-empty string, "
+                f"got {item!r}"
+            )
+    return [item.strip() for item in value]
+
+
+ROME_TARGET_NEW = "requested_rewrite.target_new.str"
+
+
+def load_rome_counterfact(
+    path: str | Path,
+    num_edits: int,
+    cache_dir: str | None = None,
+    target: str = ROME_TARGET_NEW,
+) -> list[EditRequest]:
+    """ROME's CounterFact records (``counterfact.json`` format) as edit requests.
+
+    Edit prompt: ``requested_rewrite.prompt`` with "{}" replaced by ``requested_rewrite.subject``;
+    target: ``requested_rewrite.target_new.str``; every ``paraphrase_prompts`` entry held out for
+    generalization; every ``neighborhood_prompts`` entry a locality probe whose answer is
+    ``requested_rewrite.target_true.str`` (the subject-free fact the edit must leave alone).
+    """
+    path = Path(path)
+    _check_num_edits(num_edits)
+    records = _read_records(path, cache_dir)
+    requests: list[EditRequest] = []
+    for index, record in enumerate(records):
+        if not isinstance(record, Mapping):
+            raise DataError(f"{path}: record {index} is not a JSON object")
+        paraphrases = _rome_texts(record, "paraphrase_prompts", path, index)
+        if not paraphrases:  # the protocol keeps only records with a paraphrase
+            continue
+        template = _rome_text(record, "requested_rewrite.prompt", path, index)
+        if "{}" not in template:
+            raise DataError(
+                f"{path}: record {index} is malformed: field 'requested_rewrite.prompt' must contain "
+                f"'{{}}' where the subject goes, got {template!r}"
+            )
+        subject = _rome_text(record, "requested_rewrite.subject", path, index)
+        true_answer = _rome_text(record, "requested_rewrite.target_true.str", path, index)
+        neighbours = _rome_texts(record, "neighborhood_prompts", path, index)
+        if not neighbours:
+            raise DataError(
+                f"{path}: record {index} is malformed: field 'neighborhood_prompts' is empty "
+                f"(the locality probes)"
+            )
+        requests.append(
+            EditRequest.make(
+                uid=len(requests),
+                prompt=template.replace("{}", subject),
+                target=_rome_text(record, target, path, index),
+                paraphrases=paraphrases,
+                locality=[(n, true_answer) for n in neighbours],
+                subject=subject,
+                ground_truth=true_answer,
+            )
+        )
+        if len(requests) == num_edits:
+            break
+    _check_enough(path, requests, num_edits)
     return requests
 
 
@@ -122,16 +234,46 @@ def load_edit_requests(
 #: CounterFact (EasyEdit flat format): ``prompt`` edited to ``target_new``.
 FIELD_MAPS: Mapping[str, FieldMap] = {"zsre": ZSRE_FIELDS, "counterfact": COUNTERFACT_FIELDS}
 
+#: every format's ``dataset.target`` choices -> the record field the edit target is read from; the
+#: first choice is the default (``dataset.target: null``). ``rome`` is, for every format, the field
+#: ROME's own data loaders use (dsets/zsre.py: ``answers[0]``; dsets/counterfact.py: ``target_new``),
+#: so one preset can set ``dataset.target=rome`` across datasets. ZsRE: ``alt`` is WISE/EasyEdit's
+#: lifelong target, ``answers`` the true answer (``answers[0]``) that ROME, GRACE and MELO edit to.
+TARGETS: Mapping[str, Mapping[str, str]] = {
+    "zsre": {"alt": "alt", "answers": "answers", "rome": "answers"},
+    "counterfact": {"target_new": "target_new", "rome": "target_new"},
+    "counterfact_rome": {"target_new": ROME_TARGET_NEW, "rome": ROME_TARGET_NEW},
+}
+FORMATS = tuple(TARGETS)
+
+
+def target_field(name: str, target: str | None) -> str:
+    """The record field ``dataset.target`` reads the edit target from in format ``name``."""
+    choices = TARGETS[name]
+    if target is None:
+        return next(iter(choices.values()))
+    if target not in choices:
+        allowed = ", ".join(choices)
+        raise DataError(
+            f"dataset.target={target!r} is not a target of the {name} format: allowed are {allowed} "
+            f"(or null for the default, {next(iter(choices))})"
+        )
+    return choices[target]
+
 
 class EditDataset:
     """A dataset config made object: ``instantiate(cfg.dataset).load()`` gives the edit stream."""
 
     def __init__(self, name: str, path: str, num_edits: int = 1000, cache_dir: str | None = None,
-                 url: str | None = None, sha256: str | None = None) -> None:
-        if name not in FIELD_MAPS:
-            raise DataError(f"unknown dataset '{name}': known formats are {sorted(FIELD_MAPS)}")
+                 url: str | None = None, sha256: str | None = None, target: str | None = None) -> None:
+        if name not in FORMATS:
+            raise DataError(f"unknown dataset '{name}': known formats are {sorted(FORMATS)}")
         self.name, self.path, self.num_edits, self.cache_dir = name, path, num_edits, cache_dir
         self.url, self.sha256 = url, sha256
+        self.target, self.target_field = target, target_field(name, target)  # a bad target fails here
 
     def load(self) -> list[EditRequest]:
-        return load_edit_requests(self.path, FIELD_MAPS[self.name], self.num_edits, self.cache_dir)
+        if self.name == "counterfact_rome":
+            return load_rome_counterfact(self.path, self.num_edits, self.cache_dir, self.target_field)
+        fields = replace(FIELD_MAPS[self.name], target=self.target_field)
+        return load_edit_requests(self.path, fields, self.num_edits, self.cache_dir)

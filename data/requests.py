@@ -6,10 +6,14 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class EditRequest:
-    """One fact to edit, with its held-out paraphrase and an unrelated locality probe.
+    """One fact to edit, with its held-out paraphrase(s) and unrelated locality probe(s).
 
-    The model is trained on ``"{prompt} {target}"``; ``paraphrase`` is never trained on and only
-    measures generalization; ``locality_prompt``/``locality_answer`` measure drift on unrelated input.
+    The model is trained on ``"{prompt} {target}"``; the paraphrases are never trained on and only
+    measure generalization; the locality probes (prompt, answer) measure drift on unrelated input.
+
+    ``paraphrase``/``locality_prompt``/``locality_answer`` are the first of each (positional, as
+    before); ``extra_paraphrases``/``extra_locality`` hold the rest (ROME's CounterFact has two
+    paraphrases and ten neighbourhood prompts per record). ``paraphrases`` and ``locality`` give all.
     """
 
     uid: int  # position in the stream; also the fact label for ELDER's preset allocation
@@ -20,3 +24,26 @@ class EditRequest:
     locality_answer: str
     subject: str = ""
     ground_truth: str = ""
+    extra_paraphrases: tuple[str, ...] = ()
+    extra_locality: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def paraphrases(self) -> tuple[str, ...]:
+        """Every held-out paraphrase of the edit prompt, the first being ``paraphrase``."""
+        return (self.paraphrase, *self.extra_paraphrases)
+
+    @property
+    def locality(self) -> tuple[tuple[str, str], ...]:
+        """Every locality probe as (prompt, answer), the first being (locality_prompt, locality_answer)."""
+        return ((self.locality_prompt, self.locality_answer), *self.extra_locality)
+
+    @classmethod
+    def make(cls, uid: int, prompt: str, target: str, paraphrases: tuple[str, ...] | list[str],
+             locality: tuple[tuple[str, str], ...] | list[tuple[str, str]], subject: str = "",
+             ground_truth: str = "") -> "EditRequest":
+        """Build a request from all its paraphrases and locality probes (at least one of each)."""
+        if not paraphrases or not locality:
+            raise ValueError("an edit request needs at least one paraphrase and one locality probe")
+        (loc_prompt, loc_answer), *more = [tuple(p) for p in locality]
+        return cls(uid, prompt, target, paraphrases[0], loc_prompt, loc_answer, subject, ground_truth,
+                   tuple(paraphrases[1:]), tuple((p, a) for p, a in more))

@@ -11,6 +11,13 @@ from elder.routing import Routes
 from evaluation.models import layer_dims
 
 
+#: how A is initialised (Kaiming-uniform, a=sqrt(5), on the shape below; B is zero either way):
+#: ``authors``: on the (d_in, r) tensor as the authors' ELDER layer creates it, so the fan-in is r and
+#: entries are U(+-1/sqrt(r)) (0.354 at r=8); ``peft``: on the (r, d_in) weight of PEFT's LoRA, fan-in
+#: d_in, entries U(+-1/sqrt(d_in)).
+LORA_INITS = ("authors", "peft")
+
+
 class MixtureOfLoRA(nn.Module):
     """y = W0 x + b + (alpha/r) * sum_j g_j B_j A_j x, with g the sequence's top-k gates.
 
@@ -20,7 +27,7 @@ class MixtureOfLoRA(nn.Module):
     """
 
     def __init__(self, base_layer: nn.Module, index: int, num_loras: int, rank: int, alpha: float,
-                 routes: Callable[[], Routes | None]) -> None:
+                 routes: Callable[[], Routes | None], lora_init: str = "authors") -> None:
         super().__init__()
         self.base_layer = base_layer
         self.index = index  # which of the L ELDER layers this is
@@ -29,8 +36,9 @@ class MixtureOfLoRA(nn.Module):
         weight = base_layer.weight
         self.lora_A = nn.Parameter(torch.empty(num_loras, d_in, rank, dtype=weight.dtype, device=weight.device))
         self.lora_B = nn.Parameter(torch.zeros(num_loras, rank, d_out, dtype=weight.dtype, device=weight.device))
-        for j in range(num_loras):  # PEFT's LoRA init: A Kaiming-uniform, B zero
-            nn.init.kaiming_uniform_(self.lora_A.data[j].T, a=math.sqrt(5))
+        for j in range(num_loras):  # A Kaiming-uniform, B zero; the fan-in is the reading (LORA_INITS)
+            a = self.lora_A.data[j]  # (d_in, r)
+            nn.init.kaiming_uniform_(a if lora_init == "authors" else a.T, a=math.sqrt(5))
         self.scaling = alpha / rank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, d_in)

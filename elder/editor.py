@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from data.requests import EditRequest
-from elder.adapter import MixtureOfLoRA
+from elder.adapter import LORA_INITS, MixtureOfLoRA
 from elder.allocation import PresetAllocator
 from elder.losses import guided_loss, load_balancing_loss
 from elder.routing import Routers, Routes, min_hamming
@@ -24,6 +24,9 @@ AUX_LOSSES = ("guided", "none", "load_balance")
 # when a batch's codes are stored: from the routers after the batch's last optimizer step, or from
 # the forward of its last iteration (before that step), as the authors' code does
 CODE_SNAPSHOTS = ("after_training", "last_iteration")
+# the learning rate within a batch: constant, or StepLR(lr_step, lr_gamma) over the batch's iterations
+# restarted every batch (MELO's driver, which the ELDER authors' README says to run)
+LR_SCHEDULES = ("constant", "step")
 
 
 class ElderEditor(Editor):
@@ -46,16 +49,27 @@ class ElderEditor(Editor):
         batch_size: int = 4,
         deferral: bool = True,
         reset_optimizer: bool = False,
+        lr_schedule: str = "constant",
+        lr_step: int = 20,
+        lr_gamma: float = 0.5,
         prefix_cache: bool = True,
-        code_snapshot: str = "after_training",
+        code_snapshot: str = "last_iteration",
+        lora_init: str = "authors",
+        key_position: str = "prompt_last",
         seed: int = 0,
     ) -> None:
         layers = list(layers)
         L, N = len(layers), num_loras
         self._validate(model, layers, query_layer, num_loras, top_k, epsilon, aux_loss)
-        if code_snapshot not in CODE_SNAPSHOTS:
-            raise ConfigError(f"editor.code_snapshot must be one of {CODE_SNAPSHOTS}, got {code_snapshot!r}")
-        self.code_snapshot = code_snapshot
+        for key, value, allowed in (("code_snapshot", code_snapshot, CODE_SNAPSHOTS),
+                                    ("lr_schedule", lr_schedule, LR_SCHEDULES), ("lora_init", lora_init, LORA_INITS)):
+            if value not in allowed:
+                raise ConfigError(f"editor.{key} must be one of {allowed}, got {value!r}")
+        if lr_step < 1 or not 0 < lr_gamma <= 1:
+            raise ConfigError(f"editor.lr_step must be >= 1 and editor.lr_gamma in (0, 1], "
+                              f"got {lr_step} and {lr_gamma}")
+        self.code_snapshot, self.key_position = code_snapshot, self.checked_key_position(key_position)
+        self.lr_schedule, self.lr_step, self.lr_gamma = lr_schedule, lr_step, lr_gamma
         self.loaded, self.model, self.tokenizer = model, model.model, model.tokenizer
         self.layers, self.query_layer = layers, query_layer
         self.num_loras, self.top_k, self.epsilon = N, top_k, epsilon
@@ -71,7 +85,8 @@ class ElderEditor(Editor):
             self.routers = Routers(L, layer_dims(query_module)[0], N, top_k).to(device)
             self.adapters: list[MixtureOfLoRA] = []
             for index, layer in enumerate(layers):
-                adapter = MixtureOfLoRA(model.ffn_module(layer), index, N, rank, alpha, self._current_routes)
+                adapter = MixtureOfLoRA(model.ffn_module(layer), index, N, rank, alpha, self._current_routes,
+                                        lora_init)
                 replace_module(self.model, model.ffn_name(layer), adapter)
                 self.adapters.append(adapter)
         self.query = SequenceQuery(query_module, on_query=self._route)
@@ -130,6 +145,13 @@ class ElderEditor(Editor):
     def _new_optimizer(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(list(self.parameters()), lr=self.lr)
 
+    def _batch_schedule(self) -> torch.optim.lr_scheduler.LRScheduler | None:
+        if self.lr_schedule == "constant":
+            return None
+        for group in self.optimizer.param_groups:  # StepLR starts from each group's initial_lr
+            group["initial_lr"] = self.lr
+        return torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=self.lr_step, gamma=self.lr_gamma)
+
     def _aux(self, routes: Routes, preset: torch.Tensor) -> torch.Tensor:
         if self.aux_loss == "guided":
             return guided_loss(routes, preset)
@@ -143,13 +165,14 @@ class ElderEditor(Editor):
         preset = self.allocator.batch([r.uid for r in requests])  # (B, L, k)
         if self.reset_optimizer:
             self.optimizer = self._new_optimizer()
+        schedule = self._batch_schedule()
         lm = aux = torch.zeros(())
         with replaying(self.prefix):
             self.training = True
             codes = torch.zeros(0, dtype=torch.bool)
             try:
                 for _ in range(self.iterations):
-                    with self.scope(batch.query_positions):
+                    with self.batch_scope(batch):
                         lm = target_logits(self.model, batch).loss()
                         routes = self.query.derived
                         aux = self._aux(routes, preset)  # type: ignore[arg-type]
@@ -158,10 +181,14 @@ class ElderEditor(Editor):
                     self.optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     self.optimizer.step()
+                    if schedule is not None:
+                        schedule.step()
             finally:
                 self.training = False
+                for group in self.optimizer.param_groups:  # the schedule is per batch: leave lr as configured
+                    group["lr"] = self.lr
             if self.code_snapshot == "after_training":
-                with torch.no_grad(), self.scope(batch.query_positions):
+                with torch.no_grad(), self.batch_scope(batch):
                     target_logits(self.model, batch)
                     codes = self.query.derived.codes(self.num_loras).cpu()  # type: ignore[union-attr]
         self.stored_codes = torch.cat([self.stored_codes, codes])

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from data.requests import EditRequest
-from evaluation.encoding import encode_pairs
+from evaluation.encoding import KEY_POSITIONS, EncodedBatch, encode_pairs
+from evaluation.errors import ConfigError
 from evaluation.forward import target_logits
 from evaluation.query import SequenceQuery
 
@@ -58,6 +59,14 @@ class Editor(ABC):
     batch_size: int = 1
     #: the sequence-level router's query hook (ELDER, GRACE, MELO, Defer); None: the edit is in the weights
     query: SequenceQuery | None = None
+    #: which token of a teacher-forced "{prompt} {target}" row the router reads (see KEY_POSITIONS)
+    key_position: str = "prompt_last"
+
+    @staticmethod
+    def checked_key_position(value: str) -> str:
+        if value not in KEY_POSITIONS:
+            raise ConfigError(f"editor.key_position must be one of {KEY_POSITIONS}, got {value!r}")
+        return value
 
     @abstractmethod
     def edit(self, requests: Sequence[EditRequest]) -> EditStats:
@@ -84,6 +93,14 @@ class Editor(ABC):
         decoding steps of ``generate`` with a KV cache) reuse it. Editors without routing ignore it.
         """
         yield
+
+    def batch_scope(self, batch: EncodedBatch) -> contextlib.AbstractContextManager[None]:
+        """:meth:`scope` for a teacher-forced batch, reading each row at ``self.key_position``.
+
+        Generation has no teacher-forced target: the sequence as fed is the prompt, so both readings
+        read its last token there (evaluation.generation passes the prompt's positions to ``scope``).
+        """
+        return self.scope(batch.key_positions(self.key_position))
 
     @torch.no_grad()
     def in_scope(self, prompts: Sequence[str], batch_size: int = 32) -> torch.Tensor | None:

@@ -14,6 +14,12 @@ import torch
 
 IGNORE = -100
 
+#: where a sequence-level router or key reads its one vector per sequence (issue 18's reading):
+#: ``prompt_last``: the last prompt token (the router never sees the answer);
+#: ``sequence_last``: the last real token of the sequence as fed (the authors' ``key_id = -1`` for
+#: ELDER, GRACE and MELO). Under teacher forcing on "{prompt} {target}" that is the last target token.
+KEY_POSITIONS = ("prompt_last", "sequence_last")
+
 
 @dataclass
 class EncodedBatch:
@@ -25,6 +31,20 @@ class EncodedBatch:
     @property
     def position_ids(self) -> torch.Tensor:
         return position_ids_from_mask(self.attention_mask)
+
+    @property
+    def last_positions(self) -> torch.Tensor:
+        """(B,) index of each row's last real (unpadded) token, for either padding side."""
+        cols = torch.arange(self.attention_mask.shape[1], device=self.attention_mask.device)
+        return (self.attention_mask.bool() * (cols + 1)).argmax(-1)
+
+    def key_positions(self, reading: str) -> torch.Tensor:
+        """The (B,) token each row's router/key reads under ``reading`` (one of :data:`KEY_POSITIONS`)."""
+        if reading == "prompt_last":
+            return self.query_positions
+        if reading == "sequence_last":
+            return self.last_positions  # never a pad token, unlike a plain index -1 under right padding
+        raise ValueError(f"unknown key position {reading!r}; expected one of {KEY_POSITIONS}")
 
     def to(self, device: torch.device | str) -> "EncodedBatch":
         return EncodedBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.labels, self.query_positions)))

@@ -24,7 +24,7 @@ from evaluation.editor import Editor
 from evaluation.errors import ConfigError
 from evaluation.generation import make_generate_fn
 from evaluation.interrupts import stop_on_signals
-from evaluation.metrics import locality_inputs, predict
+from evaluation.metrics import base_locality_predictions
 from evaluation.results import git_commit, write_results
 from evaluation.stream import ON_NAN, run_stream
 
@@ -176,8 +176,8 @@ def _run(cfg: DictConfig, run_dir: Path, choices: Mapping[str, str], checkpoints
 
     # the unedited model's view: locality reference and retention baseline
     unedited = Unedited(loaded)
-    base_locality = predict(unedited, *locality_inputs(requests), batch_size=cfg.eval_batch_size,
-                            desc="unedited locality" if cfg.progress else None)
+    base_locality = base_locality_predictions(unedited, requests, batch_size=cfg.eval_batch_size,
+                                              desc="unedited locality" if cfg.progress else None)
     retention_base = None
     # names the unedited model and how it generates; the edited model's key adds the editor and its state
     model_key = f"{choices.get('model', 'model')}-{_config_key(cfg.model)}" + (f"-{cfg.autocast}" if cfg.autocast else "")

@@ -71,6 +71,9 @@ class DatasetConf:
     cache_dir: Optional[str] = None
     url: Optional[str] = None
     sha256: Optional[str] = None
+    # which field is the edit target (data/loaders.py TARGETS): zsre alt|answers|rome, counterfact and
+    # counterfact_rome target_new|rome; null: the format's default (zsre alt, counterfact target_new)
+    target: Optional[str] = None
 
 
 @dataclass
@@ -90,8 +93,13 @@ class ElderConf:
     batch_size: int = 4
     deferral: bool = True
     reset_optimizer: bool = False
+    lr_schedule: str = "constant"
+    lr_step: int = 20
+    lr_gamma: float = 0.5
     prefix_cache: bool = True
-    code_snapshot: str = "after_training"
+    code_snapshot: str = "last_iteration"
+    lora_init: str = "authors"
+    key_position: str = "prompt_last"
     seed: int = "${seed}"  # type: ignore[assignment]
 
 

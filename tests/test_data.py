@@ -59,3 +59,42 @@ def test_missing_file_and_too_few_records(tmp_path: Path) -> None:
         EditDataset("zsre", str(tmp_path / "none.json"), 1).load()
     with pytest.raises(DataError, match="lower dataset.num_edits"):
         EditDataset("zsre", str(ZSRE), 5000).load()
+
+
+def _zsre_fixture(tmp_path: Path) -> Path:
+    records = [{"src": f"q{i}?", "alt": f"alt{i}", "answers": [f"true{i}", "other"], "rephrase": f"p{i}?",
+                "loc": "l", "loc_ans": "x", "subject": "s"} for i in range(2)]
+    path = tmp_path / "z.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+@pytest.mark.parametrize("target, field", [(None, "alt"), ("alt", "alt"), ("answers", "true"), ("rome", "true")])
+def test_zsre_target_reading(tmp_path: Path, target: str | None, field: str) -> None:
+    requests = EditDataset("zsre", str(_zsre_fixture(tmp_path)), 2, target=target).load()
+    assert [r.target for r in requests] == [f"{field}0", f"{field}1"]
+    assert [r.ground_truth for r in requests] == ["true0", "true1"]
+
+
+def test_counterfact_target_reading(tmp_path: Path) -> None:
+    record = {"prompt": "p", "target_new": "new", "ground_truth": "old", "rephrase_prompt": "r",
+              "locality_prompt": "l", "locality_ground_truth": "x", "subject": "s"}
+    path = tmp_path / "cf.json"
+    path.write_text(json.dumps([record]))
+    for target in (None, "target_new", "rome"):
+        assert EditDataset("counterfact", str(path), 1, target=target).load()[0].target == "new"
+    with pytest.raises(DataError, match=r"dataset\.target='alt' is not a target of the counterfact format: "
+                                        r"allowed are target_new, rome"):
+        EditDataset("counterfact", str(path), 1, target="alt")
+
+
+def test_bad_target_is_one_clear_line(tmp_path: Path, compose_cfg) -> None:
+    with pytest.raises(DataError) as err:
+        EditDataset("zsre", str(_zsre_fixture(tmp_path)), 2, target="pred")
+    assert str(err.value) == ("dataset.target='pred' is not a target of the zsre format: allowed are alt, "
+                              "answers, rome (or null for the default, alt)")
+    from evaluation.experiment import build
+    assert build(compose_cfg("dataset=zsre").dataset).target_field == "alt"
+    assert build(compose_cfg("dataset=zsre", "dataset.target=rome").dataset).target_field == "answers"
+    with pytest.raises(DataError, match="dataset.target='nope'"):  # the run's build: the error stays itself
+        build(compose_cfg("dataset=zsre", "dataset.target=nope").dataset)

@@ -1,0 +1,174 @@
+"""Issue 18's readings of the authors' code: each changes what it claims and nothing else."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from baselines.defer import DeferEditor
+from baselines.grace import GraceEditor
+from baselines.melo import MeloEditor
+from elder.editor import ElderEditor
+from evaluation.compose import compose_config
+from evaluation.encoding import encode_pairs
+from evaluation.errors import ConfigError
+from evaluation.experiment import build
+from evaluation.forward import target_logits
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+from tests.conftest import tiny_model, zsre_requests
+
+LAYERS = [2, 3, 4, 5, 6, 7]
+PROMPTS = ["a short prompt", "a much longer prompt with many more words in it"]
+TARGETS = ["yes", "the answer is long too"]
+
+
+def _elder(**kw: object) -> ElderEditor:
+    return ElderEditor(tiny_model("tiny_llama"), layers=LAYERS, query_layer=1, **kw)  # type: ignore[arg-type]
+
+
+def test_authors_lora_init_has_fan_in_r_and_peft_fan_in_d_in() -> None:
+    authors, peft = _elder(lora_init="authors", rank=8), _elder(lora_init="peft", rank=8)
+    d_in = authors.adapters[0].lora_A.shape[1]
+    assert d_in != 8
+    for editor, bound in ((authors, 1 / math.sqrt(8)), (peft, 1 / math.sqrt(d_in))):
+        A = torch.stack([a.lora_A.detach() for a in editor.adapters])
+        assert float(A.abs().max()) <= bound
+        assert float(A.abs().max()) > 0.9 * bound  # uniform on +-bound: the largest entry comes close
+        assert all(float(a.lora_B.detach().abs().max()) == 0 for a in editor.adapters)
+    # nothing else changes: same routers, same B
+    for (ka, va), (kp, vp) in zip(authors.routers.state_dict().items(), peft.routers.state_dict().items()):
+        assert ka == kp and torch.equal(va, vp)
+
+
+def test_a_bad_reading_is_named() -> None:
+    with pytest.raises(ConfigError, match="editor.lora_init"):
+        _elder(lora_init="kaiming")
+    with pytest.raises(ConfigError, match="editor.key_position"):
+        _elder(key_position="last")
+    with pytest.raises(ConfigError, match="editor.lr_schedule"):
+        _elder(lr_schedule="cosine")
+
+
+def _layer_inputs(editor: ElderEditor | GraceEditor, module: torch.nn.Module, batch: object) -> torch.Tensor:
+    seen: list[torch.Tensor] = []
+    handle = module.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+    try:
+        with torch.no_grad():
+            target_logits(editor.model, batch)  # outside any scope: the plain forward
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_sequence_last_key_is_the_last_fed_token_and_never_a_pad(padding_side: str) -> None:
+    editor = _elder(key_position="sequence_last")
+    batch = encode_pairs(editor.tokenizer, PROMPTS, TARGETS, padding_side=padding_side)
+    lengths = batch.attention_mask.sum(-1)
+    assert lengths[0] < lengths[1]  # rows of different length: padding is present
+    last = batch.last_positions
+    assert bool(batch.attention_mask[torch.arange(2), last].all())  # a real token
+    if padding_side == "right":
+        assert last.tolist() == (lengths - 1).tolist()
+    else:
+        assert last.tolist() == [batch.input_ids.shape[1] - 1] * 2
+    assert bool((last > batch.query_positions).all())  # after the prompt: the target's last token
+    x = _layer_inputs(editor, editor.loaded.ffn_module(1), batch)
+    with torch.no_grad(), editor.batch_scope(batch):
+        target_logits(editor.model, batch)
+        q = editor.query.value
+    assert torch.equal(q, x[torch.arange(2), last])
+
+
+def test_prompt_last_key_reads_the_last_prompt_token() -> None:
+    editor = _elder()
+    batch = encode_pairs(editor.tokenizer, PROMPTS, TARGETS)
+    x = _layer_inputs(editor, editor.loaded.ffn_module(1), batch)
+    with torch.no_grad(), editor.batch_scope(batch):
+        target_logits(editor.model, batch)
+        q = editor.query.value
+    assert torch.equal(q, x[torch.arange(2), batch.query_positions])
+
+
+@pytest.mark.parametrize("cls, kw", [
+    (GraceEditor, {"layer": 4}),
+    (MeloEditor, {"layers": [4, 5], "query_layer": 3}),
+    (DeferEditor, {"layer": 4}),
+])
+def test_baselines_read_their_key_at_the_chosen_token(cls: type, kw: dict) -> None:
+    readings = {}
+    for position in ("prompt_last", "sequence_last"):
+        loaded = tiny_model("tiny_llama")  # a fresh model: an editor wraps its layers in place
+        batch = encode_pairs(loaded.tokenizer, PROMPTS, TARGETS)
+        editor = cls(loaded, key_position=position, **kw)
+        assert editor.key_position == position
+        with torch.no_grad(), editor.batch_scope(batch):
+            target_logits(editor.model, batch)
+            readings[position] = editor.query.value.clone()
+    # same layer, different tokens: the prompt's last token vs. the target's last one
+    assert not torch.equal(readings["prompt_last"], readings["sequence_last"])
+
+
+def test_step_schedule_halves_lr_every_20_iterations_within_each_batch() -> None:
+    editor = _elder(lr=1e-3, iterations=45, lr_schedule="step", reset_optimizer=True)
+    seen: list[float] = []
+    requests = zsre_requests(8)
+    # a global hook: reset_optimizer makes a new Adam for every batch
+    handle = register_optimizer_step_pre_hook(
+        lambda opt, *a: seen.append(opt.param_groups[0]["lr"]))
+    try:
+        for start in (0, 4):
+            editor.edit(requests[start:start + 4])
+            assert editor.optimizer.param_groups[0]["lr"] == 1e-3  # left as configured between batches
+    finally:
+        handle.remove()
+    expected = [1e-3] * 20 + [5e-4] * 20 + [2.5e-4] * 5
+    assert seen == pytest.approx(expected * 2)
+
+
+def test_constant_schedule_keeps_lr_and_optimizer_state_across_batches() -> None:
+    editor = _elder(lr=1e-3, iterations=3)
+    requests = zsre_requests(8)
+    editor.edit(requests[:4])
+    opt = editor.optimizer
+    editor.edit(requests[4:])
+    assert editor.optimizer is opt  # no reset: Adam's moments carry over
+    assert opt.param_groups[0]["lr"] == 1e-3
+    assert int(next(iter(opt.state.values()))["step"]) == 6
+
+
+def test_code_snapshot_last_iteration_stores_the_codes_seen_before_the_last_step() -> None:
+    requests = zsre_requests(4)
+    runs = {}
+    for snapshot in ("last_iteration", "after_training"):
+        editor = _elder(lr=5e-2, iterations=3, code_snapshot=snapshot)
+        seen = []
+        editor.query.on_query = lambda q, route=editor._route: seen.append(route(q)) or seen[-1]
+        editor.edit(requests)
+        runs[snapshot] = (editor.stored_codes, [r.codes(4).cpu() for r in seen])
+    codes, routes = runs["last_iteration"]
+    assert torch.equal(codes, routes[2])  # the third (last) training iteration's forward
+    codes, routes = runs["after_training"]
+    assert len(routes) == 4 and torch.equal(codes, routes[3])  # one more forward after the last step
+
+
+def test_the_authors_preset_sets_every_reading_and_nothing_else() -> None:
+    plain, authors = compose_config([]), compose_config(["experiment=elder_authors"])
+    expected = {"lora_init": "authors", "key_position": "sequence_last", "code_snapshot": "last_iteration",
+                "reset_optimizer": True, "lr_schedule": "step", "lr_step": 20, "lr_gamma": 0.5}
+    for key, value in expected.items():
+        assert authors.editor[key] == value
+    changed = {k for k in plain.editor if plain.editor[k] != authors.editor[k]}
+    assert changed <= set(expected)
+    assert authors.editor.lr == plain.editor.lr  # the paper's hyper-parameters are not readings
+    assert authors.dataset.target == "rome"
+    assert plain.editor.lora_init == "authors" and plain.editor.code_snapshot == "last_iteration"
+    assert plain.editor.key_position == "prompt_last"
+
+
+@pytest.mark.parametrize("editor", ["grace", "melo", "defer"])
+def test_key_position_is_a_config_key_of_every_routed_baseline(editor: str) -> None:
+    cfg = compose_config([f"editor={editor}", "model=tiny_llama", "editor.key_position=sequence_last"])
+    built = build(cfg.editor, model=tiny_model("tiny_llama"))
+    assert built.key_position == "sequence_last"
