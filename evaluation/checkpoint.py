@@ -2,8 +2,9 @@
 
 A checkpoint holds the editor's ``state_dict()`` (the edited weights or adapters, the method's memory,
 its optimizer and generators), the stream position (edits done), the curve points and timings so far,
-the skipped batches, the python/numpy/torch RNG states, the W&B run id and a fingerprint of the config
-and of the edits done. Files live in ``<run dir>/checkpoints/``:
+the forgetting record (per-batch scores at each curve point), the skipped batches, the
+python/numpy/torch RNG states, the W&B run id and a fingerprint of the config and of the edits done.
+Files live in ``<run dir>/checkpoints/``:
 
 - ``step-000120.pt``: the state after 120 edits (``torch.save`` of a plain dict);
 - ``latest.json``: names the newest complete one.
@@ -69,6 +70,8 @@ class StreamCheckpoint:
     # the final evaluation's metrics, saved once the whole stream is evaluated: resuming a finished
     # stream (to add retention tasks) then skips that evaluation
     final_metrics: dict[str, float] | None = None
+    # one entry per curve point: per-batch reliability and generalization (evaluation.forgetting)
+    forgetting: list[dict[str, Any]] = field(default_factory=list)
     path: Path | None = None  # where it was loaded from / saved to (not stored)
 
     def to_payload(self) -> dict[str, Any]:
@@ -76,7 +79,7 @@ class StreamCheckpoint:
                 "rng": self.rng, "curves": self.curves, "edit_seconds": self.edit_seconds,
                 "eval_seconds": self.eval_seconds, "skipped": self.skipped, "data_hash": self.data_hash,
                 "run_id": self.run_id, "fingerprint": self.fingerprint, "reason": self.reason,
-                "curve_due": self.curve_due, "final_metrics": self.final_metrics}
+                "curve_due": self.curve_due, "final_metrics": self.final_metrics, "forgetting": self.forgetting}
 
     @classmethod
     def from_payload(cls, payload: Mapping[str, Any], path: Path | None = None) -> "StreamCheckpoint":
@@ -84,7 +87,8 @@ class StreamCheckpoint:
             raise ValueError(f"not a stream checkpoint of format {FORMAT_VERSION}")
         keys = ("position", "editor_state", "rng", "curves", "edit_seconds", "eval_seconds", "skipped",
                 "data_hash", "run_id", "fingerprint", "reason", "curve_due")
-        return cls(**{k: payload[k] for k in keys}, final_metrics=payload.get("final_metrics"), path=path)
+        return cls(**{k: payload[k] for k in keys}, final_metrics=payload.get("final_metrics"),
+                   forgetting=list(payload.get("forgetting") or []), path=path)
 
 
 # --- RNG and state helpers ---------------------------------------------------------------------------

@@ -239,7 +239,8 @@ def _run(cfg: DictConfig, run_dir: Path, choices: Mapping[str, str], checkpoints
         logger.summary(flat)
         stream_info = {"resumed_from": stream.resumed_from, "skipped": stream.skipped,
                        "checkpoints": str(checkpoints.directory), "wandb_run_id": run_id}
-        extra: dict[str, Any] = {"choices": dict(choices), "stream": stream_info}
+        # per curve point, each edit batch's reliability and generalization (evaluation/forgetting.py)
+        extra: dict[str, Any] = {"choices": dict(choices), "stream": stream_info, "forgetting": stream.forgetting}
         if retention.enabled:
             extra["retention_tasks"] = retention_tasks
         path = write_results(run_dir, resolved, metrics, stream.curves, timings, extra, commit=commit)
@@ -247,6 +248,6 @@ def _run(cfg: DictConfig, run_dir: Path, choices: Mapping[str, str], checkpoints
         if hasattr(editor, "codes_for"):  # Figure 4: allocation codes of paraphrase groups and NQ inputs
             dump_codes(editor, requests, cfg.retention.get("data_dir") or f"{cfg.paths.data_dir}/retention",
                        run_dir / "codes.npz")
-        return {"metrics": metrics, "curves": stream.curves, "timings": timings}
+        return {"metrics": metrics, "curves": stream.curves, "forgetting": stream.forgetting, "timings": timings}
     finally:
         logger.finish()

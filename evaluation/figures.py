@@ -27,11 +27,15 @@ def _pyplot():
 
 
 def _save(fig: Any, out: Path) -> list[str]:
+    """``out`` + .png and .pdf, each written atomically (a temporary file renamed over the name)."""
+    from evaluation.results import write_atomic
+
     out.parent.mkdir(parents=True, exist_ok=True)
     names = []
     for suffix in (".png", ".pdf"):
         path = out.with_suffix(suffix)
-        fig.savefig(path, dpi=150, bbox_inches="tight")
+        write_atomic(path, lambda f: fig.savefig(f, format=suffix[1:], dpi=150, bbox_inches="tight"),
+                     binary=True)
         names.append(path.name)
     _pyplot().close(fig)
     return names
@@ -182,5 +186,103 @@ def plot_codes(files: Sequence[str | Path], out: Path) -> list[str]:
         ax.set(title=f"{method}: {Path(path).parent.name}", xticks=[], yticks=[])
         ax.legend(fontsize=7, loc="best")
     fig.suptitle("Allocation codes: circles edit prompts, triangles their paraphrases, crosses NQ inputs", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+# --- forgetting (python -m evaluation.tables forgetting) ------------------------------------------
+_METRIC_LABELS = {"reliability": "reliability", "generalization": "generalization"}
+
+
+def _ticks(n: int, most: int = 8) -> list[int]:
+    step = max(1, math.ceil(n / most))
+    return list(range(0, n, step))
+
+
+def plot_forgetting_heatmap(runs: Sequence[tuple[str, Mapping[str, tuple]]], out: Path) -> list[str]:
+    """Per run, two panels (reliability, generalization): edit batch (y, first batch on top) against
+    edits done (x, one column per curve point); colour = the batch's exact-match accuracy there; grey
+    where the batch was not edited yet.
+
+    ``runs`` lists ``(label, {metric: (edits, batch_ranges, matrix)})`` as
+    :func:`evaluation.forgetting.heatmap` returns them.
+    """
+    import matplotlib
+
+    plt = _pyplot()
+    pairs = 1 if len(runs) <= 2 else 2
+    rows = max(1, math.ceil(len(runs) / pairs))
+    tall = max((len(m["reliability"][1]) for _, m in runs), default=1)
+    height = 2.2 + min(2.6, 0.02 * tall)
+    fig, axes = plt.subplots(rows, 2 * pairs, figsize=(4.6 * 2 * pairs, height * rows + 0.6), squeeze=False,
+                             layout="constrained")
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="0.88")
+    image = None
+    for i, (label, by_metric) in enumerate(runs):
+        for j, metric in enumerate(("reliability", "generalization")):
+            ax = axes[i // pairs, (i % pairs) * 2 + j]
+            xs, ranges, matrix = by_metric[metric]
+            data = np.ma.masked_invalid(np.array(matrix, dtype=float).reshape(len(ranges), len(xs)))
+            image = ax.imshow(data, aspect="auto", origin="upper", cmap=cmap, vmin=0.0, vmax=1.0,
+                              interpolation="nearest")
+            xt, yt = _ticks(len(xs)), _ticks(len(ranges))
+            ax.set_xticks(xt, [str(xs[k]) for k in xt], fontsize=7)
+            names = [f"{first}–{last}" if last > first else str(first) for first, last in ranges]
+            ax.set_yticks(yt, [names[k] for k in yt], fontsize=7)
+            ax.set_xlabel("edits done", fontsize=8)
+            if j == 0:
+                ax.set_ylabel("edit batch (its edits)", fontsize=8)
+            ax.set_title(f"{label}: {_METRIC_LABELS[metric]}", fontsize=9)
+    for k in range(len(runs), rows * pairs):  # unused panel pairs
+        for j in range(2):
+            axes[k // pairs, (k % pairs) * 2 + j].set_visible(False)
+    if image is not None:
+        fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8,
+                     label="share of the batch's edits held (exact match)")
+    fig.suptitle("Forgetting: each edit batch's accuracy at every curve point (grey: not edited yet)", fontsize=10)
+    return _save(fig, out)
+
+
+def plot_forgetting_by_age(series: Sequence[tuple[str, Sequence[Mapping[str, Any]]]], out: Path,
+                           normalise: bool, bin_width: int) -> list[str]:
+    """Reliability and generalization of an edit batch against its age (edits done since it was edited),
+    averaged over the batches of each age bin; one line per run. ``normalise``: divided by the same
+    batches' accuracy just after editing (the retained fraction).
+
+    ``series`` lists ``(label, rows)`` with rows from :func:`evaluation.forgetting.age_table`.
+    """
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.3), squeeze=False)
+    styles = ["-", "--", ":", "-."]
+    for i, (label, rows) in enumerate(series):
+        for ax, metric in zip(axes[0], ("reliability", "generalization")):
+            key = f"{metric}_retained" if normalise else metric
+            points = [(r["age_mean"], r[key]) for r in rows if not math.isnan(r[key])]
+            if not points:
+                continue
+            scale = 1.0 if normalise else 100.0
+            ax.plot([p[0] for p in points], [p[1] * scale for p in points], marker="o", markersize=3,
+                    color=f"C{i % 10}", linestyle=styles[(i // 10) % len(styles)], label=label)
+    for ax, metric in zip(axes[0], ("reliability", "generalization")):
+        ylabel = (f"{metric}: retained fraction (÷ just after editing)" if normalise
+                  else f"{metric} of the batch (%)")
+        ax.set(xlabel=f"age of the edit batch: edits done since it was edited (bins of {bin_width})",
+               ylabel=ylabel)
+        if normalise:
+            ax.axhline(1.0, color="0.5", linewidth=0.8)
+            ax.set_ylim(bottom=0)
+        else:
+            ax.set_ylim(-2, 102)
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    if not handles:
+        handles, labels = axes[0, 1].get_legend_handles_labels()
+    if handles:
+        if len(handles) > 6:
+            fig.legend(handles, labels, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+        else:
+            axes[0, 0].legend(fontsize=8)
+    what = "retained fraction" if normalise else "accuracy"
+    fig.suptitle(f"Forgetting by age: {what} of an edit batch, averaged over batches of the same age", fontsize=10)
     fig.tight_layout()
     return _save(fig, out)

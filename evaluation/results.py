@@ -9,7 +9,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import IO, Any, Callable, Mapping
 
 
 def versions() -> dict[str, str]:
@@ -39,11 +39,28 @@ def write_json_atomic(path: str | Path, payload: Mapping[str, Any], *, indent: i
     A kill mid-write leaves no half file, and concurrent writers (parallel runs sharing a cache) each
     rename their own complete file: a fixed temporary name would let one truncate another's.
     """
+    write_atomic(path, lambda f: json.dump(payload, f, indent=indent, sort_keys=sort_keys, default=float))
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """``path.write_text(text)``, atomically (see :func:`write_json_atomic`)."""
+    write_atomic(path, lambda f: f.write(text))
+
+
+def write_atomic(path: str | Path, write: Callable[[IO[Any]], Any], binary: bool = False) -> None:
+    """Call ``write(file)`` on a fresh temporary file beside ``path``, then rename it over ``path``.
+
+    The file gets the mode of the file it replaces, or 0644 (``mkstemp`` alone would leave 0600)."""
     path = Path(path)
+    try:
+        mode = path.stat().st_mode & 0o777
+    except FileNotFoundError:
+        mode = 0o644
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(payload, f, indent=indent, sort_keys=sort_keys, default=float)
+        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
+            os.fchmod(f.fileno(), mode)
+            write(f)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

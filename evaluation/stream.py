@@ -6,6 +6,10 @@ and at the end of the edit loop. SIGTERM/SIGINT finish the current batch, save a
 :class:`~evaluation.checkpoint.StreamInterrupted` (a second signal stops at once). ``resume=`` continues
 from a checkpoint exactly as if the stream had never stopped.
 
+Every curve point also records how each earlier batch of ``editor.batch_size`` edits is held
+(``StreamResult.forgetting``, see :mod:`evaluation.forgetting`), from the same evaluation pass; the
+record travels in the checkpoints like the curves.
+
 A batch whose loss (or whose resulting editor state) is NaN/inf is handled by ``on_nan``: ``stop`` saves
 the state from before the batch and raises :class:`~evaluation.checkpoint.NonFiniteLoss` naming the
 batch; ``skip`` restores the state from before the batch, records the batch in ``StreamResult.skipped``
@@ -43,6 +47,7 @@ from evaluation.checkpoint import (
 )
 from evaluation.editor import EditStats, Editor
 from evaluation.errors import ConfigError
+from evaluation.forgetting import batch_point
 from evaluation.interrupts import handling_signals
 from evaluation.loggers import NullLogger
 from evaluation.metrics import RowPredictions, evaluate_edits
@@ -56,6 +61,8 @@ ON_NAN = ("stop", "skip")
 class StreamResult:
     metrics: dict[str, float]
     curves: list[dict[str, Any]] = field(default_factory=list)
+    #: one entry per curve point: each batch's reliability and generalization (evaluation.forgetting)
+    forgetting: list[dict[str, Any]] = field(default_factory=list)
     edit_seconds: float = 0.0
     eval_seconds: float = 0.0
     #: batches skipped under ``on_nan=skip``: their uids, prompts, edit range, loss and what was wrong
@@ -76,6 +83,7 @@ class _Snapshot:
     eval_seconds: float
     curve_due: bool = False
     final_metrics: dict[str, float] | None = None
+    forgetting: list[dict[str, Any]] = field(default_factory=list)
 
 
 def is_out_of_memory(err: BaseException) -> bool:
@@ -170,7 +178,7 @@ def run_stream(editor: Editor, requests: Sequence[EditRequest], base_locality: S
     def snapshot(position: int, state: dict[str, Any], due: bool = False,
                  final_metrics: dict[str, float] | None = None) -> _Snapshot:
         return _Snapshot(position, state, rng_states(), list(result.curves), list(result.skipped),
-                         result.edit_seconds, result.eval_seconds, due, final_metrics)
+                         result.edit_seconds, result.eval_seconds, due, final_metrics, list(result.forgetting))
 
     def save(snap: _Snapshot, reason: str) -> Path | None:
         if checkpoints is None:
@@ -179,7 +187,8 @@ def run_stream(editor: Editor, requests: Sequence[EditRequest], base_locality: S
                                 curves=snap.curves, edit_seconds=snap.edit_seconds,
                                 eval_seconds=snap.eval_seconds, skipped=snap.skipped,
                                 data_hash=data_hash(requests[:snap.position]), reason=reason,
-                                curve_due=snap.curve_due, final_metrics=snap.final_metrics)
+                                curve_due=snap.curve_due, final_metrics=snap.final_metrics,
+                                forgetting=snap.forgetting)
         return checkpoints.save(ckpt)
 
     def saved_note(path: Path | None, position: int) -> str:
@@ -198,15 +207,18 @@ def run_stream(editor: Editor, requests: Sequence[EditRequest], base_locality: S
             f"model.dtype=bfloat16 or fewer edited layers (editor.layers). {saved_note(path, snap.position)}")
 
     def evaluate(upto: int, snap: Callable[[], _Snapshot], progress_bar: bool = False) -> dict[str, float]:
+        """The metrics of the first ``upto`` edits; also appends their per-batch scores to the forgetting record."""
         start = time.perf_counter()
+        per_request: dict[str, list[float]] = {}
         try:
             point = evaluate_edits(editor, requests[:upto], base_locality[:upto], eval_batch_size,
-                                   progress=progress_bar)
+                                   progress=progress_bar, per_request_out=per_request)
         except Exception as err:
             if not is_out_of_memory(err):
                 raise
             raise out_of_memory(snap(), f"while evaluating the first {upto} edits") from None
         result.eval_seconds += time.perf_counter() - start
+        result.forgetting.append(batch_point(upto, bs, per_request))
         return point
 
     def sizes() -> dict[str, int]:  # Figure 2 plots the parameter count against the stream length
@@ -304,6 +316,10 @@ def _restore(editor: Editor, requests: Sequence[EditRequest], ckpt: StreamCheckp
     editor.load_state_dict(ckpt.editor_state)
     restore_rng(ckpt.rng)
     result.curves = list(ckpt.curves)
+    result.forgetting = list(ckpt.forgetting)
+    if len(result.forgetting) != len(result.curves):  # a checkpoint made before the record existed
+        log.warning("the checkpoint %s holds %d curve points but %d forgetting points: the forgetting record of "
+                    "this run starts after it", ckpt.path, len(result.curves), len(result.forgetting))
     result.skipped = list(ckpt.skipped)
     result.edit_seconds, result.eval_seconds = ckpt.edit_seconds, ckpt.eval_seconds
     result.resumed_from = ckpt.position
