@@ -18,7 +18,22 @@ EDITOR_LABELS: Mapping[str, str] = {
     "ft_l": "FT-L", "rome": "ROME", "defer": "Defer", "melo": "MELO", "grace": "GRACE", "elder": "ELDER",
     "none": "Base",
 }
-DATASET_LABELS: Mapping[str, str] = {"zsre": "ZsRE", "counterfact": "CounterFact"}
+DATASET_LABELS: Mapping[str, str] = {"zsre": "ZsRE", "counterfact": "CounterFact",
+                                     "counterfact_rome": "CounterFact (ROME's records)"}
+#: the paper's dataset each harness dataset is compared with (the paper used ROME's counterfact.json)
+PAPER_DATASET: Mapping[str, str] = {"counterfact_rome": "counterfact"}
+#: the readings table's datasets, in column order
+READING_DATASETS = ("zsre", "counterfact_rome", "counterfact")
+#: ELDER's readings of the authors' code (conf/elder_reading/), in the readings table's row order
+READING_LABELS: Mapping[str, str] = {
+    "project": "project's earlier reading",
+    "lora_init": "+ authors' LoRA init",
+    "key_position": "+ key at the last token fed",
+    "code_snapshot": "+ codes of the last iteration",
+    "optimizer": "+ Adam per batch, StepLR(20, 0.5)",
+    "target": "+ ZsRE target answers[0]",
+    "authors": "all authors' readings",
+}
 MODEL_LABELS: Mapping[str, str] = {
     "gpt2xl": "GPT2-XL", "llama2": "LLaMA2-7B", "smollm2": "SmolLM2-135M", "tiny_gpt2": "tiny GPT-2",
     "tiny_llama": "tiny LLaMA", "gpt2xl_random": "GPT2-XL (random weights)",

@@ -15,7 +15,11 @@ Cells with no run say ``missing``, cells whose only runs failed or have not fini
 ``unfinished``; all are listed under the table together with those run folders, so nothing is dropped
 silently.
 
-Names: table1 table2 table3 table4 figure2 figure3 grid figure4 (see results/README.md).
+Names: table1 table2 table3 table4 figure2 figure3 grid figure4 (see results/README.md), and
+``forgetting`` (each edit batch's accuracy at every curve point, from the runs' ``forgetting`` record:
+a heatmap of batch x edits done and accuracy against the age of the edit, with the numbers as CSV):
+
+    python -m evaluation.tables forgetting outputs/real/elder_smollm2_zsre_1000 --out results/forgetting_smollm2
 """
 from __future__ import annotations
 
@@ -32,13 +36,16 @@ import pandas as pd
 
 from evaluation import paper
 
-NAMES = ("table1", "table2", "table3", "table4", "figure2", "figure3", "grid", "figure4")
+NAMES = ("table1", "table2", "table3", "table4", "figure2", "figure3", "grid", "figure4", "forgetting", "readings",
+         "model_axis")
 SCALAR_METRICS = ("reliability", "generalization", "reliability_token", "generalization_token", "locality",
                   "seconds_per_edit", "trainable_params", "stored_params", "skipped_edits")
 KEY_COLUMNS = ("source", "status", "reason", "editor", "model", "dataset", "experiment", "seed", "num_edits",
                "top_k", "num_loras", "guide_lambda", "epsilon", "aux_loss", "L", "layers", "retention_limit",
-               "retention_suite", "device", "git_commit")
+               "retention_suite", "elder_reading", "key_position", "lr", "device", "git_commit")
 DASH = "—"
+#: the model axis's stream lengths (issue 18: 40, 100 and 200 edits)
+MODEL_AXIS_POINTS = (40, 100, 200)
 
 
 class TablesError(Exception):
@@ -79,6 +86,10 @@ def _settings(choices: Mapping[str, Any], cfg: Mapping[str, Any]) -> dict[str, A
         "retention_limit": retention_cfg.get("limit") if "tasks" in retention_cfg else None,
         # whether the run measures test retention at all (retention=none has no tasks); None: unknown
         "retention_suite": ("tasks" in retention_cfg) if retention_cfg else None,
+        # the readings table's keys: ELDER's reading of the authors' code, the key token, the lr
+        "elder_reading": choices.get("elder_reading"),
+        "key_position": editor_cfg.get("key_position"),
+        "lr": editor_cfg.get("lr"),
     }
 
 
@@ -156,12 +167,33 @@ def failed_row(run_dir: Path, reason: str) -> dict[str, Any]:
     return {k: (None if isinstance(v, str) and v.startswith("${") else v) for k, v in row.items()}
 
 
+def frame_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a per-run frame this module wrote (``<out>.csv``), as :func:`collect_runs` gives them.
+
+    ``outputs/`` is not kept from one machine to the next; the committed frames are, so a table can
+    put new runs beside runs whose folders are gone.
+    """
+    try:
+        frame = pd.read_csv(path)
+    except (OSError, ValueError) as err:
+        raise TablesError(f"{path}: not a per-run frame written by evaluation.tables ({err})") from None
+    missing = {"source", "status", "editor", "model", "dataset"} - set(frame.columns)
+    if missing:
+        raise TablesError(f"{path}: not a per-run frame written by evaluation.tables (no column {sorted(missing)[0]!r})")
+    frame = frame.astype(object).where(frame.notna(), None)
+    return [{k: v for k, v in row.items()} for row in frame.to_dict("records")]
+
+
 def collect_runs(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
     """Rows for every results.json under ``paths`` and every run folder that has none."""
     rows: dict[str, dict[str, Any]] = {}
     for root in map(Path, paths):
         if not root.exists():
             raise TablesError(f"no such file or folder: {root}")
+        if root.suffix == ".csv":  # a committed per-run frame (<out>.csv): its runs' folders may be gone
+            for row in frame_rows(root):
+                rows[f"{root}:{row['source']}"] = row
+            continue
         files = [root] if root.is_file() else sorted(root.rglob("results.json"))
         for file in files:
             key = str(file.parent.resolve())
@@ -343,7 +375,8 @@ class Table:
 
 _LATEX = {"\\": "\\textbackslash{}", "&": "\\&", "%": "\\%", "$": "\\$", "#": "\\#", "_": "\\_", "{": "\\{",
           "}": "\\}", "~": "\\textasciitilde{}", "^": "\\textasciicircum{}", "±": "$\\pm$", "Δ": "$\\Delta$",
-          "—": "---", "≥": "$\\geq$", "≤": "$\\leq$", "λ": "$\\lambda$", "ε": "$\\epsilon$", "`": ""}
+          "—": "---", "≥": "$\\geq$", "≤": "$\\leq$", "λ": "$\\lambda$", "ε": "$\\epsilon$", "`": "",
+          "→": "$\\rightarrow$", "÷": "$\\div$", "–": "--"}
 
 
 def latex_escape(text: str) -> str:
@@ -397,6 +430,9 @@ class Options:
     out: Optional[Path] = None
     paths: Sequence[str] = ()
     from_curves: bool = False
+    age_bin: Optional[int] = None  # forgetting: width of the age bins in edits (None: about 20 bins)
+    normalise: bool = False  # forgetting: plot the retained fraction (÷ accuracy just after editing)
+    points: Sequence[int] = ()  # model_axis: the stream lengths to read (default MODEL_AXIS_POINTS)
 
 
 def _label(mapping: Mapping[str, str], key: Any) -> str:
@@ -482,25 +518,36 @@ def build_table1(frame: pd.DataFrame, opts: Options) -> Report:
     frame, n_edits = _stream_length(frame, opts, 1000)
     report = Report("table1", f"Table 1: reliability and generalization (%) after {n_edits} sequential edits",
                     notes=_common_notes(frame))
-    cells = Cells(frame, ("editor", "model", "dataset"))
+    cells = Cells(frame, ("editor", "elder_reading", "model", "dataset"))
+    found = [*cells.ok, *cells.failed]
+    # ROME's own CounterFact records are the paper's CounterFact: a column of their own, same paper numbers
+    extra = [d for d in paper.READING_DATASETS if d not in paper.DATASETS and any(k[3] == d for k in found)]
+    if extra:
+        report.notes.append("CounterFact (ROME's records) is compared with the paper's CounterFact numbers: the paper "
+                            "used ROME's counterfact.json. Its stream is as long as the 500-record subset allows.")
     for model in _models(frame, opts):
         heading, ref = _model_heading(model, opts)
+        datasets = [*paper.DATASETS, *extra]
         columns = ["Editor"]
-        for ds in paper.DATASETS:
+        for ds in datasets:
             for metric in ("Rel.", "Gen."):
                 columns += [f"{_label(paper.DATASET_LABELS, ds)} {metric}", "paper", "Δ"]
+        readings = sorted({k[1] for k in found if k[0] == "elder" and k[2] == model and k[1] is not None},
+                          key=lambda r: _reading_order(("elder", r, None, None)))
         rows = []
-        for editor in paper.EDITORS:
-            row = [_label(paper.EDITOR_LABELS, editor)]
-            for ds in paper.DATASETS:
-                key = (editor, model, ds)
-                published = paper.TABLE1.get((editor, ref, ds)) if ref else None
+        for editor, reading in [*((e, None) for e in paper.EDITORS), *(("elder", r) for r in readings)]:
+            label = _label(paper.EDITOR_LABELS, editor)
+            if reading is not None:
+                label += f" ({_label(paper.READING_LABELS, reading)})"
+            row = [label]
+            for ds in datasets:
+                key = (editor, reading, model, ds)
+                published = paper.TABLE1.get((editor, ref, paper.PAPER_DATASET.get(ds, ds))) if ref else None
                 for i, metric in enumerate(("reliability", "generalization")):
                     row += triple(cells, key, metric, published[i] if published else None)
                 status = cells.status(key)
-                if status != "ok":
-                    report.missing.append(f"{_label(paper.EDITOR_LABELS, editor)} / {model} / "
-                                          f"{_label(paper.DATASET_LABELS, ds)}: {status}")
+                if status != "ok" and (reading is None and ds in paper.DATASETS or status != "missing"):
+                    report.missing.append(f"{label} / {model} / {_label(paper.DATASET_LABELS, ds)}: {status}")
             rows.append(row)
         report.tables.append(Table(heading, columns, rows))
     report.failed = _failed_list(frame)
@@ -632,6 +679,76 @@ def build_table4(frame: pd.DataFrame, opts: Options) -> Report:
         report.tables.append(Table(heading, columns, rows))
     report.failed = _failed_list(frame)
     return report
+
+
+def build_readings(frame: pd.DataFrame, opts: Options) -> Report:
+    """ELDER under each reading of the authors' code (conf/elder_reading/), and the routed controls
+    (GRACE, MELO) under both key positions: reliability, generalization, locality per dataset."""
+    frame, n_edits = _stream_length(frame, opts, 100)
+    report = Report("readings", f"Readings of the authors' code: reliability, generalization and locality (%) "
+                                f"after {n_edits} sequential edits", notes=_common_notes(frame)[1:])
+    report.notes.insert(0, "One run per cell (seed 0). ELDER rows change one reading at a time from the project's "
+                           "earlier one (conf/elder_reading/project.yaml); \"all\" takes every reading the "
+                           "authors' way (experiment=elder_authors). lr is ELDER's learning rate.")
+    cells = Cells(frame, ("editor", "elder_reading", "key_position", "lr", "model", "dataset"))
+    found = [k for k in [*cells.ok, *cells.failed]]
+    for model in _models(frame, opts):
+        datasets = [d for d in paper.READING_DATASETS if any(k[4] == model and k[5] == d for k in found)]
+        datasets = datasets or list(paper.READING_DATASETS)
+        columns = ["Editor", "Reading", "key", "lr"]
+        for ds in datasets:
+            columns += [f"{_label(paper.DATASET_LABELS, ds)} {m}" for m in ("Rel.", "Gen.", "Loc.")]
+        rows = []
+        variants = sorted({k[:4] for k in found if k[4] == model}, key=_reading_order)
+        for editor, reading, key_position, lr in variants:
+            row = [_label(paper.EDITOR_LABELS, editor), _label(paper.READING_LABELS, reading or "—"),
+                   str(key_position), f"{lr:g}" if isinstance(lr, (int, float)) else str(lr)]
+            for ds in datasets:
+                key = (editor, reading, key_position, lr, model, ds)
+                row += [fmt(cells.stat(key, m, 100), cells.status(key), 1)
+                        for m in ("reliability", "generalization", "locality")]
+            rows.append(row)
+        report.tables.append(Table(_label(paper.MODEL_LABELS, model), columns, rows))
+    report.failed = _failed_list(frame)
+    return report
+
+
+def build_model_axis(frame: pd.DataFrame, opts: Options) -> Report:
+    """Reliability / generalization at several stream lengths per model and reading, read from each run's
+    curve points (one run of the longest length per cell, ``eval_every`` dividing the shorter ones)."""
+    points = list(opts.points or MODEL_AXIS_POINTS)
+    report = Report("model_axis", "The model axis: reliability / generalization (%) after "
+                    + ", ".join(map(str, points)) + " sequential edits", notes=_common_notes(frame)[1:])
+    report.notes.insert(0, "Each cell reads one run's curve point after that many edits (the stream edits the "
+                           "dataset's first records in order, so it is what a run of that length gives). "
+                           "Reading — is the harness's default. s/edit: edit time of the whole stream.")
+    ok = frame[frame["status"] == "ok"] if not frame.empty else frame
+    columns = ["Editor", "Model", "Dataset", "Reading", *(f"{n} edits" for n in points), "s/edit"]
+    rows = []
+    order = lambda r: (str(r["editor"]), str(r["model"]), str(r["dataset"]),  # noqa: E731
+                       _reading_order(("elder", r.get("elder_reading"), None, None)))
+    for run in sorted(ok.to_dict("records"), key=order):
+        curve = {int(p["edits"]): p for p in json.loads(run.get("curve") or "[]")}
+        cells = []
+        for n in points:
+            p = curve.get(n)
+            cells.append(DASH if p is None else f"{100 * _num(p.get('reliability')):.1f} / "
+                                                  f"{100 * _num(p.get('generalization')):.1f}")
+        rows.append([_label(paper.EDITOR_LABELS, run["editor"]), _label(paper.MODEL_LABELS, run["model"]),
+                     _label(paper.DATASET_LABELS, run["dataset"]),
+                     _label(paper.READING_LABELS, run.get("elder_reading") or "—"), *cells,
+                     f"{_num(run['seconds_per_edit']):.2f}"])
+    report.tables.append(Table("Reliability / generalization (%) by stream length", columns, rows))
+    report.failed = _failed_list(frame)
+    return report
+
+
+def _reading_order(variant: tuple) -> tuple:
+    editor, reading, key_position, lr = variant
+    readings = list(paper.READING_LABELS)
+    return (paper.EDITORS.index(editor) if editor in paper.EDITORS else len(paper.EDITORS),
+            readings.index(reading) if reading in readings else len(readings), str(key_position),
+            -(lr or 0) if isinstance(lr, (int, float)) else 0)
 
 
 def _grid_expected(param: str) -> list[Any]:
@@ -833,9 +950,132 @@ def build_figure4(frame: pd.DataFrame, opts: Options) -> Report:
     return report
 
 
+def _run_labels(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """A short label per run: the editor, plus whichever of model, dataset, stream length and seed vary."""
+    fields = [("model", lambda v: _label(paper.MODEL_LABELS, v)),
+              ("dataset", lambda v: _label(paper.DATASET_LABELS, v)),
+              ("num_edits", lambda v: f"{v} edits"), ("seed", lambda v: f"seed {v}")]
+    varying = [(f, show) for f, show in fields if len({_key_value(r.get(f)) for r in rows}) > 1]
+    labels = []
+    for row in rows:
+        parts = [_label(paper.EDITOR_LABELS, row.get("editor"))]
+        parts += [show(_key_value(row.get(f))) for f, show in varying if _key_value(row.get(f)) is not None]
+        labels.append(", ".join(parts))
+    for label in {x for x in labels if labels.count(x) > 1}:  # still ambiguous: name the folder
+        labels = [f"{x} ({Path(str(r['source'])).name})" if x == label else x for x, r in zip(labels, rows)]
+    return labels
+
+
+def _pct(value: float) -> str:
+    return DASH if value is None or math.isnan(value) else f"{100 * value:.1f}"
+
+
+def _fraction(value: float) -> str:
+    return DASH if value is None or math.isnan(value) else f"{value:.2f}"
+
+
+def build_forgetting(frame: pd.DataFrame, opts: Options) -> Report:
+    """Each edit batch's accuracy at every curve point (results.json ``forgetting``), per run."""
+    from evaluation import forgetting as fg
+    from evaluation.results import write_text_atomic
+
+    report = Report("forgetting", "Forgetting: how well each earlier edit batch is held as the stream goes on",
+                    notes=["Each run's `forgetting` record (results.json) holds, at every curve point (`eval_every` "
+                           "and the end), the exact-match reliability and generalization of each batch of "
+                           "`editor.batch_size` edits. Age = edits done since the batch was edited. \"Just after "
+                           "editing\" = the batch's value at the first curve point that holds it (age 0 when "
+                           "eval_every equals the batch size). Values in %."])
+    if not frame.empty and opts.models:
+        frame = frame[frame["model"].isin(opts.models) | frame["model"].isna()]
+    if not frame.empty and opts.dataset:
+        frame = _only(frame, dataset=opts.dataset)
+    if not frame.empty and opts.num_edits is not None:
+        length = pd.to_numeric(frame["num_edits"], errors="coerce")
+        frame = frame[frame["num_edits"].isna() | (length == opts.num_edits)]
+    runs: list[tuple[dict[str, Any], list[dict[str, Any]]]] = []
+    ok = frame[frame["status"] == "ok"] if not frame.empty else frame
+    for row in ok.to_dict("records"):
+        path = Path(str(row["source"])) / "results.json"
+        if str(row["source"]).startswith("wandb:") or not path.is_file():
+            report.missing.append(f"`{row['source']}`: no results.json on disk (W&B runs carry no forgetting record)")
+            continue
+        try:
+            points = json.loads(path.read_text()).get("forgetting") or []
+        except (OSError, json.JSONDecodeError) as err:
+            report.missing.append(f"`{row['source']}`: unreadable results.json ({err})")
+            continue
+        if not points:
+            report.missing.append(f"`{row['source']}`: no forgetting record (made before runs recorded one)")
+            continue
+        runs.append((row, points))
+    report.failed = _failed_list(frame)
+    if not runs:
+        report.missing.append("no finished run with a forgetting record under the given folders")
+        return report
+    labels = _run_labels([r for r, _ in runs])
+    all_cells = [fg.cells(points) for _, points in runs]
+    width = opts.age_bin or fg.auto_age_bin(all_cells)
+    report.notes.append(f"Age bins of {width} edits. Retained fraction = the bin's accuracy ÷ the same batches' "
+                        f"accuracy just after editing (over batches held at all just after editing).")
+
+    summary, heat_rows, age_rows, ages = [], [], [], {}
+    for label, (row, points), run_cells in zip(labels, runs, all_cells):
+        last = max(p["edits"] for p in points)
+        at_end = [c for c in run_cells if c.edits == last]
+        size = sum(c.size for c in at_end)
+        first = fg.first_edits_accuracy(points, max(p["batch_size"] for p in points))
+
+        def mean(attr: str, cs: Sequence[Any] = at_end) -> float:
+            return sum(getattr(c, attr) * c.size for c in cs) / size if size else math.nan
+
+        summary.append([label, str(last), str(points[-1]["batch_size"]), str(len(points)),
+                        _pct(mean("reliability_just_after")), _pct(mean("reliability")),
+                        f"{_pct(first['just_after']['reliability'])} → {_pct(first['end']['reliability'])}",
+                        _pct(mean("generalization_just_after")), _pct(mean("generalization"))])
+        meta = {"run": label, "source": row["source"], "editor": row.get("editor"), "model": row.get("model"),
+                "dataset": row.get("dataset"), "seed": _key_value(row.get("seed"))}
+        heat_rows += [{**meta, **c.as_row()} for c in run_cells]
+        table = fg.age_table(run_cells, width)
+        ages[label] = table
+        age_rows += [{**meta, "bin_width": width, **r} for r in table]
+    report.tables.append(Table("Per run (%)", ["Run", "edits", "batch", "points", "Rel. just after editing",
+                                               "Rel. at the end", "first batch: just after → end",
+                                               "Gen. just after editing", "Gen. at the end"], summary))
+    bins = sorted({(r["age_from"], r["age_to"]) for table in ages.values() for r in table})
+    for metric in ("reliability", "generalization"):
+        key = f"{metric}_retained" if opts.normalise else metric
+        rows_out = []
+        for lo, hi in bins:
+            nothing = {key: math.nan}
+            cells_here = [next((r for r in ages[label] if r["age_from"] == lo), nothing) for label in labels]
+            rows_out.append([f"{lo}–{hi}", *(_fraction(r[key]) if opts.normalise else _pct(r[key])
+                                             for r in cells_here)])
+        what = "retained fraction" if opts.normalise else "%"
+        report.tables.append(Table(f"{metric.capitalize()} by age of the edit batch ({what})",
+                                   ["age (edits)", *labels], rows_out))
+
+    if opts.out is not None:
+        from evaluation.figures import plot_forgetting_by_age, plot_forgetting_heatmap
+
+        out = Path(opts.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        maps = [(label, {m: fg.heatmap(points, m) for m in fg.METRICS}) for label, (_, points) in zip(labels, runs)]
+        report.figures += plot_forgetting_heatmap(maps, out.with_name(out.name + "_heatmap"))
+        report.figures += plot_forgetting_by_age([(label, ages[label]) for label in labels],
+                                                 out.with_name(out.name + "_age"), opts.normalise, width)
+        for suffix, rows_csv in (("_heatmap.csv", heat_rows), ("_age.csv", age_rows)):
+            path = out.with_name(out.name + suffix)
+            write_text_atomic(path, pd.DataFrame(rows_csv).to_csv(index=False))
+            report.figures.append(path.name)
+        report.notes.append(f"Numbers: `{out.name}_heatmap.csv` (one row per batch and curve point) and "
+                            f"`{out.name}_age.csv` (one row per run and age bin).")
+    return report
+
+
 BUILDERS: dict[str, Callable[[pd.DataFrame, Options], Report]] = {
     "table1": build_table1, "table2": build_table2, "table3": build_table3, "table4": build_table4,
     "figure2": build_figure2, "figure3": build_figure3, "grid": build_grid, "figure4": build_figure4,
+    "forgetting": build_forgetting, "readings": build_readings, "model_axis": build_model_axis,
 }
 
 
@@ -846,15 +1086,17 @@ def build(name: str, rows: Sequence[Mapping[str, Any]], opts: Options) -> Report
 
 
 def write(report: Report, frame: pd.DataFrame, out: Path, command: str) -> list[Path]:
+    from evaluation.results import write_text_atomic
+
     out.parent.mkdir(parents=True, exist_ok=True)
     commits = sorted({str(c) for c in frame["git_commit"].dropna()}) if not frame.empty else []
     provenance = [f"Made by: `{command}`"]
     if commits:
         provenance.append(f"Runs made at commit(s): {', '.join(commits)}")
     paths = [out.with_suffix(".md"), out.with_suffix(".tex"), out.with_suffix(".csv")]
-    paths[0].write_text(report.markdown(provenance))
-    paths[1].write_text(report.latex(provenance))
-    frame.to_csv(paths[2], index=False)
+    write_text_atomic(paths[0], report.markdown(provenance))
+    write_text_atomic(paths[1], report.latex(provenance))
+    write_text_atomic(paths[2], frame.to_csv(index=False))
     return paths + [Path(f) if Path(f).is_absolute() else out.parent / f for f in report.figures]
 
 
@@ -862,7 +1104,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m evaluation.tables", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("name", choices=NAMES)
-    parser.add_argument("runs", nargs="*", help="run or multirun folders (searched recursively for results.json)")
+    parser.add_argument("runs", nargs="*", help="run or multirun folders (searched recursively for results.json), "
+                                                "or per-run frames written before (<out>.csv) whose folders are gone")
     parser.add_argument("--out", help="output path without suffix (default: results/<name>)")
     parser.add_argument("--wandb", action="append", default=[], metavar="ENTITY/PROJECT",
                         help="also read the runs of this W&B project (online; needs `wandb login`)")
@@ -874,6 +1117,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--from-curves", action="store_true",
                         help="figure2: take the stream lengths from the runs' curve points (eval_every) "
                              "instead of one run per length")
+    parser.add_argument("--age-bin", type=int, metavar="EDITS",
+                        help="forgetting: width of the age bins in edits (default: about 20 bins, a multiple of "
+                             "every run's batch size)")
+    parser.add_argument("--normalise", action="store_true",
+                        help="forgetting: plot and tabulate the retained fraction (÷ the accuracy just after editing)")
+    parser.add_argument("--points", type=int, nargs="+", metavar="EDITS",
+                        help=f"model_axis: the stream lengths to read from the curves (default: "
+                             f"{' '.join(map(str, MODEL_AXIS_POINTS))})")
     args = parser.parse_args(argv)
     if not args.runs and not args.wandb:
         parser.error("give at least one run folder or --wandb ENTITY/PROJECT")
@@ -886,7 +1137,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"warning: no runs found under {' '.join(args.runs)}; every cell will read 'missing'",
                   file=sys.stderr)
         opts = Options(models=args.model, paper_model=args.paper_model, num_edits=args.num_edits, dataset=args.dataset,
-                       out=out, paths=args.runs, from_curves=args.from_curves)
+                       out=out, paths=args.runs, from_curves=args.from_curves, age_bin=args.age_bin,
+                       normalise=args.normalise, points=args.points or ())
         frame = runs_frame(rows)
         report = BUILDERS[args.name](frame, opts)
     except TablesError as err:

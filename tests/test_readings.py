@@ -172,3 +172,70 @@ def test_key_position_is_a_config_key_of_every_routed_baseline(editor: str) -> N
     cfg = compose_config([f"editor={editor}", "model=tiny_llama", "editor.key_position=sequence_last"])
     built = build(cfg.editor, model=tiny_model("tiny_llama"))
     assert built.key_position == "sequence_last"
+
+
+def _reading_run(root, name: str, editor: str, reading: str | None, key: str, lr: float, dataset: str,
+                 rel: float) -> None:
+    import json
+
+    run = root / name
+    (run / ".hydra").mkdir(parents=True)
+    payload = {"config": {"seed": 0, "dataset": {"num_edits": 100}, "retention": {},
+                          "editor": {"key_position": key, "lr": lr}},
+               "choices": {"editor": editor, "model": "smollm2", "dataset": dataset, "elder_reading": reading},
+               "metrics": {"reliability": rel, "generalization": rel / 2, "locality": 1.0, "num_edits": 100},
+               "versions": {}, "git_commit": "abc", "curves": []}
+    (run / "results.json").write_text(json.dumps(payload))
+
+
+def test_the_readings_table_has_a_row_per_reading_and_key(tmp_path) -> None:
+    from evaluation.tables import main
+
+    _reading_run(tmp_path, "a", "elder", "project", "prompt_last", 1e-3, "zsre", 0.1)
+    _reading_run(tmp_path, "b", "elder", "authors", "sequence_last", 1e-3, "zsre", 0.3)
+    _reading_run(tmp_path, "c", "elder", "authors", "sequence_last", 1e-4, "zsre", 0.05)
+    _reading_run(tmp_path, "d", "elder", "authors", "sequence_last", 1e-3, "counterfact_rome", 0.5)
+    _reading_run(tmp_path, "e", "grace", None, "sequence_last", 1.0, "zsre", 1.0)
+    out = tmp_path / "readings"
+    assert main(["readings", str(tmp_path), "--out", str(out)]) == 0
+    rows = [line for line in out.with_suffix(".md").read_text().splitlines() if line.startswith("| ")][1:]
+    assert rows[0].startswith("| GRACE | — | sequence_last | 1 | 100.0 | 50.0 | 100.0 | missing")
+    assert rows[1].startswith("| ELDER | project's earlier reading | prompt_last | 0.001 | 10.0 | 5.0 | 100.0 | missing")
+    assert rows[2].startswith("| ELDER | all authors' readings | sequence_last | 0.001 | 30.0 | 15.0 | 100.0 | 50.0 |")
+    assert rows[3].startswith("| ELDER | all authors' readings | sequence_last | 0.0001 | 5.0 | 2.5 |")
+
+
+def test_table1_puts_a_reading_beside_the_default_and_reads_a_committed_frame(tmp_path) -> None:
+    from evaluation.tables import main
+
+    runs = tmp_path / "runs"
+    _reading_run(runs, "a", "elder", None, "prompt_last", 1e-3, "zsre", 0.04)
+    _reading_run(runs, "b", "elder", "authors", "sequence_last", 1e-3, "zsre", 0.3)
+    _reading_run(runs, "c", "elder", "authors", "sequence_last", 1e-3, "counterfact_rome", 0.5)
+    first, second = tmp_path / "t1", tmp_path / "t1_again"
+    assert main(["table1", str(runs), "--out", str(first)]) == 0
+    text = first.with_suffix(".md").read_text()
+    elder = [line for line in text.splitlines() if line.startswith("| ELDER")]
+    assert elder[0].startswith("| ELDER | 4.00 | 93.96 |")  # the paper's LLaMA2-7B ZsRE reliability
+    assert elder[1].startswith("| ELDER (all authors' readings) | 30.00 | 93.96 |")
+    assert "| 50.00 | 95.07 | -45.07 |" in elder[1]  # ROME's CounterFact against the paper's CounterFact
+    # the committed frame stands in for run folders that are gone
+    assert main(["table1", str(first.with_suffix(".csv")), "--out", str(second)]) == 0
+    table = lambda p: [line for line in p.with_suffix(".md").read_text().splitlines() if line.startswith("|")]
+    assert table(first) == table(second)
+
+
+def test_the_model_axis_reads_each_run_at_the_asked_lengths(tmp_path) -> None:
+    import json
+
+    from evaluation.tables import main
+
+    _reading_run(tmp_path, "a", "elder", "authors", "sequence_last", 1e-3, "zsre", 0.2)
+    payload = json.loads((tmp_path / "a" / "results.json").read_text())
+    payload["curves"] = [{"edits": 40, "reliability": 0.5, "generalization": 0.25},
+                         {"edits": 100, "reliability": 0.2, "generalization": 0.1}]
+    (tmp_path / "a" / "results.json").write_text(json.dumps(payload))
+    out = tmp_path / "axis"
+    assert main(["model_axis", str(tmp_path), "--out", str(out), "--points", "40", "100", "200"]) == 0
+    row = [line for line in out.with_suffix(".md").read_text().splitlines() if line.startswith("| ELDER")][0]
+    assert "| all authors' readings | 50.0 / 25.0 | 20.0 / 10.0 | — |" in row
