@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from data.requests import EditRequest
 from evaluation.errors import HarnessError
@@ -90,12 +90,8 @@ def load_edit_requests(
 ) -> list[EditRequest]:
     """A flat-format edit set (ZsRE, EasyEdit CounterFact): one paraphrase and one locality pair each."""
     path = Path(path)
-    _check_num_edits(num_edits)
-    records = _read_records(path, cache_dir)
     requests: list[EditRequest] = []
-    for index, record in enumerate(records):
-        if not isinstance(record, Mapping):
-            raise DataError(f"{path}: record {index} is not a JSON object")
+    for index, record in _records(path, num_edits, cache_dir):
         paraphrase = record.get(fields.paraphrase)
         if isinstance(paraphrase, list):
             paraphrase = paraphrase[0] if paraphrase else None
@@ -117,6 +113,15 @@ def load_edit_requests(
             break
     _check_enough(path, requests, num_edits)
     return requests
+
+
+def _records(path: Path, num_edits: int, cache_dir: str | None) -> Iterator[tuple[int, Mapping[str, Any]]]:
+    """(index, record) for every record of the file, each checked to be a JSON object."""
+    _check_num_edits(num_edits)
+    for index, record in enumerate(_read_records(path, cache_dir)):
+        if not isinstance(record, Mapping):
+            raise DataError(f"{path}: record {index} is not a JSON object")
+        yield index, record
 
 
 def _check_num_edits(num_edits: int) -> None:
@@ -190,12 +195,8 @@ def load_rome_counterfact(
     ``requested_rewrite.target_true.str`` (the subject-free fact the edit must leave alone).
     """
     path = Path(path)
-    _check_num_edits(num_edits)
-    records = _read_records(path, cache_dir)
     requests: list[EditRequest] = []
-    for index, record in enumerate(records):
-        if not isinstance(record, Mapping):
-            raise DataError(f"{path}: record {index} is not a JSON object")
+    for index, record in _records(path, num_edits, cache_dir):
         paraphrases = _rome_texts(record, "paraphrase_prompts", path, index)
         if not paraphrases:  # the protocol keeps only records with a paraphrase
             continue

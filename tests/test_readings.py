@@ -1,10 +1,13 @@
 """Issue 18's readings of the authors' code: each changes what it claims and nothing else."""
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from baselines.defer import DeferEditor
 from baselines.grace import GraceEditor
@@ -15,7 +18,7 @@ from evaluation.encoding import encode_pairs
 from evaluation.errors import ConfigError
 from evaluation.experiment import build
 from evaluation.forward import target_logits
-from torch.optim.optimizer import register_optimizer_step_pre_hook
+from evaluation.tables import main
 from tests.conftest import tiny_model, zsre_requests
 
 LAYERS = [2, 3, 4, 5, 6, 7]
@@ -174,10 +177,8 @@ def test_key_position_is_a_config_key_of_every_routed_baseline(editor: str) -> N
     assert built.key_position == "sequence_last"
 
 
-def _reading_run(root, name: str, editor: str, reading: str | None, key: str, lr: float, dataset: str,
+def _reading_run(root: Path, name: str, editor: str, reading: str | None, key: str, lr: float, dataset: str,
                  rel: float) -> None:
-    import json
-
     run = root / name
     (run / ".hydra").mkdir(parents=True)
     payload = {"config": {"seed": 0, "dataset": {"num_edits": 100}, "retention": {},
@@ -188,8 +189,7 @@ def _reading_run(root, name: str, editor: str, reading: str | None, key: str, lr
     (run / "results.json").write_text(json.dumps(payload))
 
 
-def test_the_readings_table_has_a_row_per_reading_and_key(tmp_path) -> None:
-    from evaluation.tables import main
+def test_the_readings_table_has_a_row_per_reading_and_key(tmp_path: Path) -> None:
 
     _reading_run(tmp_path, "a", "elder", "project", "prompt_last", 1e-3, "zsre", 0.1)
     _reading_run(tmp_path, "b", "elder", "authors", "sequence_last", 1e-3, "zsre", 0.3)
@@ -205,8 +205,7 @@ def test_the_readings_table_has_a_row_per_reading_and_key(tmp_path) -> None:
     assert rows[3].startswith("| ELDER | all authors' readings | sequence_last | 0.0001 | 5.0 | 2.5 |")
 
 
-def test_table1_puts_a_reading_beside_the_default_and_reads_a_committed_frame(tmp_path) -> None:
-    from evaluation.tables import main
+def test_table1_puts_a_reading_beside_the_default_and_reads_a_committed_frame(tmp_path: Path) -> None:
 
     runs = tmp_path / "runs"
     _reading_run(runs, "a", "elder", None, "prompt_last", 1e-3, "zsre", 0.04)
@@ -225,10 +224,7 @@ def test_table1_puts_a_reading_beside_the_default_and_reads_a_committed_frame(tm
     assert table(first) == table(second)
 
 
-def test_the_model_axis_reads_each_run_at_the_asked_lengths(tmp_path) -> None:
-    import json
-
-    from evaluation.tables import main
+def test_the_model_axis_reads_each_run_at_the_asked_lengths(tmp_path: Path) -> None:
 
     _reading_run(tmp_path, "a", "elder", "authors", "sequence_last", 1e-3, "zsre", 0.2)
     payload = json.loads((tmp_path / "a" / "results.json").read_text())
