@@ -20,6 +20,8 @@ EDITOR_LABELS: Mapping[str, str] = {
 }
 DATASET_LABELS: Mapping[str, str] = {"zsre": "ZsRE", "counterfact": "CounterFact",
                                      "counterfact_rome": "CounterFact (ROME's records)"}
+#: dataset names where space is short (figure legends, run labels)
+DATASET_SHORT: Mapping[str, str] = {"zsre": "ZsRE", "counterfact": "CounterFact", "counterfact_rome": "CF (ROME)"}
 #: the paper's dataset each harness dataset is compared with (the paper used ROME's counterfact.json)
 PAPER_DATASET: Mapping[str, str] = {"counterfact_rome": "counterfact"}
 #: the readings table's datasets, in column order
@@ -33,6 +35,10 @@ READING_LABELS: Mapping[str, str] = {
     "optimizer": "+ Adam per batch, StepLR(20, 0.5)",
     "target": "+ ZsRE target answers[0]",
     "authors": "all authors' readings",
+}
+READING_SHORT: Mapping[str, str] = {
+    "project": "project reading", "lora_init": "+ init", "key_position": "+ key", "code_snapshot": "+ codes",
+    "optimizer": "+ optimizer", "target": "+ target", "authors": "authors' readings",
 }
 MODEL_LABELS: Mapping[str, str] = {
     "gpt2xl": "GPT2-XL", "llama2": "LLaMA2-7B", "smollm2": "SmolLM2-135M", "tiny_gpt2": "tiny GPT-2",

@@ -951,15 +951,22 @@ def build_figure4(frame: pd.DataFrame, opts: Options) -> Report:
 
 
 def _run_labels(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    """A short label per run: the editor, plus whichever of model, dataset, stream length and seed vary."""
-    fields = [("model", lambda v: _label(paper.MODEL_LABELS, v)),
-              ("dataset", lambda v: _label(paper.DATASET_LABELS, v)),
-              ("num_edits", lambda v: f"{v} edits"), ("seed", lambda v: f"seed {v}")]
+    """A short label per run: the editor, plus whichever of model, dataset, reading, key position, lr,
+    stream length and seed vary (the key position only where no ELDER reading names it)."""
+    fields = [("model", lambda v, r: _label(paper.MODEL_LABELS, v)),
+              ("dataset", lambda v, r: _label(paper.DATASET_SHORT, v)),
+              ("elder_reading", lambda v, r: _label(paper.READING_SHORT, v)),
+              ("key_position", lambda v, r: None if r.get("elder_reading") else f"key {v}"),
+              ("lr", lambda v, r: f"lr {v:g}" if isinstance(v, (int, float)) else None),
+              ("num_edits", lambda v, r: f"{v} edits"), ("seed", lambda v, r: f"seed {v}")]
     varying = [(f, show) for f, show in fields if len({_key_value(r.get(f)) for r in rows}) > 1]
     labels = []
     for row in rows:
         parts = [_label(paper.EDITOR_LABELS, row.get("editor"))]
-        parts += [show(_key_value(row.get(f))) for f, show in varying if _key_value(row.get(f)) is not None]
+        for f, show in varying:
+            value = _key_value(row.get(f))
+            text = show(value, row) if value is not None else None
+            parts += [text] if text else []
         labels.append(", ".join(parts))
     for label in {x for x in labels if labels.count(x) > 1}:  # still ambiguous: name the folder
         labels = [f"{x} ({Path(str(r['source'])).name})" if x == label else x for x, r in zip(labels, rows)]
