@@ -956,7 +956,7 @@ def _run_labels(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     fields = [("model", lambda v, r: _label(paper.MODEL_LABELS, v)),
               ("dataset", lambda v, r: _label(paper.DATASET_SHORT, v)),
               ("elder_reading", lambda v, r: _label(paper.READING_SHORT, v)),
-              ("key_position", lambda v, r: None if r.get("elder_reading") else f"key {v}"),
+              ("key_position", lambda v, r: None if _key_value(r.get("elder_reading")) else f"key {v}"),
               ("lr", lambda v, r: f"lr {v:g}" if isinstance(v, (int, float)) else None),
               ("num_edits", lambda v, r: f"{v} edits"), ("seed", lambda v, r: f"seed {v}")]
     varying = [(f, show) for f, show in fields if len({_key_value(r.get(f)) for r in rows}) > 1]
