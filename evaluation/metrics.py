@@ -62,11 +62,7 @@ def locality_agreement(base: Sequence[RowPredictions], edited: Sequence[RowPredi
     """Mean over rows of the share of target positions where edited and unedited argmax agree."""
     if not base:
         return float("nan")
-    return sum(_agreement(b, e) for b, e in zip(base, edited)) / len(base)
-
-
-def _agreement(base: RowPredictions, edited: RowPredictions) -> float:
-    return float((base.predicted == edited.predicted).float().mean())
+    return sum(float((b.predicted == e.predicted).float().mean()) for b, e in zip(base, edited)) / len(base)
 
 
 def mean(values: Sequence[float]) -> float:
@@ -142,7 +138,7 @@ def evaluate_edits(editor: Editor, requests: Sequence[EditRequest], base_localit
     per_request = {
         "reliability": [p.exact for p in rel],
         "generalization": [mean([p.exact for p in g]) for g in gen],
-        "locality": [mean([_agreement(b, e) for b, e in zip(bs, es)]) for bs, es in zip(base, loc)],
+        "locality": [locality_agreement(bs, es) for bs, es in zip(base, loc)],
     }
     if per_request_out is not None:
         per_request_out.update({k: list(v) for k, v in per_request.items()})
