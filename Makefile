@@ -2,8 +2,10 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-# CPU build by default (this machine has no GPU); set TORCH_SPEC to pick another build.
+# pip picks the build of TORCH_SPEC (README, "Which torch"); TORCH_INDEX=<url> installs it from that
+# index only, e.g. https://download.pytorch.org/whl/cpu (CPU) or .../whl/cu126 (CUDA 12.6).
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
 ARGS ?=
 # The full retention suite is ~26k generations: hours on a 2-core CPU, so `make run` scores the
 # first 100 items of each task; RUN_ARGS= runs it whole.
@@ -16,7 +18,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 

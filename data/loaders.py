@@ -12,12 +12,14 @@ field where a format has a choice (``TARGETS``).
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from data.requests import EditRequest
 from evaluation.errors import HarnessError
+from evaluation.integrity import file_sha256
 
 
 class DataError(HarnessError, ValueError):
@@ -45,11 +47,17 @@ COUNTERFACT_FIELDS = FieldMap(
 
 
 def _read_records(path: Path, cache_dir: str | None) -> list[dict[str, Any]]:
+    if path.is_dir():
+        raise DataError(f"{path} is a folder, not a data file: point dataset.path at the JSON file of the edits")
     if not path.is_file():
         raise DataError(
             f"data file not found: {path}. Point the config at it (dataset.path=/path/to/file) "
             f"or fetch it with `python -m data.download --dest <dir>`."
         )
+    if cache_dir is not None:
+        # keyed by content: the json builder's own key (path, size, mtime) serves stale records for a file
+        # rewritten in place within the same second and size
+        cache_dir = os.path.join(cache_dir, file_sha256(path)[:16])
     try:
         import datasets
 
@@ -59,6 +67,9 @@ def _read_records(path: Path, cache_dir: str | None) -> list[dict[str, Any]]:
     except Exception as err:  # the json builder's errors are opaque: re-read to say where
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as uerr:
+            raise DataError(f"{path}: not valid UTF-8 (byte {uerr.start}: {uerr.reason}); save the file as "
+                            f"UTF-8") from None
         except json.JSONDecodeError as jerr:
             raise DataError(f"{path}: not valid JSON (line {jerr.lineno}, column {jerr.colno}): {jerr.msg}") from None
         if not isinstance(raw, list):
@@ -266,10 +277,14 @@ class EditDataset:
     """A dataset config made object: ``instantiate(cfg.dataset).load()`` gives the edit stream."""
 
     def __init__(self, name: str, path: str, num_edits: int = 1000, cache_dir: str | None = None,
-                 url: str | None = None, sha256: str | None = None, target: str | None = None) -> None:
+                 url: str | None = None, sha256: str | None = None, target: str | None = None,
+                 max_tokens: int = 512) -> None:
         if name not in FORMATS:
             raise DataError(f"unknown dataset '{name}': known formats are {sorted(FORMATS)}")
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise DataError(f"dataset.max_tokens must be a positive integer, got {max_tokens!r}")
         self.name, self.path, self.num_edits, self.cache_dir = name, path, num_edits, cache_dir
+        self.max_tokens = max_tokens
         self.url, self.sha256 = url, sha256
         self.target, self.target_field = target, target_field(name, target)  # a bad target fails here
 
@@ -278,3 +293,9 @@ class EditDataset:
             return load_rome_counterfact(self.path, self.num_edits, self.cache_dir, self.target_field)
         fields = replace(FIELD_MAPS[self.name], target=self.target_field)
         return load_edit_requests(self.path, fields, self.num_edits, self.cache_dir)
+
+    def check_fits(self, requests: list[EditRequest], tokenizer: Any, context: int | None) -> None:
+        """Every text of ``requests`` fits ``max_tokens`` and the model's ``context`` (data.lengths)."""
+        from data.lengths import check_lengths
+
+        check_lengths(requests, tokenizer, self.max_tokens, context, source=str(self.path))

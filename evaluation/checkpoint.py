@@ -7,6 +7,8 @@ python/numpy/torch RNG states, the W&B run id and a fingerprint of the config an
 Files live in ``<run dir>/checkpoints/``:
 
 - ``step-000120.pt``: the state after 120 edits (``torch.save`` of a plain dict);
+- ``step-000120.pt.sha256``: its SHA-256 (``sha256sum`` format), checked when it is read back: a
+  checkpoint whose bytes changed is named as corrupt and the next older one is used;
 - ``latest.json``: names the newest complete one.
 
 Writes are atomic: the file is written under a temporary name in the same folder, flushed and fsynced,
@@ -31,6 +33,7 @@ import numpy as np
 import torch
 
 from evaluation.errors import HarnessError
+from evaluation.integrity import CorruptFile, digest_line, digest_path, file_sha256, verify_beside
 
 log = logging.getLogger(__name__)
 
@@ -193,14 +196,24 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: Path, write: Any) -> None:
+def _atomic_write(path: Path, write: Any, digest: bool = False) -> None:
+    """``digest``: also keep ``<path>.sha256`` (of the bytes on disk). While ``path`` is replaced the
+    digest file lists the old and the new digest, so a crash between the two renames leaves a pair
+    that still verifies (the end of a stream saves twice under one name)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as fh:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
+        new = digest_line(file_sha256(tmp), path.name) if digest else ""
+        side = digest_path(path)
+        old = side.read_text(encoding="utf-8") if digest and path.exists() and side.is_file() else ""
+        if digest:
+            _atomic_write(side, lambda fh: fh.write((new + old).encode()))
         os.replace(tmp, path)
+        if old:
+            _atomic_write(side, lambda fh: fh.write(new.encode()))
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -225,6 +238,8 @@ class CheckpointManager:
         self.run_id: str | None = None
         self.fingerprint: dict[str, Any] = {}
         self.last_saved: int | None = None
+        #: checkpoints :meth:`load_latest` passed over, with why (named when none is usable)
+        self.rejected: list[tuple[Path, str]] = []
         #: how to continue, for messages (the experiment sets the run folder in it)
         self.resume_hint = "rerun the same command with resume=true and hydra.run.dir=<this run's folder>"
 
@@ -245,7 +260,7 @@ class CheckpointManager:
         ckpt.run_id = ckpt.run_id or self.run_id
         ckpt.fingerprint = ckpt.fingerprint or self.fingerprint
         path = self.directory / checkpoint_name(ckpt.position)
-        _atomic_write(path, lambda fh: torch.save(ckpt.to_payload(), fh))
+        _atomic_write(path, lambda fh: torch.save(ckpt.to_payload(), fh), digest=True)
         latest = {"file": path.name, "position": ckpt.position, "reason": ckpt.reason, "run_id": ckpt.run_id}
         _atomic_write(self.directory / LATEST, lambda fh: fh.write(json.dumps(latest, indent=1).encode()))
         ckpt.path, self.last_saved = path, ckpt.position
@@ -257,6 +272,7 @@ class CheckpointManager:
         files = [p for _, p in self.files() if p != keep_path]
         for p in files[: max(0, len(files) - (self.keep - 1))]:
             p.unlink(missing_ok=True)
+            digest_path(p).unlink(missing_ok=True)
         for stray in self.directory.glob(".*.tmp"):  # left by a crash mid-write
             if not stray.name.endswith(f".{os.getpid()}.tmp"):
                 stray.unlink(missing_ok=True)
@@ -264,13 +280,18 @@ class CheckpointManager:
     def clear(self) -> None:
         for _, p in self.files():
             p.unlink(missing_ok=True)
+            digest_path(p).unlink(missing_ok=True)
         (self.directory / LATEST).unlink(missing_ok=True)
         for stray in self.directory.glob(".*.tmp"):
             stray.unlink(missing_ok=True)
 
     @staticmethod
     def read(path: str | Path) -> StreamCheckpoint:
+        """Load one checkpoint; :class:`CorruptFile` where its bytes differ from its digest. A checkpoint
+        saved before digests existed is loaded unverified."""
         path = Path(path)
+        if verify_beside(path) is None:
+            log.warning("%s has no digest beside it (saved by an older version): loaded unverified", path)
         payload = torch.load(path, map_location="cpu", weights_only=False)  # our own file: python objects
         return StreamCheckpoint.from_payload(payload, path)
 
@@ -290,7 +311,9 @@ class CheckpointManager:
             return None
 
     def load_latest(self) -> StreamCheckpoint | None:
-        """The newest readable checkpoint (the one ``latest.json`` names, else the highest step file)."""
+        """The newest readable checkpoint (the one ``latest.json`` names, else the highest step file);
+        those passed over are in :attr:`rejected`."""
+        self.rejected = []
         pointer = self.pointer()
         candidates = [self.directory / pointer["file"]] if pointer else []
         candidates += [p for _, p in reversed(self.files()) if p not in candidates]
@@ -299,6 +322,10 @@ class CheckpointManager:
                 continue
             try:
                 return self.read(path)
+            except CorruptFile as err:
+                self.rejected.append((path, "corrupt: its SHA-256 differs from the digest saved with it"))
+                log.warning("%s; falling back to an older checkpoint", err)
             except Exception as err:  # noqa: BLE001 - a damaged file: try the next older one
+                self.rejected.append((path, f"unreadable: {err}"))
                 log.warning("skipping unreadable checkpoint %s (%s)", path, err)
         return None

@@ -17,15 +17,17 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from baselines.unedited import Unedited
+from data.lengths import model_context
 from evaluation.checkpoint import CheckpointManager, StreamCheckpoint, state_digest
 from evaluation.codes_dump import dump_codes
 from evaluation.compilation import compile_blocks
 from evaluation.editor import Editor
-from evaluation.errors import ConfigError
+from evaluation.errors import ConfigError, HarnessError
 from evaluation.generation import make_generate_fn
 from evaluation.interrupts import stop_on_signals
 from evaluation.metrics import base_locality_predictions
 from evaluation.results import git_commit, write_results
+from evaluation.run_folder import RunFolder
 from evaluation.stream import ON_NAN, run_stream
 
 log = logging.getLogger(__name__)
@@ -85,19 +87,18 @@ def run_fingerprint(cfg: DictConfig) -> dict[str, Any]:
 
 def _checkpoints(cfg: DictConfig, run_dir: Path) -> tuple[CheckpointManager, StreamCheckpoint | None]:
     """The run's checkpoint folder and, with ``resume=true``, the checkpoint to continue from."""
-    if cfg.checkpoint.every < 0:
-        raise ConfigError(f"checkpoint.every must be >= 0 (0: only on a signal, NaN or OOM), got {cfg.checkpoint.every}")
     if cfg.on_nan not in ON_NAN:
         raise ConfigError(f"on_nan must be one of {'|'.join(ON_NAN)}, got {cfg.on_nan!r}")
     manager = CheckpointManager(run_dir / cfg.checkpoint.dir, cfg.checkpoint.every, cfg.checkpoint.keep)
     manager.resume_hint = f"rerun the same command with `resume=true hydra.run.dir={run_dir}`"
     manager.fingerprint = run_fingerprint(cfg)
     if not cfg.resume:
-        if manager.exists():
-            log.warning("resume=false: removing the old checkpoints in %s", manager.directory)
-            manager.clear()
-        return manager, None
+        return manager, None  # an earlier run's checkpoints are cleared by the caller, which holds the folder
     ckpt = manager.load_latest()
+    if ckpt is None and manager.rejected:
+        shown = "; ".join(f"{path.name} ({why})" for path, why in manager.rejected)
+        raise ConfigError(f"resume=true but no checkpoint in {manager.directory} can be used: {shown}. "
+                          f"Start the run again without resume=true, or restore the files from a backup")
     if ckpt is None:
         raise ConfigError(f"resume=true but there is no checkpoint in {manager.directory}: pass the folder of the "
                           f"interrupted run with hydra.run.dir=DIR (its checkpoints are in DIR/{cfg.checkpoint.dir})")
@@ -143,21 +144,54 @@ def autocast_context(dtype: str | None, device: str) -> contextlib.AbstractConte
     return torch.autocast(device_type=device.split(":")[0], dtype=getattr(torch, dtype))
 
 
-def run_experiment(cfg: DictConfig, run_dir: str | Path, choices: Mapping[str, str]) -> dict[str, Any]:
-    """Run the configured stream; returns the payload written to ``run_dir/results.json``."""
+def run_experiment(cfg: DictConfig, run_dir: str | Path, choices: Mapping[str, str],
+                   hydra_record: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Run the configured stream; returns the payload written to ``run_dir/results.json``.
+
+    ``run_dir`` is held for this process throughout (a second run there stops at once). Nothing in it
+    changes before the config and the resume check pass; then ``hydra_record`` (file name -> text, Hydra's
+    ``.hydra/`` files) is written.
+    """
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    checkpoints, resume_from = _checkpoints(cfg, run_dir)  # before any work: a bad resume fails at once
-    if resume_from is None and (run_dir / RETENTION_STORE).exists():
-        shutil.rmtree(run_dir / RETENTION_STORE)  # a new run: tasks scored by an earlier run here do not count
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    previous_deterministic = set_deterministic(cfg.deterministic)
-    try:
-        with autocast_context(cfg.autocast, str(cfg.model.get("device", "cpu"))):
-            return _run(cfg, run_dir, choices, checkpoints, resume_from)
-    finally:
-        torch.use_deterministic_algorithms(previous_deterministic[0], warn_only=previous_deterministic[1])
+    check_run_settings(cfg)
+    with RunFolder(run_dir) as folder:
+        checkpoints, resume_from = _checkpoints(cfg, run_dir)  # before any work: a bad resume fails at once
+        folder.remove_temp_files()
+        if resume_from is None:
+            if checkpoints.exists():
+                log.warning("resume=false: removing the old checkpoints in %s", checkpoints.directory)
+                checkpoints.clear()
+            folder.set_aside_earlier_run()
+            if (run_dir / RETENTION_STORE).exists():
+                shutil.rmtree(run_dir / RETENTION_STORE)  # a new run: tasks scored by an earlier run do not count
+        if hydra_record:
+            folder.write_hydra_record(hydra_record)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        previous_deterministic = set_deterministic(cfg.deterministic)
+        try:
+            with autocast_context(cfg.autocast, str(cfg.model.get("device", "cpu"))):
+                return _run(cfg, run_dir, choices, checkpoints, resume_from)
+        finally:
+            torch.use_deterministic_algorithms(previous_deterministic[0], warn_only=previous_deterministic[1])
+
+
+#: run settings that count something and must be at least 1 (the editors check their own)
+_POSITIVE = ("eval_batch_size", "editor.batch_size", "dataset.num_edits", "checkpoint.keep")
+
+
+def check_run_settings(cfg: DictConfig) -> None:
+    """Counts that would otherwise fail deep inside, or be quietly replaced and recorded as given."""
+    for key in _POSITIVE:
+        value = OmegaConf.select(cfg, key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+    for key in ("eval_every", "checkpoint.every"):
+        value = OmegaConf.select(cfg, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(f"{key} must be an integer >= 0 (0: off), got {value!r}")
+    if cfg.threads is not None and (not isinstance(cfg.threads, int) or cfg.threads < 1):
+        raise ConfigError(f"threads must be null or a positive integer, got {cfg.threads!r}")
 
 
 def _run(cfg: DictConfig, run_dir: Path, choices: Mapping[str, str], checkpoints: CheckpointManager,
@@ -167,10 +201,12 @@ def _run(cfg: DictConfig, run_dir: Path, choices: Mapping[str, str], checkpoints
     wall = time.perf_counter()
     timings: dict[str, float] = {}
 
-    requests = build(cfg.dataset).load()  # before the model: bad data fails in seconds
+    dataset = build(cfg.dataset)
+    requests = dataset.load()  # before the model: bad data fails in seconds
     start = time.perf_counter()
     loaded = build(cfg.model)
     timings["model_load_seconds"] = time.perf_counter() - start
+    dataset.check_fits(requests, loaded.tokenizer, model_context(loaded.model))  # before any work on them
     compile_blocks(loaded, **cfg.compile)  # before the editors wrap anything: they are traced with the blocks
     retention = build(cfg.retention)
 
@@ -243,7 +279,13 @@ def _run(cfg: DictConfig, run_dir: Path, choices: Mapping[str, str], checkpoints
         extra: dict[str, Any] = {"choices": dict(choices), "stream": stream_info, "forgetting": stream.forgetting}
         if retention.enabled:
             extra["retention_tasks"] = retention_tasks
-        path = write_results(run_dir, resolved, metrics, stream.curves, timings, extra, commit=commit)
+        try:
+            path = write_results(run_dir, resolved, metrics, stream.curves, timings, extra, commit=commit)
+        except OSError as err:
+            kept = (f"the stream's end is saved (checkpoint after {checkpoints.last_saved} edits): free space, "
+                    f"then {checkpoints.resume_hint}, which writes the results without editing again"
+                    if checkpoints.last_saved == len(requests) else "no checkpoint holds the stream's end")
+            raise HarnessError(f"could not write {run_dir / 'results.json'}: {err.strerror}; {kept}") from None
         log.info("results written to %s", path)
         if hasattr(editor, "codes_for"):  # Figure 4: allocation codes of paraphrase groups and NQ inputs
             dump_codes(editor, requests, cfg.retention.get("data_dir") or f"{cfg.paths.data_dir}/retention",

@@ -1,4 +1,8 @@
-"""results.json: everything a table needs from one run (config, metrics, timings, versions, commit)."""
+"""results.json: everything a table needs from one run (config, metrics, timings, versions, commit).
+
+Written atomically and sealed with its own digest (evaluation.integrity); :func:`read_results` is the
+one reader: it verifies the digest and the shape, so a damaged or foreign file is named, never used.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -10,6 +14,17 @@ import sys
 import tempfile
 from pathlib import Path
 from typing import IO, Any, Callable, Mapping
+
+from evaluation.errors import HarnessError
+from evaluation.integrity import check_seal, seal
+
+RESULTS = "results.json"
+#: the metrics every finished run reports; a results.json without them as numbers is not a result
+REQUIRED_METRICS = ("reliability", "generalization", "locality")
+
+
+class BadResults(HarnessError):
+    """A results.json that cannot be used: unreadable, corrupt or of the wrong shape."""
 
 
 def versions() -> dict[str, str]:
@@ -72,8 +87,37 @@ def write_results(run_dir: str | Path, config: Mapping[str, Any], metrics: Mappi
                   curves: list[Mapping[str, Any]], timings: Mapping[str, float], extra: Mapping[str, Any] | None = None,
                   commit: str | None = None) -> Path:
     """``commit``: the code the run started with (taken at its start: the tree may change during a long run)."""
-    path = Path(run_dir) / "results.json"
+    path = Path(run_dir) / RESULTS
     payload = {"config": config, "metrics": metrics, "curves": curves, "timings": timings,
                "versions": versions(), "git_commit": commit or git_commit(), **(extra or {})}
-    write_json_atomic(path, payload)
+    write_json_atomic(path, seal(payload))
     return path
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def read_results(path: str | Path) -> dict[str, Any]:
+    """The payload of one results.json, verified; :class:`BadResults` names what is wrong with it."""
+    path = Path(path)
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise BadResults(f"unreadable results.json ({err})") from None
+    if not isinstance(payload, dict):
+        raise BadResults(f"results.json holds a JSON {type(payload).__name__}, not an object")
+    try:
+        check_seal(payload, path)
+    except HarnessError:
+        raise BadResults("corrupt results.json: its content no longer matches the digest written with it") from None
+    metrics = payload.get("metrics")
+    if not isinstance(metrics, dict) or not isinstance(payload.get("config", {}), dict):
+        raise BadResults("results.json of the wrong shape: `metrics` and `config` must be objects")
+    bad = [k for k in REQUIRED_METRICS if not _is_number(metrics.get(k))]
+    bad += [k for k, v in metrics.items() if k not in REQUIRED_METRICS and not isinstance(v, (dict, list))
+            and v is not None and not _is_number(v)]
+    if bad:
+        shown = ", ".join(f"{k}={metrics.get(k)!r}" for k in bad[:4])
+        raise BadResults(f"results.json with missing or non-numeric metrics: {shown}")
+    return payload

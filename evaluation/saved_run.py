@@ -1,7 +1,6 @@
 """Rebuild a saved run's editor from its config and newest checkpoint (for reports), finished or still going."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -13,6 +12,7 @@ from data.requests import EditRequest
 from evaluation.checkpoint import CheckpointManager
 from evaluation.editor import Editor
 from evaluation.errors import HarnessError
+from evaluation.results import read_results
 
 
 @dataclass
@@ -31,7 +31,7 @@ def load_saved_run(run_dir: Path) -> SavedRun:
     """
     results_path, hydra_path = run_dir / "results.json", run_dir / ".hydra" / "config.yaml"
     if results_path.is_file():
-        cfg = OmegaConf.create(json.loads(results_path.read_text())["config"])
+        cfg = OmegaConf.create(read_results(results_path)["config"])
     elif hydra_path.is_file():
         cfg = OmegaConf.load(hydra_path)
     else:

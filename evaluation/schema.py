@@ -76,6 +76,9 @@ class DatasetConf:
     # which field is the edit target (data/loaders.py TARGETS): zsre alt|answers|rome, counterfact and
     # counterfact_rome target_new|rome; null: the format's default (zsre alt, counterfact target_new)
     target: Optional[str] = None
+    # longest prompt + target (or paraphrase/locality text) in tokens, checked before any work; the
+    # model's context caps it too. Edit prompts are one sentence: a longer record is a mistake.
+    max_tokens: int = 512
 
 
 @dataclass
@@ -152,12 +155,12 @@ def register() -> None:
     """Put the schemas in Hydra's ConfigStore (idempotent)."""
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConf)
-    cs.store(group="model", name="pretrained_schema", node=PretrainedModelConf)
-    cs.store(group="model", name="pypi_gguf_schema", node=PyPIGGUFModelConf)
-    cs.store(group="model", name="random_schema", node=RandomModelConf)
-    cs.store(group="dataset", name="dataset_schema", node=DatasetConf)
-    cs.store(group="editor", name="elder_schema", node=ElderConf)
-    cs.store(group="editor", name="none_schema", node=UneditedConf)
+    cs.store(name="pretrained_schema", node=PretrainedModelConf)
+    cs.store(name="pypi_gguf_schema", node=PyPIGGUFModelConf)
+    cs.store(name="random_schema", node=RandomModelConf)
+    cs.store(name="dataset_schema", node=DatasetConf)
+    cs.store(name="elder_schema", node=ElderConf)
+    cs.store(name="none_schema", node=UneditedConf)
     # baselines import evaluation.*: import their schemas here, not at module level
     from baselines.defer import DeferConf
     from baselines.ft_l import FTLConf
@@ -167,4 +170,4 @@ def register() -> None:
 
     for name, node in {"ft_l": FTLConf, "rome": ROMEConf, "defer": DeferConf, "grace": GraceConf,
                        "melo": MeloConf}.items():
-        cs.store(group="editor", name=f"{name}_schema", node=node)
+        cs.store(name=f"{name}_schema", node=node)

@@ -48,7 +48,7 @@ from evaluation.checkpoint import (
 from evaluation.editor import EditStats, Editor
 from evaluation.errors import ConfigError
 from evaluation.forgetting import batch_point
-from evaluation.interrupts import handling_signals
+from evaluation.interrupts import handling_signals, stop_on_signals
 from evaluation.loggers import NullLogger
 from evaluation.metrics import RowPredictions, evaluate_edits
 
@@ -180,7 +180,11 @@ def run_stream(editor: Editor, requests: Sequence[EditRequest], base_locality: S
         return _Snapshot(position, state, rng_states(), list(result.curves), list(result.skipped),
                          result.edit_seconds, result.eval_seconds, due, final_metrics, list(result.forgetting))
 
+    save_failed: list[str] = []  # why the last save could not be written (a full disk, a read-only folder)
+
     def save(snap: _Snapshot, reason: str) -> Path | None:
+        """Save a checkpoint; where the disk refuses, say so and go on: the state is still in memory, the
+        next save tries again, and the checkpoints already on disk are untouched (atomic writes)."""
         if checkpoints is None:
             return None
         ckpt = StreamCheckpoint(position=snap.position, editor_state=snap.state, rng=snap.rng,
@@ -189,9 +193,23 @@ def run_stream(editor: Editor, requests: Sequence[EditRequest], base_locality: S
                                 data_hash=data_hash(requests[:snap.position]), reason=reason,
                                 curve_due=snap.curve_due, final_metrics=snap.final_metrics,
                                 forgetting=snap.forgetting)
-        return checkpoints.save(ckpt)
+        try:
+            path = checkpoints.save(ckpt)
+        except OSError as err:
+            save_failed[:] = [f"Saving the state after {snap.position} edits failed ({err.strerror}: "
+                              f"{err.filename or checkpoints.directory})"]
+            log.warning("%s; the stream goes on and the next checkpoint tries again", save_failed[0])
+            return None
+        save_failed.clear()
+        return path
 
     def saved_note(path: Path | None, position: int) -> str:
+        if path is None and save_failed:
+            newest = checkpoints.last_saved if checkpoints is not None else None
+            kept = (f"the newest checkpoint on disk is after {newest} edits; to continue from it, "
+                    f"{checkpoints.resume_hint}" if newest is not None and checkpoints is not None
+                    else "no checkpoint of this run is on disk")
+            return f"{save_failed[0]}: {kept}."
         if path is None:
             return "No checkpoint was saved (checkpointing is off)."
         hint = checkpoints.resume_hint if checkpoints is not None else ""
@@ -294,9 +312,17 @@ def run_stream(editor: Editor, requests: Sequence[EditRequest], base_locality: S
         result.metrics = dict(resume.final_metrics)  # evaluated before; its curve point came with the checkpoint
         log.info("the stream was evaluated after all %d edits before; using those metrics", n)
         return result
-    if checkpoints is not None and checkpoints.every and checkpoints.last_saved != n:
-        save(good, "end")  # a kill during the final evaluation keeps every edit
-    result.metrics = evaluate(n, lambda: good, progress_bar=progress)
+    end_path = None
+    if checkpoints is not None and checkpoints.every:
+        if checkpoints.last_saved != n:
+            end_path = save(good, "end")  # a kill during the final evaluation keeps every edit
+        else:
+            end_path = checkpoints.directory / checkpoint_name(n)
+    final_signals = (stop_on_signals(lambda sig: f"stopped by {sig} during the final evaluation of {n} edits. "
+                                                 f"{saved_note(end_path, n)}")
+                     if handle_signals else contextlib.nullcontext())
+    with final_signals:
+        result.metrics = evaluate(n, lambda: good, progress_bar=progress)
     result.curves.append({"edits": n, **result.metrics, **sizes()})
     if checkpoints is not None and checkpoints.every:
         # with its metrics, so a later resume=true (more retention tasks) skips the evaluation

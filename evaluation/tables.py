@@ -35,6 +35,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 import pandas as pd
 
 from evaluation import paper
+from evaluation.results import BadResults, read_results
 
 NAMES = ("table1", "table2", "table3", "table4", "figure2", "figure3", "grid", "figure4", "forgetting", "readings",
          "model_axis")
@@ -198,9 +199,9 @@ def collect_runs(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
         for file in files:
             key = str(file.parent.resolve())
             try:
-                payload = json.loads(file.read_text())
-            except (OSError, json.JSONDecodeError) as err:
-                rows[key] = failed_row(file.parent, f"unreadable results.json ({err})")
+                payload = read_results(file)
+            except BadResults as err:
+                rows[key] = {**failed_row(file.parent, str(err)), "status": "failed"}
                 continue
             rows[key] = row_from_payload(payload, str(file.parent))
         if root.is_dir():
@@ -237,6 +238,23 @@ def collect_wandb(path: str) -> list[dict[str, Any]]:
                    **_settings(payload["choices"], payload["config"])}
             rows.append(row)
     return rows
+
+
+#: columns that say where or when a run ran, not what it computed: runs differing only in these are repeats
+_PROVENANCE = ("source", "status", "reason", "device", "git_commit")
+
+
+def shared_seed_warnings(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Finished runs with the same settings and the same seed: a table would average them as if they
+    were seeds (a rerun, or the same run read twice through a folder and a frame)."""
+    groups: dict[tuple, list[str]] = {}
+    for row in rows:
+        if row.get("status") == "ok":
+            key = tuple((c, str(_key_value(row.get(c)))) for c in KEY_COLUMNS if c not in _PROVENANCE)
+            groups.setdefault(key, []).append(str(row.get("source")))
+    return [f"{len(sources)} finished runs share seed {dict(key).get('seed')} and every setting; a cell averages "
+            f"them as if they were different seeds: {', '.join(sources)}"
+            for key, sources in groups.items() if len(sources) > 1]
 
 
 def runs_frame(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
@@ -465,13 +483,17 @@ def _failed_list(frame: pd.DataFrame) -> list[str]:
 
 def _stream_length(frame: pd.DataFrame, opts: Options,
                    default: Optional[int] = None) -> tuple[pd.DataFrame, Optional[int]]:
-    """Keep one stream length: ``--num-edits`` or the single one found (several found: an error)."""
+    """Keep one stream length: ``--num-edits`` or the single one found (several found: an error). A run
+    over a whole dataset shorter than that length (paper.DATASET_RECORDS) counts as that length."""
     if frame.empty:
         return frame, opts.num_edits or default
+    length = pd.to_numeric(frame["num_edits"], errors="coerce")
+    whole = frame["dataset"].map(lambda d: paper.DATASET_RECORDS.get(d, math.inf))
     if opts.num_edits is not None:
-        keep = frame["num_edits"].isna() | (pd.to_numeric(frame["num_edits"], errors="coerce") == opts.num_edits)
+        keep = frame["num_edits"].isna() | (length == opts.num_edits) | ((length == whole) & (whole < opts.num_edits))
         return frame[keep], opts.num_edits
-    found = sorted({int(n) for n in frame.loc[frame["status"] == "ok", "num_edits"].dropna()})
+    found = sorted({int(n) for n in length[(frame["status"] == "ok") & (length != whole)].dropna()})
+    found = found or sorted({int(n) for n in length[frame["status"] == "ok"].dropna()})
     if len(found) > 1:
         raise TablesError(f"the runs have several stream lengths ({', '.join(map(str, found))} edits); "
                           f"choose one with --num-edits N")
@@ -1007,9 +1029,9 @@ def build_forgetting(frame: pd.DataFrame, opts: Options) -> Report:
             report.missing.append(f"`{row['source']}`: no results.json on disk (W&B runs carry no forgetting record)")
             continue
         try:
-            points = json.loads(path.read_text()).get("forgetting") or []
-        except (OSError, json.JSONDecodeError) as err:
-            report.missing.append(f"`{row['source']}`: unreadable results.json ({err})")
+            points = read_results(path).get("forgetting") or []
+        except BadResults as err:
+            report.missing.append(f"`{row['source']}`: {err}")
             continue
         if not points:
             report.missing.append(f"`{row['source']}`: no forgetting record (made before runs recorded one)")
@@ -1132,6 +1154,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--points", type=int, nargs="+", metavar="EDITS",
                         help=f"model_axis: the stream lengths to read from the curves (default: "
                              f"{' '.join(map(str, MODEL_AXIS_POINTS))})")
+    parser.add_argument("--allow-empty", action="store_true",
+                        help="write the table even when no run under the given folders has finished")
     args = parser.parse_args(argv)
     if not args.runs and not args.wandb:
         parser.error("give at least one run folder or --wandb ENTITY/PROJECT")
@@ -1140,9 +1164,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         rows = collect_runs(args.runs)
         for project in args.wandb:
             rows += collect_wandb(project)
-        if not rows:
-            print(f"warning: no runs found under {' '.join(args.runs)}; every cell will read 'missing'",
-                  file=sys.stderr)
+        finished = sum(1 for row in rows if row.get("status") == "ok")
+        if not finished and not args.allow_empty:
+            raise TablesError(f"no finished run under {' '.join(args.runs + args.wandb)} ({len(rows)} failed or "
+                              f"unfinished): writing would replace {out}.md/.tex/.csv with a table of empty cells; "
+                              f"pass --allow-empty to write it anyway")
+        for warning in shared_seed_warnings(rows):
+            print(f"warning: {warning}", file=sys.stderr)
         opts = Options(models=args.model, paper_model=args.paper_model, num_edits=args.num_edits, dataset=args.dataset,
                        out=out, paths=args.runs, from_curves=args.from_curves, age_bin=args.age_bin,
                        normalise=args.normalise, points=args.points or ())

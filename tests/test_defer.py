@@ -94,7 +94,7 @@ def test_edits_are_learned_and_deferred_rows_are_exact() -> None:
 
 # --- configs ---------------------------------------------------------------------------------------
 def _register() -> None:
-    ConfigStore.instance().store(group="editor", name="defer_schema", node=DeferConf)
+    ConfigStore.instance().store(name="defer_schema", node=DeferConf)
 
 
 @pytest.mark.parametrize("model, layer", [

@@ -125,7 +125,7 @@ def test_bad_settings_are_config_errors():
 
 
 def _compose(overrides: list[str]):
-    ConfigStore.instance().store(group="editor", name="ft_l_schema", node=FTLConf)
+    ConfigStore.instance().store(name="ft_l_schema", node=FTLConf)
     return compose_config(overrides)
 
 

@@ -155,7 +155,7 @@ def _layer_input(editor: GraceEditor, batch) -> torch.Tensor:
 
 # --- configs ---------------------------------------------------------------------------------------
 def _register() -> None:
-    ConfigStore.instance().store(group="editor", name="grace_schema", node=GraceConf)
+    ConfigStore.instance().store(name="grace_schema", node=GraceConf)
 
 
 @pytest.mark.parametrize("model, layer, iterations", [

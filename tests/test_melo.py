@@ -119,7 +119,7 @@ def test_running_out_of_blocks_is_a_config_error() -> None:
 
 # --- configs ---------------------------------------------------------------------------------------
 def _register() -> None:
-    ConfigStore.instance().store(group="editor", name="melo_schema", node=MeloConf)
+    ConfigStore.instance().store(name="melo_schema", node=MeloConf)
 
 
 @pytest.mark.parametrize("model, query_layer, layers", [

@@ -227,7 +227,7 @@ def test_bad_settings_are_config_errors():
 
 
 def _compose(overrides: list[str]):
-    ConfigStore.instance().store(group="editor", name="rome_schema", node=ROMEConf)
+    ConfigStore.instance().store(name="rome_schema", node=ROMEConf)
     return compose_config(overrides)
 
 

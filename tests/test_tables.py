@@ -379,3 +379,20 @@ def test_figure3_groups_elder_runs_by_number_of_layers(tmp_path: Path) -> None:
     assert "- ELDER / smollm2 / ZsRE / L=4: seed(s) 0, 1, 2, 3, 4 missing" in md
     assert "L=2: 20,21" in md
     assert out.with_suffix(".png").exists() and out.with_suffix(".pdf").exists()
+
+
+def test_a_run_over_all_of_a_shorter_dataset_stands_in_for_the_paper_length(tmp_path: Path) -> None:
+    """ROME's CounterFact sample has 500 records: its 500-edit run fills the 1000-edit Table 1; a 100-edit
+    run of it does not."""
+    write_run(tmp_path, "zsre", "elder", "zsre", 0.5, 0.4)
+    write_run(tmp_path, "cf_whole", "elder", "counterfact_rome", 0.3, 0.2, num_edits=500)
+    for num_edits in (None, 1000):
+        if num_edits == 1000:
+            write_run(tmp_path, "cf_part", "grace", "counterfact_rome", 0.9, 0.1, num_edits=100)
+        report = build("table1", collect_runs([tmp_path]), Options(num_edits=num_edits))
+        text = report.markdown()
+        assert "after 1000 sequential edits" in text
+        elder = next(line for line in text.splitlines() if line.startswith("| ELDER |"))
+        assert "30.00" in elder and "50.00" in elder  # both datasets' ELDER cells
+        grace = next(line for line in text.splitlines() if line.startswith("| GRACE |"))
+        assert "90.00" not in grace

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
 from evaluation.errors import ConfigError
+from evaluation.integrity import CorruptFile, check_seal, file_sha256, seal
 from evaluation.results import write_json_atomic
 from evaluation.retention import claims
 from evaluation.retention.base import RetentionTask, data_path
@@ -87,18 +88,15 @@ def _task_list(tasks: Sequence[str] | str) -> list[str]:
 
 def _fingerprint(path: str) -> str:
     """sha256 of a file, or of a folder's files (names and bytes, sorted by name)."""
+    if not os.path.isdir(path):
+        return file_sha256(path)
     h = hashlib.sha256()
-    if os.path.isdir(path):
-        for name in sorted(os.listdir(path)):
-            full = os.path.join(path, name)
-            if os.path.isfile(full):
-                h.update(name.encode() + b"\0")
-                with open(full, "rb") as f:
-                    h.update(f.read())
-    else:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
+    for name in sorted(os.listdir(path)):
+        full = os.path.join(path, name)
+        if os.path.isfile(full):
+            h.update(name.encode() + b"\0")
+            with open(full, "rb") as f:
+                h.update(f.read())
     return h.hexdigest()
 
 
@@ -121,7 +119,7 @@ class Gu2024Suite:
                 f"({heartbeat_seconds}) must be positive, and retention.stale_seconds ({stale_seconds}) larger "
                 f"than heartbeat_seconds, or a live run's lock would be taken over")
         self.task_names = _task_list(tasks)
-        if limit is not None and (isinstance(limit, bool) or int(limit) != limit or limit < 1):
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
             raise ConfigError(f"retention.limit must be null or a positive integer, got {limit!r}")
         self.limit = None if limit is None else int(limit)
         self.cache_dir = None if cache_dir is None else str(cache_dir)
@@ -158,7 +156,12 @@ class Gu2024Suite:
         try:
             with open(path, encoding="utf-8") as f:
                 blob = json.load(f)
-        except (OSError, json.JSONDecodeError):
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return None
+        try:
+            check_seal(blob, path)
+        except CorruptFile as err:
+            log.warning("%s; generating the task again", err)
             return None
         if not isinstance(blob, dict) or blob.get("key") != cache_key or blob.get("settings") != self.task_settings(name):
             return None
@@ -173,7 +176,7 @@ class Gu2024Suite:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         blob = {"key": cache_key, "settings": self.task_settings(name), "score": score, "details": details,
                 "seconds": seconds}
-        write_json_atomic(path, blob, indent=1, sort_keys=True)
+        write_json_atomic(path, seal(blob), indent=1, sort_keys=True)
 
     def evaluate(self, generate: GenerateFn, *, cache_key: str | None = None,
                  cache_dir: str | None = None) -> RetentionReport:
