@@ -22,18 +22,18 @@ import copy
 import hashlib
 import json
 import logging
-import os
 import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import IO, Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from evaluation.errors import HarnessError
 from evaluation.integrity import CorruptFile, digest_line, digest_path, file_sha256, verify_beside
+from evaluation.results import write_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -183,41 +183,22 @@ def state_digest(obj: Any) -> str:
 
 
 # --- atomic files ------------------------------------------------------------------------------------
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def _write_verified(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
+    """Write ``path`` atomically with its digest ``<path>.sha256`` (of the bytes on disk) beside it.
 
+    While ``path`` is replaced the digest file lists the old and the new digest, so a crash between the
+    two renames leaves a pair that still verifies (the end of a stream saves twice under one name)."""
+    side = digest_path(path)
+    old = side.read_text(encoding="utf-8") if path.exists() and side.is_file() else ""
+    new: list[str] = []
 
-def _atomic_write(path: Path, write: Any, digest: bool = False) -> None:
-    """``digest``: also keep ``<path>.sha256`` (of the bytes on disk). While ``path`` is replaced the
-    digest file lists the old and the new digest, so a crash between the two renames leaves a pair
-    that still verifies (the end of a stream saves twice under one name)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        new = digest_line(file_sha256(tmp), path.name) if digest else ""
-        side = digest_path(path)
-        old = side.read_text(encoding="utf-8") if digest and path.exists() and side.is_file() else ""
-        if digest:
-            _atomic_write(side, lambda fh: fh.write((new + old).encode()))
-        os.replace(tmp, path)
-        if old:
-            _atomic_write(side, lambda fh: fh.write(new.encode()))
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    def record_digest(tmp: Path) -> None:
+        new.append(digest_line(file_sha256(tmp), path.name))
+        write_atomic(side, lambda fh: fh.write(new[0] + old))
+
+    write_atomic(path, write, binary=True, before_replace=record_digest)
+    if old:
+        write_atomic(side, lambda fh: fh.write(new[0]))
 
 
 def checkpoint_name(position: int) -> str:
@@ -260,9 +241,9 @@ class CheckpointManager:
         ckpt.run_id = ckpt.run_id or self.run_id
         ckpt.fingerprint = ckpt.fingerprint or self.fingerprint
         path = self.directory / checkpoint_name(ckpt.position)
-        _atomic_write(path, lambda fh: torch.save(ckpt.to_payload(), fh), digest=True)
+        _write_verified(path, lambda fh: torch.save(ckpt.to_payload(), fh))
         latest = {"file": path.name, "position": ckpt.position, "reason": ckpt.reason, "run_id": ckpt.run_id}
-        _atomic_write(self.directory / LATEST, lambda fh: fh.write(json.dumps(latest, indent=1).encode()))
+        write_json_atomic(self.directory / LATEST, latest, indent=1)
         ckpt.path, self.last_saved = path, ckpt.position
         self._prune(keep_path=path)
         log.info("checkpoint after %d edits (%s): %s", ckpt.position, ckpt.reason, path)
@@ -273,9 +254,8 @@ class CheckpointManager:
         for p in files[: max(0, len(files) - (self.keep - 1))]:
             p.unlink(missing_ok=True)
             digest_path(p).unlink(missing_ok=True)
-        for stray in self.directory.glob(".*.tmp"):  # left by a crash mid-write
-            if not stray.name.endswith(f".{os.getpid()}.tmp"):
-                stray.unlink(missing_ok=True)
+        for stray in self.directory.glob(".*.tmp"):  # left by a crash mid-write (the folder is this run's)
+            stray.unlink(missing_ok=True)
 
     def clear(self) -> None:
         for _, p in self.files():

@@ -62,10 +62,28 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     write_atomic(path, lambda f: f.write(text))
 
 
-def write_atomic(path: str | Path, write: Callable[[IO[Any]], Any], binary: bool = False) -> None:
-    """Call ``write(file)`` on a fresh temporary file beside ``path``, then rename it over ``path``.
+def fsync_dir(directory: str | Path) -> None:
+    """Make a rename in ``directory`` durable (best effort: not every file system allows it)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
-    The file gets the mode of the file it replaces, or 0644 (``mkstemp`` alone would leave 0600)."""
+
+def write_atomic(path: str | Path, write: Callable[[IO[Any]], Any], binary: bool = False,
+                 before_replace: Callable[[Path], Any] | None = None) -> None:
+    """Call ``write(file)`` on a fresh temporary file beside ``path``, fsync it, then rename it over ``path``.
+
+    The one atomic-write helper (results, caches, checkpoints): a kill mid-write leaves the old file and
+    at most a ``.<name>.*.tmp`` (removed when its run folder is next held). ``before_replace(tmp)`` runs
+    on the complete temporary file just before the rename (checkpoints write their digest there). The
+    file gets the mode of the file it replaces, or 0644 (``mkstemp`` alone would leave 0600)."""
     path = Path(path)
     try:
         mode = path.stat().st_mode & 0o777
@@ -76,11 +94,16 @@ def write_atomic(path: str | Path, write: Callable[[IO[Any]], Any], binary: bool
         with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
             os.fchmod(f.fileno(), mode)
             write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        if before_replace is not None:
+            before_replace(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+    fsync_dir(path.parent)
 
 
 def write_results(run_dir: str | Path, config: Mapping[str, Any], metrics: Mapping[str, Any],
