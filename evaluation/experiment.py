@@ -5,16 +5,15 @@ import contextlib
 import hashlib
 import logging
 import os
-import random
 import shutil
 import time
 from pathlib import Path
 from typing import Any, Mapping
 
-import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from transformers import set_seed
 
 from baselines.unedited import Unedited
 from data.lengths import model_context
@@ -40,9 +39,7 @@ def seed_everything(seed: int) -> None:
     """python, numpy and torch (CPU and all CUDA devices). Everything else random in the harness draws
     from generators seeded from ``seed`` too (model init, ELDER's routers/LoRAs and preset allocations,
     MELO/GRACE/Defer init, ROME's prefixes), so one seed fixes a run."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+    set_seed(seed)  # transformers': python, numpy, torch and every CUDA device
 
 
 def set_deterministic(enabled: bool) -> tuple[bool, bool]:

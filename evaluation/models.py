@@ -22,6 +22,7 @@ from typing import Any, Iterator
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from evaluation.errors import ConfigError, HarnessError
 
@@ -75,9 +76,8 @@ def layer_dims(module: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) of a Linear or GPT-2's transposed Conv1D."""
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
-    weight = getattr(module, "weight", None)
-    if type(module).__name__ == "Conv1D" and weight is not None:
-        return weight.shape[0], weight.shape[1]  # Conv1D stores (in, out)
+    if isinstance(module, Conv1D):
+        return module.weight.shape[0], module.weight.shape[1]  # Conv1D stores (in, out)
     raise TypeError(f"cannot edit a {type(module).__name__}: only Linear and GPT-2 Conv1D layers are supported")
 
 
