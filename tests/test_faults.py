@@ -115,13 +115,6 @@ def test_temporary_files_left_by_a_kill_are_removed_when_the_run_resumes(tmp_pat
 
 
 # --- stored results and checkpoints are verified -----------------------------------------------------
-def _flip_bit(path: Path, needle: bytes, bit: int) -> None:
-    data = bytearray(path.read_bytes())
-    at = data.index(needle)
-    data[at] ^= 1 << bit
-    path.write_bytes(bytes(data))
-
-
 @pytest.mark.parametrize("bit", [0, 6], ids=["mantissa", "exponent"])
 def test_a_checkpoint_with_flipped_bits_is_named_corrupt_and_the_older_one_used(
         tmp_path: Path, bit: int, caplog: pytest.LogCaptureFixture) -> None:
