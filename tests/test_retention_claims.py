@@ -1,9 +1,9 @@
-"""Concurrent runs sharing one retention cache generate each task once (lock files, evaluation/retention/claims.py)."""
+"""Concurrent runs sharing one retention cache generate each task once (a ``filelock`` per task,
+evaluation/retention/suite.py)."""
 from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 from evaluation.errors import ConfigError
-from evaluation.retention import claims
 from evaluation.retention.suite import Gu2024Suite
 from tests.test_retention_suite import DATA, Recorder
 
@@ -24,132 +24,70 @@ TASKS = ["rte", "sst2", "boolq", "mutual"]
 
 
 def _suite(cache: Path, tasks=("rte", "sst2")) -> Gu2024Suite:
-    return Gu2024Suite(str(DATA), tasks=list(tasks), limit=3, cache_dir=str(cache), wait_poll_seconds=0.02,
-                       heartbeat_seconds=0.05, stale_seconds=5.0)
+    return Gu2024Suite(str(DATA), tasks=list(tasks), limit=3, cache_dir=str(cache), wait_poll_seconds=0.02)
 
 
-def _write_lock(lock: str, host: str, pid: int) -> None:
-    with open(lock, "w", encoding="utf-8") as f:
-        json.dump({"host": host, "pid": pid, "since": time.time()}, f)
+def _other_run(path: str, hold_seconds: float, before_release=lambda: None) -> threading.Thread:
+    """Another run holding a task's lock for ``hold_seconds`` (its own thread and lock object: flock is
+    per open file, so it excludes this thread's lock as another process's would), then calling
+    ``before_release`` (storing the task, or not) and letting go."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    held = threading.Event()
+
+    def run() -> None:
+        with FileLock(path + ".lock"):
+            held.set()
+            time.sleep(hold_seconds)
+            before_release()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    held.wait()
+    return thread
 
 
-def _dead_pid() -> int:
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
-
-
-def test_a_task_claimed_by_a_live_run_is_done_last_and_read_back_not_generated(tmp_path):
+def test_a_task_locked_by_a_live_run_is_done_last_and_read_back_not_generated(tmp_path):
     reference = _suite(tmp_path / "ref").evaluate(Recorder(lambda p: " True"), cache_key="m")
     suite = _suite(tmp_path / "cache")
     rte = suite.cache_path(str(tmp_path / "cache"), "m", "rte")
-    os.makedirs(os.path.dirname(rte), exist_ok=True)
-    _write_lock(rte + ".lock", "elsewhere", 1)  # another machine's run holds rte
-
-    def other_run_finishes() -> None:
-        time.sleep(0.3)
-        _suite(tmp_path / "cache")._store(rte, "m", "rte", reference.scores["rte"], reference.details["rte"], 1.0)
-        os.remove(rte + ".lock")
-
-    other = threading.Thread(target=other_run_finishes)
-    other.start()
+    other = _other_run(rte, 0.3, lambda: _suite(tmp_path / "cache")._store(  # another run generates rte
+        rte, "m", "rte", reference.scores["rte"], reference.details["rte"], 1.0))
     gen = Recorder(lambda p: " True")
     report = suite.evaluate(gen, cache_key="m")
     other.join()
     assert [c[0] for c in gen.calls] == ["sst2"] and report.reused == ["rte"]
-    assert report.scores == reference.scores and not os.path.exists(rte + ".lock")
+    assert report.scores == reference.scores
 
 
-def test_a_claim_released_without_a_result_is_taken_over(tmp_path):
+def test_a_lock_released_without_a_result_is_generated_here(tmp_path):
     suite = _suite(tmp_path)
     rte = suite.cache_path(str(tmp_path), "m", "rte")
-    os.makedirs(os.path.dirname(rte), exist_ok=True)
-    _write_lock(rte + ".lock", "elsewhere", 1)
-    threading.Timer(0.2, os.remove, args=(rte + ".lock",)).start()  # the holder was stopped before storing
+    other = _other_run(rte, 0.2)  # the holder is stopped before storing
     gen = Recorder(lambda p: " True")
     report = suite.evaluate(gen, cache_key="m")
+    other.join()
     assert [c[0] for c in gen.calls] == ["sst2", "rte"] and report.reused == []
-    assert os.path.exists(rte) and not os.path.exists(rte + ".lock")
+    assert os.path.exists(rte)
 
 
-@pytest.mark.parametrize("holder", ["dead process on this host", "silent other host"])
-def test_a_stale_claim_is_taken_over_at_once(tmp_path, holder):
+def test_the_lock_of_a_killed_run_is_gone_with_it(tmp_path):
     suite = _suite(tmp_path)
     rte = suite.cache_path(str(tmp_path), "m", "rte")
     os.makedirs(os.path.dirname(rte), exist_ok=True)
-    lock = rte + ".lock"
-    if holder == "dead process on this host":
-        _write_lock(lock, socket.gethostname(), _dead_pid())
-    else:
-        _write_lock(lock, "elsewhere", 1)
-        old = time.time() - 60
-        os.utime(lock, (old, old))  # no heartbeat for a minute, stale_seconds is 5
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom filelock import FileLock\n"
+                               "with FileLock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(60)",
+                               rte + ".lock"], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    holder.kill()
+    holder.wait()
     gen = Recorder(lambda p: " True")
     suite.evaluate(gen, cache_key="m")
-    assert [c[0] for c in gen.calls] == ["rte", "sst2"] and not os.path.exists(lock)
+    assert [c[0] for c in gen.calls] == ["rte", "sst2"]  # at once, in order: nothing waits for the dead run
 
 
-def test_a_live_claim_is_kept_fresh_and_removed_on_release(tmp_path):
-    lock = str(tmp_path / "x.lock")
-    held = claims.claim(lock, heartbeat_seconds=0.05)
-    assert held is not None and claims.claim(lock) is None  # exclusive while held
-    old = time.time() - 60
-    os.utime(lock, (old, old))
-    time.sleep(0.3)
-    assert time.time() - os.path.getmtime(lock) < 5 and not claims.is_stale(lock, stale_seconds=5)
-    held.release()
-    assert not os.path.exists(lock) and claims.claim(lock) is not None
-
-
-def test_a_stale_lock_replaced_by_another_run_meanwhile_is_put_back(tmp_path):
-    """Two runs judge one dead run's lock stale; the first takes it over, the second must not remove
-    the first's new lock (before, it did, and both generated the task)."""
-    lock = str(tmp_path / "x.lock")
-    _write_lock(lock, socket.gethostname(), _dead_pid())
-    judged = claims._stale_identity(lock, stale_seconds=5)  # the second run's look
-    assert judged is not None
-    first = claims.claim(lock, heartbeat_seconds=0.05)  # the first run takes it over
-    assert first is not None
-    mine = claims.holder(lock)
-    assert claims.take_over(lock, judged) is False  # the second run, acting on its old look
-    assert claims.holder(lock) == mine and claims.claim(lock) is None
-    assert [p.name for p in tmp_path.iterdir()] == ["x.lock"]  # nothing left aside
-    first.release()
-
-
-def test_a_takeover_left_by_a_killed_run_does_not_block_the_task_for_good(tmp_path):
-    lock = str(tmp_path / "x.lock")
-    _write_lock(lock, socket.gethostname(), _dead_pid())
-    Path(lock + ".takeover").touch()
-    assert claims.claim(lock) is None  # a takeover under way: wait
-    old = time.time() - 2 * claims.TAKEOVER_STALE_SECONDS
-    os.utime(lock + ".takeover", (old, old))  # its run died inside the takeover
-    assert claims.claim(lock) is None and not os.path.exists(lock + ".takeover")
-    held = claims.claim(lock)  # the next poll takes the dead run's lock over
-    assert held is not None and claims.holder(lock)["pid"] == os.getpid()
-    held.release()
-
-
-def test_of_many_runs_taking_over_one_stale_lock_exactly_one_holds_it(tmp_path):
-    dead = _dead_pid()
-    for round_ in range(50):
-        lock = str(tmp_path / f"{round_}.lock")
-        _write_lock(lock, socket.gethostname(), dead)
-        start = threading.Barrier(4)
-        held: list[claims.Claim] = []
-
-        def take() -> None:
-            start.wait()
-            if (c := claims.claim(lock, heartbeat_seconds=0.05)) is not None:
-                held.append(c)
-
-        threads = [threading.Thread(target=take) for _ in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert len(held) == 1, round_
-        held[0].release()
+def test_a_wait_poll_that_never_looks_is_refused():
+    with pytest.raises(ConfigError, match="wait_poll_seconds must be positive"):
+        Gu2024Suite(str(DATA), tasks=["rte"], wait_poll_seconds=0)
 
 
 WORKER = """
@@ -178,11 +116,3 @@ def test_two_concurrent_runs_generate_each_task_once_and_agree(tmp_path):
     generated = [line for log in logs if log.exists() for line in log.read_text().split()]
     assert sorted(generated) == sorted(TASKS)  # each task once, between them
     assert json.loads(outs[0][0]) == json.loads(outs[1][0])
-    assert not list((tmp_path / "cache").glob("*.lock"))
-
-
-@pytest.mark.parametrize("bad", [dict(stale_seconds=30, heartbeat_seconds=60), dict(wait_poll_seconds=0),
-                                 dict(heartbeat_seconds=-1)])
-def test_lock_timing_that_would_break_a_live_claim_is_refused(bad):
-    with pytest.raises(ConfigError, match="stale_seconds"):
-        Gu2024Suite(str(DATA), tasks=["rte"], **bad)
