@@ -26,11 +26,10 @@ from torch import nn
 
 from baselines.grace import Replacement, ValueReplacementLayer, check_layer, check_positive, model_device
 from data.requests import EditRequest
-from evaluation.editor import EditStats, Editor, FloorSpec
+from evaluation.editor import EditStats, Editor, FloorSpec, optimise
 from evaluation.encoding import encode_pairs
 from evaluation.errors import ConfigError
 from evaluation.prefix_cache import frozen_prefix, replaying
-from evaluation.forward import target_logits
 from evaluation.models import LoadedModel, layer_dims, replace_module
 from evaluation.query import SequenceQuery
 
@@ -120,19 +119,13 @@ class DeferEditor(Editor):
         batch = encode_pairs(self.tokenizer, [request.prompt], [request.target]).to(device)
         optimizer = torch.optim.Adam(list(self.parameters()), lr=self.lr)  # fresh per edit, as the authors'
         self.training = True
-        loss = torch.zeros(())
         try:
             with replaying(self.prefix):
-                for _ in range(self.iterations):
-                    with self.batch_scope(batch):
-                        loss = target_logits(self.model, batch).loss()
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
+                losses = optimise(optimizer, self.iterations, lambda: self.batch_loss(batch))
         finally:
             self.training = False
         self.trained = True
-        return float(loss.detach())
+        return losses[-1] if losses else 0.0
 
     def edit(self, requests: Sequence[EditRequest]) -> EditStats:
         losses = [self._edit_one(r) for r in requests]  # one edit at a time, as the authors'

@@ -33,7 +33,7 @@ from omegaconf import MISSING
 from torch import nn
 
 from data.requests import EditRequest
-from evaluation.editor import EditStats, Editor, FloorSpec
+from evaluation.editor import EditStats, Editor, FloorSpec, optimise
 from evaluation.encoding import EncodedBatch, encode_pairs
 from evaluation.errors import ConfigError
 from evaluation.forward import target_logits
@@ -160,19 +160,10 @@ class FTLEditor(Editor):
         optimizer = torch.optim.Adam(self.tuned, lr=self.lr, weight_decay=self.weight_decay)
         for p in self.tuned:
             p.requires_grad_(True)
-        losses: list[float] = []
         try:
             with torch.enable_grad(), replaying(self.prefix):
-                for _ in range(self.steps):
-                    loss = self._loss(batch)
-                    losses.append(float(loss.detach()))
-                    if losses[-1] < self.early_stop_loss:
-                        break
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    if centres is not None:
-                        self._clamp(centres)
+                losses = optimise(optimizer, self.steps, lambda: self._loss(batch), stop_below=self.early_stop_loss,
+                                  after_step=None if centres is None else lambda: self._clamp(centres))
         finally:
             for p in self.tuned:
                 p.requires_grad_(False)

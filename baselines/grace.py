@@ -29,7 +29,7 @@ from omegaconf import MISSING
 from torch import nn
 
 from data.requests import EditRequest
-from evaluation.editor import EditStats, Editor, FloorSpec
+from evaluation.editor import EditStats, Editor, FloorSpec, optimise
 from evaluation.encoding import EncodedBatch, encode_pairs
 from evaluation.errors import ConfigError
 from evaluation.forward import target_logits
@@ -302,18 +302,12 @@ class GraceEditor(Editor):
             value = nn.Parameter(self.codebook.values[index].clone())
             optimizer = torch.optim.Adam([value], lr=self.lr)
             self._train_value = value
-            loss = torch.zeros(())
             try:
-                for _ in range(self.iterations):
-                    with self.batch_scope(batch):
-                        loss = target_logits(self.model, batch).loss()
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
+                losses = optimise(optimizer, self.iterations, lambda: self.batch_loss(batch))
             finally:
                 self._train_value = None
         self.codebook.values[index] = value.detach()
-        return float(loss.detach()), action
+        return (losses[-1] if losses else 0.0), action
 
     def edit(self, requests: Sequence[EditRequest]) -> EditStats:
         results = [self._edit_one(r) for r in requests]  # GRACE edits one at a time

@@ -40,7 +40,7 @@ from torch import nn
 
 from baselines.grace import check_choice, check_layer, check_positive, euclidean, model_device
 from data.requests import EditRequest
-from evaluation.editor import EditStats, Editor, FloorSpec
+from evaluation.editor import EditStats, Editor, FloorSpec, optimise
 from evaluation.encoding import EncodedBatch, encode_pairs
 from evaluation.errors import ConfigError
 from evaluation.forward import target_logits
@@ -334,19 +334,12 @@ class MeloEditor(Editor):
             optimizer = torch.optim.Adam(self.parameters(), lr=self.lr)
             scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=self.lr_step, gamma=self.lr_gamma)
             self._train_block = block
-            loss = torch.zeros(())
             try:
-                for _ in range(self.iterations):
-                    with self.batch_scope(batch):
-                        loss = target_logits(self.model, batch).loss()
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    scheduler.step()
+                losses = optimise(optimizer, self.iterations, lambda: self.batch_loss(batch), scheduler=scheduler)
             finally:
                 self._train_block = None
         self.next_block += 1
-        return EditStats(loss=float(loss.detach()), iterations=self.iterations, extra={
+        return EditStats(loss=losses[-1] if losses else 0.0, iterations=self.iterations, extra={
             "num_clusters": float(len(self.db)), "conflicts": float(self.db.conflicts),
             "forgotten_keys": float(self.db.forgotten), "blocks_used": float(self.next_block),
             **{a: float(actions.count(a)) for a in ("new", "join", "split")}})

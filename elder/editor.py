@@ -12,7 +12,7 @@ from elder.adapter import LORA_INITS, MixtureOfLoRA
 from elder.allocation import PresetAllocator
 from elder.losses import guided_loss, load_balancing_loss
 from elder.routing import Routers, Routes, min_hamming
-from evaluation.editor import EditStats, Editor, FloorSpec
+from evaluation.editor import EditStats, Editor, FloorSpec, optimise
 from evaluation.errors import ConfigError
 from evaluation.encoding import encode_pairs
 from evaluation.forward import target_logits
@@ -166,33 +166,32 @@ class ElderEditor(Editor):
         if self.reset_optimizer:
             self.optimizer = self._new_optimizer()
         schedule = self._batch_schedule()
-        lm = aux = torch.zeros(())
+        parts = {"lm": torch.zeros(()), "aux": torch.zeros(()), "codes": torch.zeros(0, dtype=torch.bool)}
+
+        def loss() -> torch.Tensor:  # the LM loss plus the guided loss; keeps this iteration's codes
+            with self.batch_scope(batch):
+                parts["lm"] = target_logits(self.model, batch).loss()
+                routes = self.query.derived
+                parts["aux"] = self._aux(routes, preset)  # type: ignore[arg-type]
+                parts["codes"] = routes.codes(self.num_loras).cpu()  # type: ignore[union-attr]
+            return parts["lm"] + self.guide_lambda * parts["aux"]
+
         with replaying(self.prefix):
             self.training = True
-            codes = torch.zeros(0, dtype=torch.bool)
             try:
-                for _ in range(self.iterations):
-                    with self.batch_scope(batch):
-                        lm = target_logits(self.model, batch).loss()
-                        routes = self.query.derived
-                        aux = self._aux(routes, preset)  # type: ignore[arg-type]
-                        loss = lm + self.guide_lambda * aux
-                        codes = routes.codes(self.num_loras).cpu()  # type: ignore[union-attr]
-                    self.optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    self.optimizer.step()
-                    if schedule is not None:
-                        schedule.step()
+                optimise(self.optimizer, self.iterations, loss, scheduler=schedule)
             finally:
                 self.training = False
                 for group in self.optimizer.param_groups:  # the schedule is per batch: leave lr as configured
                     group["lr"] = self.lr
+            codes = parts["codes"]
             if self.code_snapshot == "after_training":
                 with torch.no_grad(), self.batch_scope(batch):
                     target_logits(self.model, batch)
                     codes = self.query.derived.codes(self.num_loras).cpu()  # type: ignore[union-attr]
         self.stored_codes = torch.cat([self.stored_codes, codes])
-        return EditStats(loss=float(lm.detach()), iterations=self.iterations, extra={"aux_loss": float(aux.detach())})
+        return EditStats(loss=float(parts["lm"].detach()), iterations=self.iterations,
+                         extra={"aux_loss": float(parts["aux"].detach())})
 
     # --- accounting and state ------------------------------------------------------------------
     def floor_spec(self) -> FloorSpec:

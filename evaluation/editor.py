@@ -11,7 +11,7 @@ import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -45,6 +45,28 @@ class FloorSpec:
     first_layer: int
     passes: int
     prompt_prefixes: tuple[str, ...] = ("",)
+
+
+def optimise(optimizer: torch.optim.Optimizer, steps: int, loss_fn: Callable[[], torch.Tensor], *,
+             scheduler: Any = None, after_step: Callable[[], None] | None = None,
+             stop_below: float | None = None) -> list[float]:
+    """The training loop every gradient editor shares: ``steps`` times compute ``loss_fn()``, then
+    zero_grad / backward / step (and ``scheduler.step()``, ``after_step()``). ``stop_below``: stop before
+    the step once the loss is under it (FT-L's early stop). Returns the losses computed, in order."""
+    losses: list[float] = []
+    for _ in range(steps):
+        loss = loss_fn()
+        losses.append(float(loss.detach()))
+        if stop_below is not None and losses[-1] < stop_below:
+            break
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        if after_step is not None:
+            after_step()
+    return losses
 
 
 class Editor(ABC):
@@ -101,6 +123,11 @@ class Editor(ABC):
         read its last token there (evaluation.generation passes the prompt's positions to ``scope``).
         """
         return self.scope(batch.key_positions(self.key_position))
+
+    def batch_loss(self, batch: EncodedBatch) -> torch.Tensor:
+        """The teacher-forced target loss of ``batch`` through the edited model, routed per row."""
+        with self.batch_scope(batch):
+            return target_logits(self.model, batch).loss()
 
     @torch.no_grad()
     def in_scope(self, prompts: Sequence[str], batch_size: int = 32) -> torch.Tensor | None:
