@@ -24,13 +24,14 @@ import torch
 from omegaconf import MISSING
 from torch import nn
 
-from baselines.grace import Replacement, ValueReplacementLayer, check_layer, check_positive, model_device
+from baselines.value_replacement import Replacement, ValueReplacementLayer
 from data.requests import EditRequest
 from evaluation.editor import EditStats, Editor, FloorSpec, optimise
+from evaluation.editor_checks import check_layer, check_positive
 from evaluation.encoding import encode_pairs
 from evaluation.errors import ConfigError
 from evaluation.prefix_cache import frozen_prefix, replaying
-from evaluation.models import LoadedModel, layer_dims, replace_module
+from evaluation.models import LoadedModel, layer_dims, model_device, replace_module
 from evaluation.query import SequenceQuery
 
 

@@ -16,7 +16,7 @@ of one position shared by the whole batch. The query token is the last prompt to
 ``key_position=sequence_last`` reads the last token as fed (``key_id = -1``), which under teacher
 forcing is the last target token; the replaced token(s) follow the query token, as in the authors' code.
 
-The value-replacement layer and the routing record here are shared with ``baselines.defer``.
+The value-replacement layer (baselines/value_replacement.py) is shared with ``baselines.defer``.
 """
 from __future__ import annotations
 
@@ -28,107 +28,23 @@ import torch
 from omegaconf import MISSING
 from torch import nn
 
+from baselines.distances import euclidean
+from baselines.value_replacement import REPLACEMENTS, Replacement, ValueReplacementLayer
 from data.requests import EditRequest
 from evaluation.editor import EditStats, Editor, FloorSpec, optimise
+from evaluation.editor_checks import check_choice, check_layer, check_positive
 from evaluation.encoding import EncodedBatch, encode_pairs
-from evaluation.errors import ConfigError
 from evaluation.forward import target_logits
-from evaluation.models import LoadedModel, layer_dims, replace_module
+from evaluation.models import LoadedModel, layer_dims, model_device, replace_module
 from evaluation.prefix_cache import frozen_prefix, replaying
 from evaluation.query import SequenceQuery
 
 DIST_FNS = ("euc",)
 EPS_EXPANDS = ("coverage", "moving_average")
 VALUE_INITS = ("cold", "warm")
-REPLACEMENTS = ("replace_last", "replace_all", "replace_prompt")
-
-
-# --- config checks shared by the GRACE-family editors -------------------------------------------
-def check_layer(model: LoadedModel, key: str, index: int) -> None:
-    n = model.num_layers
-    if not 0 <= index < n:
-        raise ConfigError(f"editor.{key}={index} is out of range for model '{model.name}' with {n} layers "
-                          f"(valid: 0..{n - 1})")
-
-
-def check_choice(key: str, value: str, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ConfigError(f"editor.{key} must be one of {tuple(choices)}, got {value!r}")
-
-
-def check_positive(key: str, value: float) -> None:
-    if not value > 0:
-        raise ConfigError(f"editor.{key} must be positive, got {value}")
-
-
-def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-# --- the wrapped layer ---------------------------------------------------------------------------
-@dataclass
-class Replacement:
-    """Where the wrapped layer writes a value instead of its own output, for one batch of sequences."""
-
-    active: torch.Tensor  # (B,) bool: rows that get a value; the others get the base output bit for bit
-    values: torch.Tensor  # (B, d_out) the value of each row (rows that are not active: anything)
-    positions: torch.Tensor  # (B,) each row's query token (last prompt token)
-    gate: torch.Tensor | None = None  # (B,) soft mixture weight (Defer's training) instead of a hard swap
-    prefilled: bool = False  # set by the layer after the first forward of the scope (the prompt)
-
-
-class ValueReplacementLayer(nn.Module):
-    """``base_layer`` whose output is replaced by a per-sequence value at some token positions.
-
-    ``route()`` returns the current batch's :class:`Replacement` (None outside an editing scope or
-    with nothing stored: the layer is then exactly the base layer). Positions that get the value:
-    ``replace_last``: the query token only; ``replace_prompt``: the tokens before it (the authors'
-    ``layer_out[:, :token_to_edit]``); ``replace_all``: every token, including generated ones.
-    Decoding steps of a KV-cached ``generate`` reuse the prompt's route (the first forward of the
-    scope is the prompt); under replace_last/replace_prompt they get no value, as the query token
-    lives in the cache.
-    """
-
-    def __init__(self, base_layer: nn.Module, replacement: str, route: Callable[[], Replacement | None]) -> None:
-        super().__init__()
-        check_choice("replacement", replacement, REPLACEMENTS)
-        self.base_layer = base_layer
-        self.replacement = replacement
-        self.route = route
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, d_in)
-        y = self.base_layer(x)  # (B, T, d_out)
-        r = self.route()
-        if r is None:
-            return y
-        assert y.dim() == 3, f"expected (B, T, d) activations, got {tuple(y.shape)}"
-        B, T, _ = y.shape
-        prompt_pass = not r.prefilled
-        r.prefilled = True
-        if self.replacement == "replace_all":
-            where = torch.ones(B, T, dtype=torch.bool, device=y.device)
-        elif not prompt_pass:
-            return y
-        else:
-            t = torch.arange(T, device=y.device)[None, :]  # (1, T)
-            pos = r.positions.to(y.device)[:, None]  # (B, 1)
-            where = t == pos if self.replacement == "replace_last" else t < pos
-        where = where & r.active.to(y.device)[:, None]  # (B, T)
-        v = r.values.to(device=y.device, dtype=y.dtype)[:, None, :]  # (B, 1, d_out)
-        if r.gate is not None:
-            g = r.gate.to(device=y.device, dtype=y.dtype)[:, None, None]  # (B, 1, 1)
-            new = g * v + (1 - g) * y
-        else:
-            new = v.expand_as(y)
-        return torch.where(where[..., None], new, y)
 
 
 # --- the codebook --------------------------------------------------------------------------------
-def euclidean(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """(B, K) exact pairwise distances in float32 (no ||a||^2+||b||^2-2ab shortcut: d(k, k) is 0)."""
-    return torch.cdist(queries.float()[None], keys.float()[None], compute_mode="donot_use_mm_for_euclid_dist")[0]
-
-
 class Codebook:
     """GRACE's keys, values, radii (epsilons) and key labels, with the authors' update rules."""
 

@@ -38,13 +38,14 @@ import torch
 from omegaconf import MISSING
 from torch import nn
 
-from baselines.grace import check_choice, check_layer, check_positive, euclidean, model_device
+from baselines.distances import euclidean
 from data.requests import EditRequest
 from evaluation.editor import EditStats, Editor, FloorSpec, optimise
+from evaluation.editor_checks import check_choice, check_layer, check_positive
 from evaluation.encoding import EncodedBatch, encode_pairs
 from evaluation.errors import ConfigError
 from evaluation.forward import target_logits
-from evaluation.models import LoadedModel, layer_dims, replace_module
+from evaluation.models import LoadedModel, layer_dims, model_device, replace_module
 from evaluation.prefix_cache import frozen_prefix, replaying
 from evaluation.query import SequenceQuery
 

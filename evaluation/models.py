@@ -75,6 +75,11 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's (first) parameters."""
+    return next(model.parameters()).device
+
+
 def layer_dims(module: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) of a Linear or GPT-2's transposed Conv1D."""
     if isinstance(module, nn.Linear):
