@@ -173,8 +173,9 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path, choices: Mapping[str, s
             torch.use_deterministic_algorithms(previous_deterministic[0], warn_only=previous_deterministic[1])
 
 
-#: run settings that count something and must be at least 1 (the editors check their own)
-_POSITIVE = ("eval_batch_size", "editor.batch_size", "dataset.num_edits", "checkpoint.keep")
+#: run settings that count something and must be at least 1, checked before any work (the stream checks
+#: editor.batch_size again where it uses it; the loader checks dataset.num_edits)
+_POSITIVE = ("eval_batch_size", "editor.batch_size", "checkpoint.keep")
 
 
 def check_run_settings(cfg: DictConfig) -> None:

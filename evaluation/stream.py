@@ -166,7 +166,9 @@ def run_stream(editor: Editor, requests: Sequence[EditRequest], base_locality: S
     if on_nan not in ON_NAN:
         raise ConfigError(f"on_nan must be one of {ON_NAN}, got {on_nan!r}")
     n = len(requests)
-    bs = max(1, int(editor.batch_size))
+    bs = editor.batch_size
+    if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:  # the rule where the batch size is used
+        raise ConfigError(f"editor.batch_size must be a positive integer, got {bs!r}")
     result = StreamResult(metrics={})
     done, curve_due = 0, False
     if resume is not None:

@@ -1,8 +1,9 @@
 """Shared fixtures: composed configs and tiny random models of the paper's two architectures."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator
 
 import pytest
 import torch
@@ -15,7 +16,10 @@ from evaluation.compose import compose_config
 from evaluation.models import LoadedModel
 
 REPO = Path(__file__).resolve().parent.parent
-ZSRE = REPO.parent / "shared" / "data" / "zsre" / "zsre_mend_eval_portability_gpt4.json"
+# the data are read where they live (../shared/data beside the repo, as conf/paths/default.yaml), never copied
+DATA_DIR = Path(os.environ.get("ELDER_DATA_DIR", REPO.parent / "shared" / "data"))
+RETENTION_DATA = Path(os.environ.get("RETENTION_DATA_DIR", DATA_DIR / "retention"))
+ZSRE = DATA_DIR / "zsre" / "zsre_mend_eval_portability_gpt4.json"
 
 
 @pytest.fixture

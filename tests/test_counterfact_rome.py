@@ -16,9 +16,9 @@ from data.loaders import DataError, EditDataset
 from data.requests import EditRequest
 from evaluation.metrics import (RowPredictions, base_locality_predictions, evaluate_edits,
                                 locality_inputs, predict)
-from tests.conftest import REPO, tiny_model, zsre_requests
+from tests.conftest import DATA_DIR, tiny_model, zsre_requests
 
-ROME_500 = REPO.parent / "shared" / "data" / "counterfact" / "rome-counterfact-500.json"
+ROME_500 = DATA_DIR / "counterfact" / "rome-counterfact-500.json"
 
 
 def rome_record(i: int) -> dict[str, Any]:

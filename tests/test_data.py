@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from data.loaders import DataError, EditDataset
-from tests.conftest import REPO, ZSRE
+from tests.conftest import DATA_DIR, ZSRE
 
-COUNTERFACT = REPO.parent / "shared" / "data" / "counterfact" / "counterfact-edit.json"
+COUNTERFACT = DATA_DIR / "counterfact" / "counterfact-edit.json"
 
 
 def test_zsre_edits_alt_and_holds_out_the_rephrase() -> None:

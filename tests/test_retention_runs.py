@@ -12,9 +12,9 @@ import torch
 from evaluation.checkpoint import state_digest, to_cpu
 from evaluation.interrupts import WorkInterrupted, stop_on_signals
 from evaluation.retention.suite import TASK_NAMES
-from tests.conftest import REPO
+from tests.conftest import RETENTION_DATA
 
-DATA = REPO.parent / "shared" / "data" / "retention"
+DATA = RETENTION_DATA
 CHOICES = {"editor": "elder", "model": "tiny_llama", "dataset": "zsre"}
 KEYS = set(TASK_NAMES) | {"average"}
 

@@ -3,8 +3,6 @@ and on the real data files."""
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import pytest
 
@@ -17,8 +15,9 @@ from evaluation.retention.rte import RTE, RTEExample
 from evaluation.retention.samsum import SAMSum, SAMSumExample
 from evaluation.retention.sst2 import SST2, SST2Example
 from evaluation.retention.text import authors_nq_loop, contains_answer_span, normalize_answer, split_entity_list
+from tests.conftest import RETENTION_DATA
 
-DATA = Path(os.environ.get("RETENTION_DATA_DIR", Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "retention"))
+DATA = RETENTION_DATA
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"retention data not at {DATA} (set RETENTION_DATA_DIR)")
 
 

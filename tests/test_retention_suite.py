@@ -2,15 +2,15 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 
 from evaluation.retention.conll03 import TYPES, authors_entities, iob_chunks
 from evaluation.retention.suite import TASK_NAMES, Gu2024Suite, NoRetention, RetentionReport
+from tests.conftest import RETENTION_DATA
 
-DATA = Path(os.environ.get("RETENTION_DATA_DIR", Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "retention"))
+DATA = RETENTION_DATA
 pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"retention data not at {DATA} (set RETENTION_DATA_DIR)")
 
 LIMIT = 5

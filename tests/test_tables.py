@@ -11,6 +11,7 @@ import pytest
 
 from evaluation import tables
 from evaluation.tables import Options, build, collect_runs, main
+from tests.conftest import RETENTION_DATA
 
 EDITOR_CFG = {"elder": {"top_k": 2, "num_loras": 4, "guide_lambda": 0.01, "epsilon": 12, "aux_loss": "guided",
                         "layers": [20, 21, 22, 23, 24, 25]}}
@@ -305,7 +306,7 @@ def test_figure4_from_codes_dumped_by_a_tiny_elder(tmp_path: Path) -> None:
     from hydra.utils import instantiate
 
     from evaluation.codes_dump import dump_codes
-    from tests.conftest import REPO, compose_config, zsre_requests
+    from tests.conftest import compose_config, zsre_requests
 
     cfg = compose_config(["model=tiny_llama", "editor.iterations=2"])
     editor = instantiate(cfg.editor, _partial_=True)(model=instantiate(cfg.model))
@@ -313,7 +314,7 @@ def test_figure4_from_codes_dumped_by_a_tiny_elder(tmp_path: Path) -> None:
     for i in range(0, 8, 4):
         editor.edit(requests[i:i + 4])
     run = write_run(tmp_path / "runs", "elder", "elder", "zsre", 0.5, 0.5, model="tiny_llama", num_edits=8)
-    path = dump_codes(editor, requests, REPO.parent / "shared" / "data" / "retention", run / "codes.npz", n_task=6)
+    path = dump_codes(editor, requests, RETENTION_DATA, run / "codes.npz", n_task=6)
     assert path == run / "codes.npz"
     data = np.load(path)
     assert data["codes"].shape == (5 * 2 + 6, 6 * 4) and (data["codes"].sum(1) == 6 * 2).all()
