@@ -11,12 +11,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from evaluation.errors import HarnessError
-from evaluation.schema import register
+from evaluation.common.errors import HarnessError
+from evaluation.run.schema import register
 
 REPO_ROOT = Path(__file__).resolve().parent
 register()
-OmegaConf.register_new_resolver("repo", lambda: str(REPO_ROOT), replace=True)
 
 #: write failures that are the machine's, not the harness's: reported in one line, like bad input
 _CANNOT_WRITE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
@@ -42,8 +41,10 @@ def to_run_log(line: str) -> None:
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
-    from evaluation.experiment import run_experiment  # heavy imports after config errors are reported
-    from evaluation.run_folder import RunFolderBusy
+    from evaluation.run.experiment import (
+        run_experiment,  # heavy imports after config errors are reported
+    )
+    from evaluation.run.folder import RunFolderBusy
 
     hc = HydraConfig.get()
     run_dir = hc.runtime.output_dir

@@ -18,75 +18,75 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
-from omegaconf import MISSING
 from torch import nn
 
 from baselines.value_replacement import Replacement, ValueReplacementLayer
 from data.requests import EditRequest
-from evaluation.editor import EditStats, Editor, FloorSpec, optimise
-from evaluation.editor_checks import check_layer, check_positive
-from evaluation.encoding import encode_pairs
-from evaluation.errors import ConfigError
-from evaluation.prefix_cache import frozen_prefix, replaying
-from evaluation.models import LoadedModel, layer_dims, model_device, replace_module
-from evaluation.query import SequenceQuery
+from evaluation.common.errors import ConfigError
+from evaluation.editing.checks import check_layer, check_positive
+from evaluation.editing.editor import Editor, EditStats, FloorSpec, optimise
+from evaluation.editing.encoding import encode_pairs
+from evaluation.editing.models import (
+    LoadedModel,
+    layer_dims,
+    model_device,
+    replace_module,
+)
+from evaluation.editing.prefix_cache import frozen_prefix, replaying
+from evaluation.editing.query import SequenceQuery
 
 
 @dataclass
-class DeferConf:
-    _target_: str = "baselines.defer.DeferEditor"
-    layer: int = MISSING
-    lr: float = 0.1
-    iterations: int = 100
-    threshold: float = 0.5
-    batch_size: int = 1
-    prefix_cache: bool = True
+class DeferConfig:
+    """Defer's hyper-parameters. Defaults: Thartvigsen/GRACE grace/config/editor/defer.yaml."""
+
+    layer: int  # the FFN layer whose input is the key (GRACE's; per model: conf/editor_model/defer_<model>.yaml)
+    lr: float = 0.1  # Adam, fresh per edit
+    iterations: int = 100  # Adam steps per edit
+    threshold: float = 0.5  # a sequence whose deferral is at least this gets the learned value
+    batch_size: int = 1  # one edit at a time, as the authors
+    prefix_cache: bool = True  # replay the frozen blocks below the edited layer during an edit (exact, faster)
+    # the key is read at the last prompt token | sequence_last: the last token as fed (the authors'
+    # key_id=-1): under teacher forcing, the last target token
     key_position: str = "prompt_last"
-    seed: int = "${seed}"  # type: ignore[assignment]
+    seed: int = 0  # the heads' initialisation (nn.Linear's default init)
 
 
 class DeferEditor(Editor):
-    """Sigmoid deferral unit + linear value map at one layer (hyper-parameters as constructor arguments)."""
+    """Sigmoid deferral unit + linear value map at one layer. Its state: the two heads (registered) and
+    whether any edit was made (extra state)."""
 
-    def __init__(
-        self,
-        model: LoadedModel,
-        layer: int,
-        lr: float = 0.1,
-        iterations: int = 100,
-        threshold: float = 0.5,
-        batch_size: int = 1,
-        prefix_cache: bool = True,
-        key_position: str = "prompt_last",
-        seed: int = 0,
-    ) -> None:
-        check_layer(model, "layer", layer)
-        check_positive("lr", lr)
-        check_positive("iterations", iterations)
-        check_positive("batch_size", batch_size)
-        if not 0.0 < threshold < 1.0:
-            raise ConfigError(f"editor.threshold must lie strictly between 0 and 1 (a sigmoid output), got {threshold}")
-        self.key_position = self.checked_key_position(key_position)
-        self.loaded, self.model, self.tokenizer = model, model.model, model.tokenizer
-        self.layer, self.threshold = layer, threshold
-        self.lr, self.iterations, self.batch_size = lr, iterations, batch_size
-        base = model.ffn_module(layer)
+    Config = DeferConfig
+
+    def __init__(self, model: LoadedModel, config: DeferConfig | None = None, **fields: Any) -> None:
+        super().__init__(model, config, **fields)
+        c = self.config
+        check_layer(model, "layer", c.layer)
+        check_positive("lr", c.lr)
+        check_positive("iterations", c.iterations)
+        check_positive("batch_size", c.batch_size)
+        if not 0.0 < c.threshold < 1.0:
+            raise ConfigError(f"editor.threshold must lie strictly between 0 and 1 (a sigmoid output), "
+                              f"got {c.threshold}")
+        self.checked_key_position(c.key_position)
+        base = model.ffn_module(c.layer)
         d_in, d_out = layer_dims(base)
-        device = model_device(self.model)
+        device = model_device(model.model)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)  # nn.Linear's default init, as the authors'
+            torch.manual_seed(c.seed)  # nn.Linear's default init, as the authors'
             self.defer = nn.Linear(d_in, 1).to(device)  # float32 heads whatever the model's dtype
             self.predict = nn.Linear(d_in, d_out).to(device)
-        self.adapter = ValueReplacementLayer(base, "replace_all", self._current)
-        replace_module(self.model, model.ffn_name(layer), self.adapter)
-        self.query = SequenceQuery(self.adapter, on_query=self._route)
+        adapter = ValueReplacementLayer(base, "replace_all", self._current)
+        replace_module(model.model, model.ffn_name(c.layer), adapter)
+        self.adapters = [adapter]  # in the model, not registered here: it holds the base layer
+        self.query = SequenceQuery(adapter, on_query=self._route)
         # blocks below the edited layer are frozen and see the same input in every iteration of an edit
-        self.prefix = frozen_prefix(model, prefix_cache, layer)
+        self.prefix = frozen_prefix(model, c.prefix_cache, c.layer)
         self.trained = False  # the authors' `untrained` flag: no edit yet, the layer is the base layer
-        self.training = False
+        self._editing = False  # inside edit(): the soft mixture at every token
 
     # --- routing -------------------------------------------------------------------------------
     def _current(self) -> Replacement | None:
@@ -97,56 +97,43 @@ class DeferEditor(Editor):
         return torch.sigmoid(self.defer(q.to(self.defer.weight.dtype))).squeeze(-1)
 
     def _route(self, q: torch.Tensor) -> Replacement | None:  # q: (B, d_in) at the query tokens
-        if not (self.trained or self.training):
+        if not (self.trained or self._editing):
             return None
         positions = self.query.positions
         assert positions is not None
         gate = self.deferral(q)  # (B,)
         values = self.predict(q.to(self.predict.weight.dtype))  # (B, d_out)
-        if self.training:  # soft mixture at every token
+        if self._editing:  # soft mixture at every token
             return Replacement(torch.ones_like(gate, dtype=torch.bool), values, positions, gate=gate)
-        return Replacement(gate >= self.threshold, values, positions)
+        return Replacement(gate >= self.config.threshold, values, positions)
 
     def scope(self, query_positions: torch.Tensor) -> contextlib.AbstractContextManager[None]:
         return self.query.scope(query_positions)
 
     # --- editing -------------------------------------------------------------------------------
-    def parameters(self) -> Iterator[nn.Parameter]:
-        yield from self.defer.parameters()
-        yield from self.predict.parameters()
-
     def _edit_one(self, request: EditRequest) -> float:
         device = model_device(self.model)
         batch = encode_pairs(self.tokenizer, [request.prompt], [request.target]).to(device)
-        optimizer = torch.optim.Adam(list(self.parameters()), lr=self.lr)  # fresh per edit, as the authors'
-        self.training = True
+        optimizer = torch.optim.Adam(list(self.parameters()), lr=self.config.lr)  # fresh per edit, as the authors'
+        self._editing = True
         try:
             with replaying(self.prefix):
-                losses = optimise(optimizer, self.iterations, lambda: self.batch_loss(batch))
+                losses = optimise(optimizer, self.config.iterations, lambda: self.batch_loss(batch))
         finally:
-            self.training = False
+            self._editing = False
         self.trained = True
         return losses[-1] if losses else 0.0
 
     def edit(self, requests: Sequence[EditRequest]) -> EditStats:
         losses = [self._edit_one(r) for r in requests]  # one edit at a time, as the authors'
-        return EditStats(loss=sum(losses) / len(losses), iterations=self.iterations * len(losses))
+        return EditStats(loss=sum(losses) / len(losses), iterations=self.config.iterations * len(losses))
 
     # --- accounting and state ------------------------------------------------------------------
     def floor_spec(self) -> FloorSpec:
-        return FloorSpec(first_layer=self.layer, passes=self.iterations)
+        return FloorSpec(first_layer=self.config.layer, passes=self.config.iterations)
 
-    def trainable_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"trained": self.trained}
 
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "defer": {k: v.clone() for k, v in self.defer.state_dict().items()},
-            "predict": {k: v.clone() for k, v in self.predict.state_dict().items()},
-            "trained": self.trained,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.defer.load_state_dict(state["defer"])
-        self.predict.load_state_dict(state["predict"])
+    def set_extra_state(self, state: dict[str, Any]) -> None:
         self.trained = bool(state["trained"])

@@ -25,19 +25,23 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
-from omegaconf import MISSING
 from torch import nn
 
 from baselines.distances import euclidean
 from baselines.value_replacement import REPLACEMENTS, Replacement, ValueReplacementLayer
 from data.requests import EditRequest
-from evaluation.editor import EditStats, Editor, FloorSpec, optimise
-from evaluation.editor_checks import check_choice, check_layer, check_positive
-from evaluation.encoding import EncodedBatch, encode_pairs
-from evaluation.forward import target_logits
-from evaluation.models import LoadedModel, layer_dims, model_device, replace_module
-from evaluation.prefix_cache import frozen_prefix, replaying
-from evaluation.query import SequenceQuery
+from evaluation.editing.checks import check_choice, check_layer, check_positive
+from evaluation.editing.editor import Editor, EditStats, FloorSpec, optimise
+from evaluation.editing.encoding import EncodedBatch, encode_pairs
+from evaluation.editing.forward import target_logits
+from evaluation.editing.models import (
+    LoadedModel,
+    layer_dims,
+    model_device,
+    replace_module,
+)
+from evaluation.editing.prefix_cache import frozen_prefix, replaying
+from evaluation.editing.query import SequenceQuery
 
 DIST_FNS = ("euc",)
 EPS_EXPANDS = ("coverage", "moving_average")
@@ -45,11 +49,15 @@ VALUE_INITS = ("cold", "warm")
 
 
 # --- the codebook --------------------------------------------------------------------------------
-class Codebook:
-    """GRACE's keys, values, radii (epsilons) and key labels, with the authors' update rules."""
+class Codebook(nn.Module):
+    """GRACE's keys, values, radii (epsilons) and key labels, with the authors' update rules.
+
+    A module whose whole state is extra state: it grows by one key per new edit, which fixed-shape
+    parameters and buffers cannot."""
 
     def __init__(self, key_dim: int, value_dim: int, init_eps: float, eps_expand: str = "coverage",
                  device: torch.device | str = "cpu") -> None:
+        super().__init__()
         check_choice("eps_expand", eps_expand, EPS_EXPANDS)
         self.init_eps, self.eps_expand = float(init_eps), eps_expand
         self.keys = torch.zeros(0, key_dim, device=device)  # (K, d_in) float32
@@ -103,11 +111,10 @@ class Codebook:
             return j, "expand"
         return j, "reuse"
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"keys": self.keys.clone(), "values": self.values.clone(), "radii": self.radii.clone(),
-                "labels": list(self.labels)}
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"keys": self.keys, "values": self.values, "radii": self.radii, "labels": list(self.labels)}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def set_extra_state(self, state: dict[str, Any]) -> None:
         device = self.keys.device
         self.keys, self.values = state["keys"].to(device).clone(), state["values"].to(device).clone()
         self.radii, self.labels = state["radii"].to(device).clone(), list(state["labels"])
@@ -115,64 +122,62 @@ class Codebook:
 
 # --- the editor ----------------------------------------------------------------------------------
 @dataclass
-class GraceConf:
-    _target_: str = "baselines.grace.GraceEditor"
-    layer: int = MISSING
-    eps: float = 1.0
-    dist_fn: str = "euc"
-    eps_expand: str = "coverage"
-    value_init: str = "cold"
+class GraceConfig:
+    """GRACE's hyper-parameters. Defaults: the authors' repo (Thartvigsen/GRACE
+    grace/config/editor/grace.yaml) and EasyEdit's hparams/GRACE/*.yaml."""
+
+    layer: int  # the FFN layer whose input is the key (conf/editor/grace.yaml: LLaMA-2-7B's relative depth)
+    eps: float = 1.0  # initial radius of a new key
+    dist_fn: str = "euc"  # euclidean (the only distance the authors implement)
+    eps_expand: str = "coverage"  # coverage | moving_average: how a same-label neighbour widens
+    value_init: str = "cold"  # cold: U[0,1) (authors' and EasyEdit's default) | warm: the layer's own output
+    # replace_last (EasyEdit gpt2-xl/llama-7b): the query token only; the authors' repo config says
+    # replace_prompt (the tokens before it); replace_all: every token
     replacement: str = "replace_last"
     lr: float = 1.0
-    iterations: int = 100
-    batch_size: int = 1
-    prefix_cache: bool = True
+    iterations: int = 100  # authors' repo; EasyEdit: 200 for GPT2-XL, 50 for LLaMA-2-7B (conf/editor_model)
+    batch_size: int = 1  # GRACE edits one request at a time
+    prefix_cache: bool = True  # replay the frozen blocks below the edited layer during an edit (exact, faster)
+    # the key is read at the last prompt token | sequence_last: the last token as fed (the authors'
+    # key_id=-1): under teacher forcing, the last target token
     key_position: str = "prompt_last"
-    seed: int = "${seed}"  # type: ignore[assignment]
+    seed: int = 0  # cold value init
 
 
 class GraceEditor(Editor):
-    """GRACE behind the shared Editor interface (all hyper-parameters are constructor arguments)."""
+    """GRACE behind the shared Editor interface; its state is the codebook and the init generator."""
 
-    def __init__(
-        self,
-        model: LoadedModel,
-        layer: int,
-        eps: float = 1.0,
-        dist_fn: str = "euc",
-        eps_expand: str = "coverage",
-        value_init: str = "cold",
-        replacement: str = "replace_last",
-        lr: float = 1.0,
-        iterations: int = 100,
-        batch_size: int = 1,
-        prefix_cache: bool = True,
-        key_position: str = "prompt_last",
-        seed: int = 0,
-    ) -> None:
-        check_layer(model, "layer", layer)
-        check_choice("dist_fn", dist_fn, DIST_FNS)
-        check_choice("eps_expand", eps_expand, EPS_EXPANDS)
-        check_choice("value_init", value_init, VALUE_INITS)
-        check_choice("replacement", replacement, REPLACEMENTS)
-        check_positive("eps", eps)
-        check_positive("lr", lr)
-        check_positive("iterations", iterations)
-        check_positive("batch_size", batch_size)
-        self.key_position = self.checked_key_position(key_position)
-        self.loaded, self.model, self.tokenizer = model, model.model, model.tokenizer
-        self.layer, self.value_init = layer, value_init
-        self.lr, self.iterations, self.batch_size = lr, iterations, batch_size
-        base = model.ffn_module(layer)
+    Config = GraceConfig
+
+    def __init__(self, model: LoadedModel, config: GraceConfig | None = None, **fields: Any) -> None:
+        super().__init__(model, config, **fields)
+        c = self.config
+        check_layer(model, "layer", c.layer)
+        check_choice("dist_fn", c.dist_fn, DIST_FNS)
+        check_choice("eps_expand", c.eps_expand, EPS_EXPANDS)
+        check_choice("value_init", c.value_init, VALUE_INITS)
+        check_choice("replacement", c.replacement, REPLACEMENTS)
+        check_positive("eps", c.eps)
+        check_positive("lr", c.lr)
+        check_positive("iterations", c.iterations)
+        check_positive("batch_size", c.batch_size)
+        self.checked_key_position(c.key_position)
+        base = model.ffn_module(c.layer)
         d_in, d_out = layer_dims(base)
-        self.adapter = ValueReplacementLayer(base, replacement, self._current)
-        replace_module(self.model, model.ffn_name(layer), self.adapter)
-        self.query = SequenceQuery(self.adapter, on_query=self._route)
+        adapter = ValueReplacementLayer(base, c.replacement, self._current)
+        replace_module(model.model, model.ffn_name(c.layer), adapter)
+        self.adapters = [adapter]  # in the model, not registered here: it holds the base layer
+        self.query = SequenceQuery(adapter, on_query=self._route)
         # blocks below the edited layer are frozen and see the same input in every iteration of an edit
-        self.prefix = frozen_prefix(model, prefix_cache, layer)
-        self.codebook = Codebook(d_in, d_out, eps, eps_expand, model_device(self.model))
-        self.generator = torch.Generator().manual_seed(seed)  # cold value init, on this instance only
+        self.prefix = frozen_prefix(model, c.prefix_cache, c.layer)
+        self.codebook = Codebook(d_in, d_out, c.eps, c.eps_expand, model_device(model.model))
+        self.generator = torch.Generator().manual_seed(c.seed)  # cold value init, on this instance only
         self._train_value: nn.Parameter | None = None  # the value being trained (edit() only)
+
+    @property
+    def adapter(self) -> ValueReplacementLayer:
+        """The replacement layer in the model (held in a list: registering it would register the base layer)."""
+        return self.adapters[0]
 
     # --- routing -------------------------------------------------------------------------------
     def _current(self) -> Replacement | None:
@@ -203,7 +208,7 @@ class GraceEditor(Editor):
 
     # --- editing -------------------------------------------------------------------------------
     def _initial_value(self, key: torch.Tensor) -> torch.Tensor:
-        if self.value_init == "warm":  # the layer's own output for the key
+        if self.config.value_init == "warm":  # the layer's own output for the key
             with torch.no_grad():
                 return self.adapter.base_layer(key[None])[0].float()
         d_out = self.codebook.values.shape[1]  # "cold": U[0, 1), as the authors' torch.rand
@@ -216,10 +221,10 @@ class GraceEditor(Editor):
             key = self.keys_for(batch)[0]
             index, action = self.codebook.insert(key, request.target, lambda: self._initial_value(key))
             value = nn.Parameter(self.codebook.values[index].clone())
-            optimizer = torch.optim.Adam([value], lr=self.lr)
+            optimizer = torch.optim.Adam([value], lr=self.config.lr)
             self._train_value = value
             try:
-                losses = optimise(optimizer, self.iterations, lambda: self.batch_loss(batch))
+                losses = optimise(optimizer, self.config.iterations, lambda: self.batch_loss(batch))
             finally:
                 self._train_value = None
         self.codebook.values[index] = value.detach()
@@ -230,14 +235,14 @@ class GraceEditor(Editor):
         actions = [a for _, a in results]
         return EditStats(
             loss=sum(l for l, _ in results) / len(results),
-            iterations=self.iterations * len(results),
+            iterations=self.config.iterations * len(results),
             extra={"num_keys": float(len(self.codebook)), **{a: float(actions.count(a))
                                                               for a in ("new", "split", "expand", "reuse")}},
         )
 
     # --- accounting and state ------------------------------------------------------------------
     def floor_spec(self) -> FloorSpec:
-        return FloorSpec(first_layer=self.layer, passes=self.iterations)
+        return FloorSpec(first_layer=self.config.layer, passes=self.config.iterations)
 
     def trainable_params(self) -> int:
         return self.codebook.values.numel()  # one value per key (the paper's Table 3 count)
@@ -245,9 +250,8 @@ class GraceEditor(Editor):
     def stored_params(self) -> int:
         return self.codebook.keys.numel() + self.codebook.radii.numel()
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"codebook": self.codebook.state_dict(), "generator": self.generator.get_state()}
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.codebook.load_state_dict(state["codebook"])
+    def set_extra_state(self, state: dict[str, Any]) -> None:
         self.generator.set_state(state["generator"])

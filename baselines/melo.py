@@ -35,31 +35,39 @@ from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Sequence
 
 import torch
-from omegaconf import MISSING
 from torch import nn
 
 from baselines.distances import euclidean
 from data.requests import EditRequest
-from evaluation.editor import EditStats, Editor, FloorSpec, optimise
-from evaluation.editor_checks import check_choice, check_layer, check_positive
-from evaluation.encoding import EncodedBatch, encode_pairs
-from evaluation.errors import ConfigError
-from evaluation.forward import target_logits
-from evaluation.models import LoadedModel, layer_dims, model_device, replace_module
-from evaluation.prefix_cache import frozen_prefix, replaying
-from evaluation.query import SequenceQuery
+from evaluation.common.errors import ConfigError
+from evaluation.editing.checks import check_choice, check_layer, check_positive
+from evaluation.editing.editor import Editor, EditStats, FloorSpec, optimise
+from evaluation.editing.encoding import EncodedBatch, encode_pairs
+from evaluation.editing.forward import target_logits
+from evaluation.editing.models import (
+    LoadedModel,
+    layer_dims,
+    model_device,
+    replace_module,
+)
+from evaluation.editing.prefix_cache import frozen_prefix, replaying
+from evaluation.editing.query import SequenceQuery
 
 NO_LORA = -1
 KEY_SOURCES = ("output", "input")
 
 
 # --- the vector database -------------------------------------------------------------------------
-class ClusterDB:
-    """Clusters of edit keys: centres, radii and labels; every key remembers the block that learned it."""
+class ClusterDB(nn.Module):
+    """Clusters of edit keys: centres, radii and labels; every key remembers the block that learned it.
+
+    A module whose whole state is extra state: it grows with every edit batch, which fixed-shape
+    parameters and buffers cannot."""
 
     _TENSORS = ("centers", "radii", "point_keys", "point_blocks", "point_cluster")
 
     def __init__(self, key_dim: int, init_radius: float, device: torch.device | str = "cpu") -> None:
+        super().__init__()
         self.init_radius = float(init_radius)
         self.centers = torch.zeros(0, key_dim, device=device)  # (C, d) float32
         self.radii = torch.zeros(0, device=device)  # (C,)
@@ -144,11 +152,12 @@ class ClusterDB:
     def num_stored(self) -> int:
         return self.centers.numel() + self.radii.numel() + self.point_keys.numel() + self.point_blocks.numel()
 
-    def state_dict(self) -> dict[str, Any]:
+    def get_extra_state(self) -> dict[str, Any]:
+        # copies: _join and _split change centres and radii in place
         return {**{k: getattr(self, k).clone() for k in self._TENSORS},
                 "labels": list(self.labels), "conflicts": self.conflicts, "forgotten": self.forgotten}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def set_extra_state(self, state: dict[str, Any]) -> None:
         device = self.centers.device
         for k in self._TENSORS:
             setattr(self, k, state[k].to(device).clone())
@@ -164,6 +173,21 @@ class BlockRoute:
     active: torch.Tensor  # (B,) bool: False = the base output, bit for bit
 
 
+class LoRABlocks(nn.Module):
+    """The LoRA blocks of one MELO layer: A (num_blocks, d_in, r) and B (num_blocks, r, d_out), float32.
+
+    Its own module so the editor registers the blocks (its state) without the base layer they wrap.
+    A starts as in MELO's whole-rank LoRA (Kaiming-uniform(a=sqrt(5)): U(+-1/sqrt(num_blocks * r))), B at zero."""
+
+    def __init__(self, d_in: int, d_out: int, num_blocks: int, rank: int, device: torch.device,
+                 generator: torch.Generator) -> None:
+        super().__init__()
+        bound = 1.0 / math.sqrt(num_blocks * rank)  # Kaiming-uniform(a=sqrt(5)) of the whole-rank A
+        A = torch.rand(num_blocks, d_in, rank, generator=generator) * (2 * bound) - bound
+        self.lora_A = nn.Parameter(A.to(device))  # float32 whatever the model's dtype
+        self.lora_B = nn.Parameter(torch.zeros(num_blocks, rank, d_out, device=device))
+
+
 class BlockLoRA(nn.Module):
     """y = W0 x + b + s * x A_k B_k for each sequence's block k (rows without a block: W0 x + b exactly)."""
 
@@ -174,11 +198,15 @@ class BlockLoRA(nn.Module):
         self.route = route
         self.scaling = scaling
         d_in, d_out = layer_dims(base_layer)
-        device = base_layer.weight.device
-        bound = 1.0 / math.sqrt(num_blocks * rank)  # Kaiming-uniform(a=sqrt(5)) of the whole-rank A
-        A = torch.rand(num_blocks, d_in, rank, generator=generator) * (2 * bound) - bound
-        self.lora_A = nn.Parameter(A.to(device))  # float32 whatever the model's dtype
-        self.lora_B = nn.Parameter(torch.zeros(num_blocks, rank, d_out, device=device))
+        self.lora = LoRABlocks(d_in, d_out, num_blocks, rank, base_layer.weight.device, generator)
+
+    @property
+    def lora_A(self) -> nn.Parameter:
+        return self.lora.lora_A
+
+    @property
+    def lora_B(self) -> nn.Parameter:
+        return self.lora.lora_B
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, d_in)
         y = self.base_layer(x)
@@ -193,79 +221,77 @@ class BlockLoRA(nn.Module):
 
 # --- the editor ----------------------------------------------------------------------------------
 @dataclass
-class MeloConf:
-    _target_: str = "baselines.melo.MeloEditor"
-    layers: List[int] = MISSING
-    query_layer: int = MISSING
-    rank_per_block: int = 2
-    num_blocks: int = 350
+class MeloConfig:
+    """MELO's hyper-parameters. Defaults: ECNU-ICALK/MELO melo/config/experiment/hallucination.yaml and
+    EasyEdit hparams/MELO/gpt2-xl.yaml (the GPT2-XL setting)."""
+
+    layers: List[int]  # the FFN layers that get block LoRAs (per model: conf/editor_model/melo_<model>.yaml)
+    query_layer: int  # the FFN layer whose output is the database key; must lie below every LoRA layer
+    rank_per_block: int = 2  # num_rank_per_block
+    num_blocks: int = 350  # num_block: at most 350 edit batches
+    # the LoRA scale's numerator (scale = alpha / rank_per_block); None: num_blocks * rank_per_block, as
+    # MELO's lora_alpha = r (update scale = num_blocks)
     alpha: Optional[float] = None
-    radius: float = 0.5
-    key_source: str = "output"
-    lr: float = 1e-3
-    lr_step: int = 20
+    radius: float = 0.5  # init_radius of a cluster
+    key_source: str = "output"  # MELO keys on the query layer's output; input: its input
+    lr: float = 1e-3  # edit_lr, Adam
+    lr_step: int = 20  # StepLR(step_size=20, gamma=0.5), as MELO's edit()
     lr_gamma: float = 0.5
-    iterations: int = 50
-    batch_size: int = 4
-    prefix_cache: bool = True
+    iterations: int = 50  # num_iter
+    batch_size: int = 4  # num_edit_per_block: one block per batch of 4 edits
+    prefix_cache: bool = True  # replay the frozen blocks below the query layer during an edit (exact, faster)
+    # the key is read at the last prompt token | sequence_last: the last token as fed (the authors'
+    # key_id=-1): under teacher forcing, the last target token
     key_position: str = "prompt_last"
-    seed: int = "${seed}"  # type: ignore[assignment]
+    seed: int = 0  # the LoRA blocks' A initialisation
 
 
 class MeloEditor(Editor):
-    """MELO behind the shared Editor interface (all hyper-parameters are constructor arguments)."""
+    """MELO behind the shared Editor interface. Its state: the LoRA blocks of every layer (registered),
+    the vector database and the count of blocks used (extra state)."""
 
-    def __init__(
-        self,
-        model: LoadedModel,
-        layers: Sequence[int],
-        query_layer: int,
-        rank_per_block: int = 2,
-        num_blocks: int = 350,
-        alpha: float | None = None,
-        radius: float = 0.5,
-        key_source: str = "output",
-        lr: float = 1e-3,
-        lr_step: int = 20,
-        lr_gamma: float = 0.5,
-        iterations: int = 50,
-        batch_size: int = 4,
-        prefix_cache: bool = True,
-        key_position: str = "prompt_last",
-        seed: int = 0,
-    ) -> None:
-        layers = list(layers)
-        self._validate(model, layers, query_layer, key_source)
-        for key, value in (("rank_per_block", rank_per_block), ("num_blocks", num_blocks), ("radius", radius),
-                           ("lr", lr), ("lr_step", lr_step), ("lr_gamma", lr_gamma), ("iterations", iterations),
-                           ("batch_size", batch_size)):
-            check_positive(key, value)
-        if alpha is not None:
-            check_positive("alpha", alpha)
-        self.key_position = self.checked_key_position(key_position)
-        self.loaded, self.model, self.tokenizer = model, model.model, model.tokenizer
-        self.layers, self.query_layer, self.key_source = layers, query_layer, key_source
-        self.rank_per_block, self.num_blocks = rank_per_block, num_blocks
-        self.alpha = float(alpha) if alpha is not None else float(num_blocks * rank_per_block)
-        self.lr, self.lr_step, self.lr_gamma = lr, lr_step, lr_gamma
-        self.iterations, self.batch_size = iterations, batch_size
+    Config = MeloConfig
 
-        generator = torch.Generator().manual_seed(seed)
-        self.adapters: list[BlockLoRA] = []
+    def __init__(self, model: LoadedModel, config: MeloConfig | None = None, **fields: Any) -> None:
+        super().__init__(model, config, **fields)
+        c = self.config
+        layers = list(c.layers)
+        self._validate(model, layers, c.query_layer, c.key_source)
+        for key in ("rank_per_block", "num_blocks", "radius", "lr", "lr_step", "lr_gamma", "iterations", "batch_size"):
+            check_positive(key, getattr(c, key))
+        if c.alpha is not None:
+            check_positive("alpha", c.alpha)
+        self.checked_key_position(c.key_position)
+
+        generator = torch.Generator().manual_seed(c.seed)
+        self.adapters: list[BlockLoRA] = []  # in the model, not registered here: they hold the base layers
         for layer in layers:
-            adapter = BlockLoRA(model.ffn_module(layer), num_blocks, rank_per_block,
-                                self.alpha / rank_per_block, self._current, generator)
-            replace_module(self.model, model.ffn_name(layer), adapter)
+            adapter = BlockLoRA(model.ffn_module(layer), c.num_blocks, c.rank_per_block,
+                                self.alpha / c.rank_per_block, self._current, generator)
+            replace_module(model.model, model.ffn_name(layer), adapter)
             self.adapters.append(adapter)
-        self.query_module = model.ffn_module(query_layer)
-        d_in, d_out = layer_dims(self.query_module)
-        self.query = SequenceQuery(self.query_module, on_query=self._route)
+        self.loras = nn.ModuleList(a.lora for a in self.adapters)  # the trainable part of each adapter
+        query_module = model.ffn_module(c.query_layer)
+        self._query_module = [query_module]  # the model's own layer: held, not registered
+        d_in, d_out = layer_dims(query_module)
+        self.query = SequenceQuery(query_module, on_query=self._route)
         # blocks below the query layer are frozen and see the same batch in every iteration
-        self.prefix = frozen_prefix(model, prefix_cache, query_layer)
-        self.db = ClusterDB(d_out if key_source == "output" else d_in, radius, model_device(self.model))
+        self.prefix = frozen_prefix(model, c.prefix_cache, c.query_layer)
+        self.db = ClusterDB(d_out if c.key_source == "output" else d_in, c.radius, model_device(model.model))
         self.next_block = 0  # blocks 0..next_block-1 have been trained, one per edit batch
         self._train_block: int | None = None  # the block being trained (edit() only)
         self._capture_keys = False  # keys_for(): capture the keys, route nothing
+
+    @property
+    def alpha(self) -> float:
+        """The LoRA scale's numerator (editor.alpha; null: num_blocks * rank_per_block)."""
+        c = self.config
+        return float(c.alpha) if c.alpha is not None else float(c.num_blocks * c.rank_per_block)
+
+    @property
+    def query_module(self) -> nn.Module:
+        """The query layer (the model's FFN at ``query_layer``)."""
+        return self._query_module[0]
 
     @staticmethod
     def _validate(model: LoadedModel, layers: list[int], query_layer: int, key_source: str) -> None:
@@ -287,7 +313,7 @@ class MeloEditor(Editor):
     @torch.no_grad()
     def _key(self, q: torch.Tensor) -> torch.Tensor:
         """(B, d_key) keys from the query layer's input at the query tokens (MELO: the layer's output)."""
-        return self.query_module(q).float() if self.key_source == "output" else q.float()
+        return self.query_module(q).float() if self.config.key_source == "output" else q.float()
 
     def _route(self, q: torch.Tensor) -> BlockRoute | torch.Tensor | None:  # q: (B, d_in) of the query layer
         B = q.shape[0]
@@ -318,13 +344,11 @@ class MeloEditor(Editor):
         return keys
 
     # --- editing -------------------------------------------------------------------------------
-    def parameters(self) -> list[nn.Parameter]:
-        return [p for a in self.adapters for p in (a.lora_A, a.lora_B)]
-
     def edit(self, requests: Sequence[EditRequest]) -> EditStats:
-        if self.next_block >= self.num_blocks:
-            raise ConfigError(f"MELO has used all editor.num_blocks={self.num_blocks} LoRA blocks (one per edit "
-                              f"batch of editor.batch_size={self.batch_size}); raise editor.num_blocks")
+        c = self.config
+        if self.next_block >= c.num_blocks:
+            raise ConfigError(f"MELO has used all editor.num_blocks={c.num_blocks} LoRA blocks (one per edit "
+                              f"batch of editor.batch_size={c.batch_size}); raise editor.num_blocks")
         device = model_device(self.model)
         batch = encode_pairs(self.tokenizer, [r.prompt for r in requests], [r.target for r in requests]).to(device)
         block = self.next_block
@@ -332,15 +356,15 @@ class MeloEditor(Editor):
             actions = self.db.add_batch(self.keys_for(batch), [r.target for r in requests], block)
             # fresh Adam + StepLR per batch, as MELO; blocks other than this one get zero gradients and,
             # from a fresh Adam state, exactly zero updates
-            optimizer = torch.optim.Adam(self.parameters(), lr=self.lr)
-            scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=self.lr_step, gamma=self.lr_gamma)
+            optimizer = torch.optim.Adam(self.parameters(), lr=c.lr)
+            scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=c.lr_step, gamma=c.lr_gamma)
             self._train_block = block
             try:
-                losses = optimise(optimizer, self.iterations, lambda: self.batch_loss(batch), scheduler=scheduler)
+                losses = optimise(optimizer, c.iterations, lambda: self.batch_loss(batch), scheduler=scheduler)
             finally:
                 self._train_block = None
         self.next_block += 1
-        return EditStats(loss=losses[-1] if losses else 0.0, iterations=self.iterations, extra={
+        return EditStats(loss=losses[-1] if losses else 0.0, iterations=c.iterations, extra={
             "num_clusters": float(len(self.db)), "conflicts": float(self.db.conflicts),
             "forgotten_keys": float(self.db.forgotten), "blocks_used": float(self.next_block),
             **{a: float(actions.count(a)) for a in ("new", "join", "split")}})
@@ -348,10 +372,10 @@ class MeloEditor(Editor):
     # --- accounting and state ------------------------------------------------------------------
     def block_params(self) -> int:
         """LoRA parameters of one block, over all LoRA layers."""
-        return sum(self.rank_per_block * (a.lora_A.shape[1] + a.lora_B.shape[2]) for a in self.adapters)
+        return sum(self.config.rank_per_block * (a.lora_A.shape[1] + a.lora_B.shape[2]) for a in self.adapters)
 
     def floor_spec(self) -> FloorSpec:
-        return FloorSpec(first_layer=min(self.layers), passes=self.iterations)
+        return FloorSpec(first_layer=min(self.config.layers), passes=self.config.iterations)
 
     def trainable_params(self) -> int:
         """Parameters of the blocks trained so far (one block per edit batch), not of all pre-allocated blocks."""
@@ -360,17 +384,8 @@ class MeloEditor(Editor):
     def stored_params(self) -> int:
         return self.db.num_stored()
 
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "adapters": [{"A": a.lora_A.detach().clone(), "B": a.lora_B.detach().clone()} for a in self.adapters],
-            "db": self.db.state_dict(),
-            "next_block": self.next_block,
-        }
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"next_block": self.next_block}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        with torch.no_grad():
-            for adapter, saved in zip(self.adapters, state["adapters"], strict=True):
-                adapter.lora_A.copy_(saved["A"])
-                adapter.lora_B.copy_(saved["B"])
-        self.db.load_state_dict(state["db"])
+    def set_extra_state(self, state: dict[str, Any]) -> None:
         self.next_block = int(state["next_block"])

@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from evaluation.editor_checks import check_choice
+from evaluation.editing.checks import check_choice
 
 REPLACEMENTS = ("replace_last", "replace_all", "replace_prompt")
 

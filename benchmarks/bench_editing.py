@@ -30,12 +30,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from evaluation.run.schema import editor_names
+
 REPO = Path(__file__).resolve().parent.parent
-EDITORS = ("elder", "ft_l", "rome", "defer", "melo", "grace")
 
 
 def _compose(overrides: list[str]) -> Any:
-    from evaluation.compose import compose_config  # the same composition as run.py
+    from evaluation.run.compose import compose_config  # the same composition as run.py
 
     return compose_config(overrides)
 
@@ -49,9 +50,9 @@ def measure_floor(overrides: list[str], batches: int = 3) -> dict[str, float]:
     import torch
     from hydra.utils import instantiate
 
-    from evaluation.encoding import encode_pairs
-    from evaluation.forward import target_logits
-    from evaluation.prefix_cache import FrozenPrefix
+    from evaluation.editing.encoding import encode_pairs
+    from evaluation.editing.forward import target_logits
+    from evaluation.editing.prefix_cache import FrozenPrefix
 
     cfg = _compose(overrides)
     if cfg.threads:
@@ -95,12 +96,12 @@ def measure_stream(overrides: list[str]) -> dict[str, float]:
     import torch
     from hydra.utils import instantiate
 
-    from baselines.unedited import Unedited
-    from evaluation.compilation import compile_blocks
-    from evaluation.experiment import autocast_context
-    from evaluation.loggers import NullLogger
-    from evaluation.metrics import locality_inputs, predict
-    from evaluation.stream import run_stream
+    from evaluation.editing.compilation import compile_blocks
+    from evaluation.editing.unedited import Unedited
+    from evaluation.run.experiment import autocast_context
+    from evaluation.run.loggers import NullLogger
+    from evaluation.run.metrics import locality_inputs, predict
+    from evaluation.run.stream import run_stream
 
     cfg = _compose(overrides)
     if cfg.threads:
@@ -187,7 +188,7 @@ def run(editors: list[str], base: list[str], out: Path, keep: list[dict[str, Any
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--editors", default=",".join(EDITORS))
+    parser.add_argument("--editors", default=",".join(editor_names()), help="comma-separated (default: every editor in conf/editor/)")
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--dataset", default="zsre")
     parser.add_argument("--num-edits", type=int, default=100)

@@ -14,7 +14,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -129,8 +129,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     import torch
     from hydra.utils import instantiate
 
-    from evaluation.compose import compose_config
-    from evaluation.generation import make_generate_fn
+    from evaluation.editing.generation import make_generate_fn
+    from evaluation.run.compose import compose_config
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -10,7 +10,7 @@ batches are forgotten"), and it is tempting to blame the model's size: the paper
 wide. This sweep holds everything else fixed and varies only the width:
 
 - **models**: random-weight LLaMA-shaped models built the way ``conf/model/tiny_llama.yaml`` builds
-  its model (``evaluation.models.build_random``, byte-level tokenizer), of the same depth
+  its model (``evaluation.editing.models.build_random``, byte-level tokenizer), of the same depth
   (``--depth``, default 8) and growing width (``--widths``). Intermediate size 8/3 x width (rounded up
   to a multiple of 32), one attention head per 64 dimensions (at least one), initialiser standard
   deviation 1.6/sqrt(width) (``--init-std`` fixes one value instead). That is tiny_llama's 0.2 at
@@ -21,12 +21,12 @@ wide. This sweep holds everything else fixed and varies only the width:
   random word put in front (``--paraphrase prefix``) or with one letter of one word changed
   (``perturb``). Locality probes are unrelated random prompts with a random answer; locality compares
   the edited model's argmax with the unedited model's, so the answer's content does not matter.
-- **editors**: composed with :func:`evaluation.compose.compose_config`, like ``run.py``. They use
+- **editors**: composed with :func:`evaluation.run.compose.compose_config`, like ``run.py``. They use
   tiny_llama's editor configs (``conf/editor_model/<editor>_tiny_llama.yaml``). Those configs are
   written for depth 8; at another depth the query/edited layer is scaled to the depth and ELDER's and
   MELO's adapter layers stay a contiguous block just above it (the paper's layout). ELDER is the
   subject; GRACE and MELO are controls, since they key each edit and should not forget.
-- **the loop**: :func:`evaluation.stream.run_stream`, the loop ``run.py`` uses. ``--eval-every``
+- **the loop**: :func:`evaluation.run.stream.run_stream`, the loop ``run.py`` uses. ``--eval-every``
   (default 4, ELDER's batch size) gives the forgetting record: every earlier batch's accuracy at each
   curve point.
 
@@ -179,7 +179,7 @@ def synthetic_stream(n: int, seed: int = 0, prompt_words: int = 4, paraphrase: s
 # --- one point ----------------------------------------------------------------------------------------
 def compose(editor: str, width: int, args: argparse.Namespace, eval_every: int) -> tuple[Any, list[str]]:
     """The composed config of one (editor, width) point, as run.py would compose it; and layer notes."""
-    from evaluation.compose import compose_config
+    from evaluation.run.compose import compose_config
 
     base = ["model=tiny_llama", f"editor={editor}", *model_overrides(width, args.depth, args.init_std),
             "retention=none", "logger=none", "progress=false", f"seed={args.seed}", f"threads={args.threads}",
@@ -197,11 +197,11 @@ def run_point(cfg: Any, requests: Sequence[Any]) -> tuple[Any, Any, float]:
     """Build the model and editor from ``cfg`` and stream ``requests`` through run_stream (no checkpoints)."""
     import torch
 
-    from baselines.unedited import Unedited
-    from evaluation.experiment import build, seed_everything, set_deterministic
-    from evaluation.loggers import NullLogger
-    from evaluation.metrics import base_locality_predictions
-    from evaluation.stream import run_stream
+    from evaluation.editing.unedited import Unedited
+    from evaluation.run.experiment import build, seed_everything, set_deterministic
+    from evaluation.run.loggers import NullLogger
+    from evaluation.run.metrics import base_locality_predictions
+    from evaluation.run.stream import run_stream
 
     torch.set_num_threads(int(cfg.threads))
     previous = set_deterministic(cfg.deterministic)
@@ -301,7 +301,7 @@ def after_later_edits(first: dict[str, Any], later: int, metric: str) -> float:
 def by_age(points: Sequence[dict[str, Any]], age: int, span: int, metric: str) -> float:
     """Every batch's ``metric`` ``age`` to ``age + span - 1`` edits after it was edited, averaged with batch
     sizes as weights over all (batch, curve point) pairs of that age (NaN where there is none)."""
-    from evaluation.forgetting import cells
+    from evaluation.run.forgetting import cells
 
     chosen = [c for c in cells(points) if age <= c.age < age + max(1, span)]
     size = sum(c.size for c in chosen)
@@ -309,7 +309,7 @@ def by_age(points: Sequence[dict[str, Any]], age: int, span: int, metric: str) -
 
 
 def summarise(editor: str, width: int, args: argparse.Namespace, payload: dict[str, Any]) -> dict[str, Any]:
-    from evaluation.forgetting import first_edits_accuracy
+    from evaluation.run.forgetting import first_edits_accuracy
 
     first = first_edits_accuracy(payload["forgetting"], args.first_edits)
     metrics, timings = payload["metrics"], payload["timings"]
@@ -338,7 +338,7 @@ def sweep_point(editor: str, width: int, args: argparse.Namespace, requests: Seq
                 out: Path) -> dict[str, Any]:
     from omegaconf import OmegaConf
 
-    from evaluation.results import git_commit, write_results
+    from evaluation.run.results import git_commit, write_results
 
     run_dir = out / "runs" / f"{editor}_w{width}"
     path = run_dir / "results.json"
@@ -375,7 +375,7 @@ def write_outputs(rows: list[dict[str, Any]], args: argparse.Namespace, out: Pat
                   estimates: dict[str, Any] | None) -> list[Path]:
     import pandas as pd
 
-    from evaluation.results import write_json_atomic, write_text_atomic
+    from evaluation.common.atomic import write_json_atomic, write_text_atomic
 
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "sweep.json", {"settings": {**settings(args), "widths": args.widths,
@@ -391,8 +391,8 @@ def write_outputs(rows: list[dict[str, Any]], args: argparse.Namespace, out: Pat
 
 
 def plot_sweep(rows: list[dict[str, Any]], args: argparse.Namespace, out: Path) -> list[str]:
-    from evaluation import paper
-    from evaluation.figures import _pyplot, _save
+    from evaluation.reporting import paper
+    from evaluation.reporting.figures import _pyplot, _save
 
     plt = _pyplot()
     fig, (left, middle, right) = plt.subplots(1, 3, figsize=(17, 4.6))
@@ -476,7 +476,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--estimate-only", action="store_true", help="time a small point, print the estimates, stop")
     parser.add_argument("--no-estimate", action="store_true", help="skip the timing of small points")
     parser.add_argument("--fresh", action="store_true", help="recompute points already saved under --out")
-    parser.add_argument("--no-tables", action="store_true", help="skip `evaluation.tables forgetting` at the end")
+    parser.add_argument("--no-tables", action="store_true", help="skip `evaluation.reporting.tables forgetting` at the end")
     parser.add_argument("overrides", nargs="*",
                         help="Hydra overrides for every point (editor.iterations=20), or for one editor "
                              "(elder:editor.lr=1e-3)")
@@ -510,7 +510,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             write_outputs(rows, args, args.out, estimates)  # a stopped sweep keeps what it measured
     written = write_outputs(rows, args, args.out, estimates)
     if not args.no_tables:
-        from evaluation.tables import main as tables_main
+        from evaluation.reporting.tables import main as tables_main
 
         tables_main(["forgetting", str(args.out / "runs"), "--out", str(args.out / "forgetting")])
     print("wrote " + ", ".join(map(str, written)), file=sys.stderr)

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from data.requests import EditRequest
-from evaluation.errors import HarnessError
-from evaluation.integrity import file_sha256
+from evaluation.common.errors import HarnessError
+from evaluation.common.integrity import file_sha256
 
 
 class DataError(HarnessError, ValueError):

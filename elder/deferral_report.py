@@ -19,8 +19,8 @@ import torch
 
 from elder.editor import ElderEditor
 from elder.routing import min_hamming
-from evaluation.errors import HarnessError
-from evaluation.saved_run import load_saved_run, prompt_groups
+from evaluation.common.errors import HarnessError
+from evaluation.reporting.saved_run import load_saved_run, prompt_groups
 
 
 def report(run_dir: Path, limit: int | None = None, batch_size: int = 32) -> dict[str, Any]:
@@ -32,7 +32,7 @@ def report(run_dir: Path, limit: int | None = None, batch_size: int = 32) -> dic
     sample = requests[:limit] if limit else requests
     groups = prompt_groups(sample)
     bits = editor.stored_codes.shape[1]
-    out: dict[str, Any] = {"run": str(run_dir), "edits_stored": len(editor.stored_codes), "epsilon": editor.epsilon,
+    out: dict[str, Any] = {"run": str(run_dir), "edits_stored": len(editor.stored_codes), "epsilon": editor.config.epsilon,
                            "bits": bits, "groups": {}}
     for name, prompts in groups.items():
         dist = torch.cat([min_hamming(editor.codes_for(prompts[i:i + batch_size]), editor.stored_codes)
@@ -52,7 +52,7 @@ def main() -> None:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--limit", type=int, default=None, help="first N edits of each group")
     args = parser.parse_args()
-    from evaluation.compose import compose_config
+    from evaluation.run.compose import compose_config
 
     compose_config([])  # registers the config resolvers and schemas the saved config relies on
     try:

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, List, Sequence
 
 import torch
 from torch import nn
@@ -10,15 +12,16 @@ from torch import nn
 from data.requests import EditRequest
 from elder.adapter import LORA_INITS, MixtureOfLoRA
 from elder.allocation import PresetAllocator
+from elder.codes_dump import dump_codes
 from elder.losses import guided_loss, load_balancing_loss
 from elder.routing import Routers, Routes, min_hamming
-from evaluation.editor import EditStats, Editor, FloorSpec, optimise
-from evaluation.errors import ConfigError
-from evaluation.encoding import encode_pairs
-from evaluation.forward import target_logits
-from evaluation.models import LoadedModel, layer_dims, replace_module
-from evaluation.prefix_cache import frozen_prefix, replaying
-from evaluation.query import SequenceQuery
+from evaluation.common.errors import ConfigError
+from evaluation.editing.editor import Editor, EditStats, FloorSpec, optimise
+from evaluation.editing.encoding import encode_pairs
+from evaluation.editing.forward import target_logits
+from evaluation.editing.models import LoadedModel, layer_dims, replace_module
+from evaluation.editing.prefix_cache import frozen_prefix, replaying
+from evaluation.editing.query import SequenceQuery
 
 AUX_LOSSES = ("guided", "none", "load_balance")
 # when a batch's codes are stored: from the routers after the batch's last optimizer step, or from
@@ -29,70 +32,78 @@ CODE_SNAPSHOTS = ("after_training", "last_iteration")
 LR_SCHEDULES = ("constant", "step")
 
 
-class ElderEditor(Editor):
-    """Mixture-of-LoRA lifelong editor (all paper hyper-parameters are constructor arguments)."""
+@dataclass
+class ElderConfig:
+    """ELDER's hyper-parameters: the paper's values (spec section 5) and, where the paper is silent, the
+    readings of the authors' layer code (JiaangL/ELDER peft_egg/src/peft/tuners/elder.py) or MELO's
+    driver; experiment=elder_authors sets all of them the authors' way (README, "Does ELDER reproduce?")."""
 
-    def __init__(
-        self,
-        model: LoadedModel,
-        layers: Sequence[int],
-        query_layer: int,
-        rank: int = 8,
-        num_loras: int = 4,
-        top_k: int = 2,
-        alpha: float = 8.0,
-        epsilon: int = 12,
-        guide_lambda: float = 1e-2,
-        aux_loss: str = "guided",
-        lr: float = 1e-4,
-        iterations: int = 50,
-        batch_size: int = 4,
-        deferral: bool = True,
-        reset_optimizer: bool = False,
-        lr_schedule: str = "constant",
-        lr_step: int = 20,
-        lr_gamma: float = 0.5,
-        prefix_cache: bool = True,
-        code_snapshot: str = "last_iteration",
-        lora_init: str = "authors",
-        key_position: str = "prompt_last",
-        seed: int = 0,
-    ) -> None:
-        layers = list(layers)
-        L, N = len(layers), num_loras
-        self._validate(model, layers, query_layer, num_loras, top_k, epsilon, aux_loss)
-        for key, value, allowed in (("code_snapshot", code_snapshot, CODE_SNAPSHOTS),
-                                    ("lr_schedule", lr_schedule, LR_SCHEDULES), ("lora_init", lora_init, LORA_INITS)):
+    layers: List[int]  # the L layers whose FFN input projection gets N LoRAs (conf/editor/elder.yaml)
+    query_layer: int  # the layer whose FFN input at the query token the routers read; below every ELDER layer
+    rank: int = 8
+    num_loras: int = 4  # N
+    top_k: int = 2  # k
+    alpha: float = 8.0  # not stated in the paper; the authors' layer code defaults to 8 (scaling 1 at r=8)
+    epsilon: int = 12  # deferral: a code at Hamming distance >= epsilon from every stored code is a task input
+    guide_lambda: float = 1e-2
+    aux_loss: str = "guided"  # guided | none | load_balance (the paper's Table 4 ablations)
+    lr: float = 1e-4
+    iterations: int = 50
+    batch_size: int = 4
+    deferral: bool = True
+    reset_optimizer: bool = False  # true: a new Adam for every edit batch (MELO's driver)
+    lr_schedule: str = "constant"  # step: StepLR(lr_step, lr_gamma) over each batch's iterations (MELO's driver)
+    lr_step: int = 20
+    lr_gamma: float = 0.5
+    prefix_cache: bool = True  # replay the frozen blocks below the query layer during a batch (bit-identical, faster)
+    code_snapshot: str = "last_iteration"  # codes from the last iteration's forward (authors' code) | after_training
+    lora_init: str = "authors"  # A Kaiming-uniform on the authors' (d_in, r) tensor: fan-in r | peft: fan-in d_in
+    # the router reads the last prompt token | sequence_last: the last token as fed (authors' key_id=-1):
+    # under teacher forcing, the last target token
+    key_position: str = "prompt_last"
+    seed: int = 0  # routers, LoRAs and preset allocations
+
+
+class ElderEditor(Editor):
+    """Mixture-of-LoRA lifelong editor. Its state: the LoRAs and routers (registered), and as extra
+    state the stored codes, the preset allocations and the optimizer."""
+
+    Config = ElderConfig
+
+    def __init__(self, model: LoadedModel, config: ElderConfig | None = None, **fields: Any) -> None:
+        super().__init__(model, config, **fields)
+        c = self.config
+        layers = list(c.layers)
+        L, N = len(layers), c.num_loras
+        self._validate(model, layers, c.query_layer, N, c.top_k, c.epsilon, c.aux_loss)
+        for key, value, allowed in (("code_snapshot", c.code_snapshot, CODE_SNAPSHOTS),
+                                    ("lr_schedule", c.lr_schedule, LR_SCHEDULES), ("lora_init", c.lora_init, LORA_INITS)):
             if value not in allowed:
                 raise ConfigError(f"editor.{key} must be one of {allowed}, got {value!r}")
-        if lr_step < 1 or not 0 < lr_gamma <= 1:
+        if c.lr_step < 1 or not 0 < c.lr_gamma <= 1:
             raise ConfigError(f"editor.lr_step must be >= 1 and editor.lr_gamma in (0, 1], "
-                              f"got {lr_step} and {lr_gamma}")
-        self.code_snapshot, self.key_position = code_snapshot, self.checked_key_position(key_position)
-        self.lr_schedule, self.lr_step, self.lr_gamma = lr_schedule, lr_step, lr_gamma
-        self.loaded, self.model, self.tokenizer = model, model.model, model.tokenizer
-        self.layers, self.query_layer = layers, query_layer
-        self.num_loras, self.top_k, self.epsilon = N, top_k, epsilon
-        self.guide_lambda, self.aux_loss = guide_lambda, aux_loss
-        self.lr, self.iterations, self.batch_size = lr, iterations, batch_size
-        self.deferral, self.reset_optimizer = deferral, reset_optimizer
-        self.training = False
+                              f"got {c.lr_step} and {c.lr_gamma}")
+        self.checked_key_position(c.key_position)
+        self.layers = layers
+        self._editing = False  # routers route every input while a batch trains (no deferral)
 
-        device = next(self.model.parameters()).device
-        query_module = model.ffn_module(query_layer)
+        device = next(model.model.parameters()).device
+        query_module = model.ffn_module(c.query_layer)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            self.routers = Routers(L, layer_dims(query_module)[0], N, top_k).to(device)
-            self.adapters: list[MixtureOfLoRA] = []
+            torch.manual_seed(c.seed)
+            routers = Routers(L, layer_dims(query_module)[0], N, c.top_k).to(device)
+            self.adapters: list[MixtureOfLoRA] = []  # in the model, not registered here: they hold base layers
             for index, layer in enumerate(layers):
-                adapter = MixtureOfLoRA(model.ffn_module(layer), index, N, rank, alpha, self._current_routes,
-                                        lora_init)
-                replace_module(self.model, model.ffn_name(layer), adapter)
+                adapter = MixtureOfLoRA(model.ffn_module(layer), index, N, c.rank, c.alpha, self._current_routes,
+                                        c.lora_init)
+                replace_module(model.model, model.ffn_name(layer), adapter)
                 self.adapters.append(adapter)
+        self.experts = nn.ModuleList(a.experts for a in self.adapters)
+        self.routers = routers
         self.query = SequenceQuery(query_module, on_query=self._route)
         # blocks below the query layer are frozen and see the same batch in every iteration
-        self.prefix = frozen_prefix(model, prefix_cache, query_layer)
-        self.allocator = PresetAllocator(L, N, top_k, seed)
+        self.prefix = frozen_prefix(model, c.prefix_cache, c.query_layer)
+        self.allocator = PresetAllocator(L, N, c.top_k, c.seed)
         self.stored_codes = torch.zeros(0, L * N, dtype=torch.bool)
         self.optimizer = self._new_optimizer()
 
@@ -123,9 +134,9 @@ class ElderEditor(Editor):
 
     def _route(self, q: torch.Tensor) -> Routes:
         routes = self.routers(q)
-        if not self.training and self.deferral:
-            dist = min_hamming(routes.codes(self.num_loras), self.stored_codes)
-            routes.active = dist < self.epsilon  # nearest code at least epsilon away: a task input
+        if not self._editing and self.config.deferral:
+            dist = min_hamming(routes.codes(self.config.num_loras), self.stored_codes)
+            routes.active = dist < self.config.epsilon  # nearest code at least epsilon away: a task input
         return routes
 
     def scope(self, query_positions: torch.Tensor) -> contextlib.AbstractContextManager[None]:
@@ -133,37 +144,33 @@ class ElderEditor(Editor):
 
     def codes_for(self, prompts: Sequence[str]) -> torch.Tensor:
         """Allocation codes (B, L*N) of prompts, as stored and compared at inference."""
-        return self.routes_for(prompts).codes(self.num_loras).cpu()
+        return self.routes_for(prompts).codes(self.config.num_loras).cpu()
 
     # --- editing ---------------------------------------------------------------------------
-    def parameters(self) -> Iterator[nn.Parameter]:
-        for adapter in self.adapters:
-            yield adapter.lora_A
-            yield adapter.lora_B
-        yield from self.routers.parameters()
-
     def _new_optimizer(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(list(self.parameters()), lr=self.lr)
+        return torch.optim.Adam(list(self.parameters()), lr=self.config.lr)
 
     def _batch_schedule(self) -> torch.optim.lr_scheduler.LRScheduler | None:
-        if self.lr_schedule == "constant":
+        c = self.config
+        if c.lr_schedule == "constant":
             return None
         for group in self.optimizer.param_groups:  # StepLR starts from each group's initial_lr
-            group["initial_lr"] = self.lr
-        return torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=self.lr_step, gamma=self.lr_gamma)
+            group["initial_lr"] = c.lr
+        return torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=c.lr_step, gamma=c.lr_gamma)
 
     def _aux(self, routes: Routes, preset: torch.Tensor) -> torch.Tensor:
-        if self.aux_loss == "guided":
+        if self.config.aux_loss == "guided":
             return guided_loss(routes, preset)
-        if self.aux_loss == "load_balance":
+        if self.config.aux_loss == "load_balance":
             return load_balancing_loss(routes)
         return routes.log_scores.new_zeros(())
 
     def edit(self, requests: Sequence[EditRequest]) -> EditStats:
+        c = self.config
         device = next(self.model.parameters()).device
         batch = encode_pairs(self.tokenizer, [r.prompt for r in requests], [r.target for r in requests]).to(device)
         preset = self.allocator.batch([r.uid for r in requests])  # (B, L, k)
-        if self.reset_optimizer:
+        if c.reset_optimizer:
             self.optimizer = self._new_optimizer()
         schedule = self._batch_schedule()
         parts = {"lm": torch.zeros(()), "aux": torch.zeros(()), "codes": torch.zeros(0, dtype=torch.bool)}
@@ -173,52 +180,43 @@ class ElderEditor(Editor):
                 parts["lm"] = target_logits(self.model, batch).loss()
                 routes = self.query.derived
                 parts["aux"] = self._aux(routes, preset)  # type: ignore[arg-type]
-                parts["codes"] = routes.codes(self.num_loras).cpu()  # type: ignore[union-attr]
-            return parts["lm"] + self.guide_lambda * parts["aux"]
+                parts["codes"] = routes.codes(c.num_loras).cpu()  # type: ignore[union-attr]
+            return parts["lm"] + c.guide_lambda * parts["aux"]
 
         with replaying(self.prefix):
-            self.training = True
+            self._editing = True
             try:
-                optimise(self.optimizer, self.iterations, loss, scheduler=schedule)
+                optimise(self.optimizer, c.iterations, loss, scheduler=schedule)
             finally:
-                self.training = False
+                self._editing = False
                 for group in self.optimizer.param_groups:  # the schedule is per batch: leave lr as configured
-                    group["lr"] = self.lr
+                    group["lr"] = c.lr
             codes = parts["codes"]
-            if self.code_snapshot == "after_training":
+            if c.code_snapshot == "after_training":
                 with torch.no_grad(), self.batch_scope(batch):
                     target_logits(self.model, batch)
-                    codes = self.query.derived.codes(self.num_loras).cpu()  # type: ignore[union-attr]
+                    codes = self.query.derived.codes(c.num_loras).cpu()  # type: ignore[union-attr]
         self.stored_codes = torch.cat([self.stored_codes, codes])
-        return EditStats(loss=float(parts["lm"].detach()), iterations=self.iterations,
+        return EditStats(loss=float(parts["lm"].detach()), iterations=c.iterations,
                          extra={"aux_loss": float(parts["aux"].detach())})
 
     # --- accounting and state ------------------------------------------------------------------
     def floor_spec(self) -> FloorSpec:
-        return FloorSpec(first_layer=min(self.layers), passes=self.iterations)
-
-    def trainable_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        return FloorSpec(first_layer=min(self.layers), passes=self.config.iterations)
 
     def stored_params(self) -> int:
         return self.stored_codes.numel()  # one bit each; counted as numbers, as GRACE's keys are
 
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "adapters": [{"A": a.lora_A.detach().clone(), "B": a.lora_B.detach().clone()} for a in self.adapters],
-            "routers": {k: v.clone() for k, v in self.routers.state_dict().items()},
-            "stored_codes": self.stored_codes.clone(),
-            "allocator": self.allocator.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-        }
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"stored_codes": self.stored_codes, "allocator": self.allocator.state_dict(),
+                "optimizer": self.optimizer.state_dict()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        with torch.no_grad():
-            for adapter, saved in zip(self.adapters, state["adapters"], strict=True):
-                adapter.lora_A.copy_(saved["A"])
-                adapter.lora_B.copy_(saved["B"])
-        self.routers.load_state_dict(state["routers"])
+    def set_extra_state(self, state: dict[str, Any]) -> None:
         self.stored_codes = state["stored_codes"].clone()
         self.allocator.load_state_dict(state["allocator"])
         self.optimizer = self._new_optimizer()
         self.optimizer.load_state_dict(state["optimizer"])
+
+    def write_artifacts(self, run_dir: Path, requests: Sequence[EditRequest], retention_data_dir: str) -> None:
+        """Figure 4's input: allocation codes of paraphrase groups and NQ inputs (elder.codes_dump)."""
+        dump_codes(self, requests, retention_data_dir, run_dir / "codes.npz")

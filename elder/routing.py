@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from evaluation.errors import ConfigError
+from evaluation.common.errors import ConfigError
 
 
 @dataclass

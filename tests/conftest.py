@@ -12,8 +12,8 @@ from omegaconf import DictConfig
 
 from data.loaders import EditDataset
 from data.requests import EditRequest
-from evaluation.compose import compose_config
-from evaluation.models import LoadedModel
+from evaluation.editing.models import LoadedModel
+from evaluation.run.compose import compose_config
 
 REPO = Path(__file__).resolve().parent.parent
 # the data are read where they live (../shared/data beside the repo, as conf/paths/default.yaml), never copied

@@ -11,13 +11,13 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from baselines.unedited import Unedited
-from evaluation.compilation import compile_blocks
-from evaluation.compose import compose_config
-from evaluation.errors import ConfigError
-from evaluation.loggers import NullLogger
-from evaluation.metrics import locality_inputs, predict
-from evaluation.stream import run_stream
+from evaluation.common.errors import ConfigError
+from evaluation.editing.compilation import compile_blocks
+from evaluation.editing.unedited import Unedited
+from evaluation.run.compose import compose_config
+from evaluation.run.loggers import NullLogger
+from evaluation.run.metrics import locality_inputs, predict
+from evaluation.run.stream import run_stream
 from tests.conftest import tiny_model, zsre_requests
 
 FEW_STEPS = {"elder": ["editor.iterations=5"], "grace": ["editor.iterations=5"], "melo": ["editor.iterations=5"],

@@ -10,12 +10,17 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-import evaluation.metrics
-from baselines.unedited import Unedited
+import evaluation.run.metrics
 from data.loaders import DataError, EditDataset
 from data.requests import EditRequest
-from evaluation.metrics import (RowPredictions, base_locality_predictions, evaluate_edits,
-                                locality_inputs, predict)
+from evaluation.editing.unedited import Unedited
+from evaluation.run.metrics import (
+    RowPredictions,
+    base_locality_predictions,
+    evaluate_edits,
+    locality_inputs,
+    predict,
+)
 from tests.conftest import DATA_DIR, tiny_model, zsre_requests
 
 ROME_500 = DATA_DIR / "counterfact" / "rome-counterfact-500.json"
@@ -119,7 +124,7 @@ def test_aggregation_is_per_request_then_over_requests(monkeypatch: pytest.Monke
         return [RowPredictions(torch.tensor([1, 1] if "good" in p else [1, 0]), torch.tensor([1, 1]))
                 for p in prompts]
 
-    monkeypatch.setattr(evaluation.metrics, "predict", fake_predict)
+    monkeypatch.setattr(evaluation.run.metrics, "predict", fake_predict)
     requests = [_request(0, ("good a", "bad b"), (("good l0", "x"), ("bad l1", "y"), ("bad l2", "z"))),
                 _request(1, ("good c",), (("good l3", "w"),))]
     base = [RowPredictions(torch.tensor([1, 1]), torch.tensor([1, 1]))] * 4  # flat: one per probe

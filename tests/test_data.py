@@ -93,7 +93,7 @@ def test_bad_target_is_one_clear_line(tmp_path: Path, compose_cfg) -> None:
         EditDataset("zsre", str(_zsre_fixture(tmp_path)), 2, target="pred")
     assert str(err.value) == ("dataset.target='pred' is not a target of the zsre format: allowed are alt, "
                               "answers, rome (or null for the default, alt)")
-    from evaluation.experiment import build
+    from evaluation.run.experiment import build
     assert build(compose_cfg("dataset=zsre").dataset).target_field == "alt"
     assert build(compose_cfg("dataset=zsre", "dataset.target=rome").dataset).target_field == "answers"
     with pytest.raises(DataError, match="dataset.target='nope'"):  # the run's build: the error stays itself

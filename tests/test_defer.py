@@ -1,17 +1,15 @@
 """Defer: learning edits, a per-row exact deferral mask, batching, state, configs."""
 from __future__ import annotations
 
-
 import pytest
 import torch
-from hydra.core.config_store import ConfigStore
 from hydra.utils import instantiate
 
-from baselines.defer import DeferConf, DeferEditor
-from evaluation.encoding import encode_pairs
-from evaluation.errors import ConfigError
-from evaluation.forward import target_logits
-from evaluation.metrics import predict
+from baselines.defer import DeferEditor
+from evaluation.common.errors import ConfigError
+from evaluation.editing.encoding import encode_pairs
+from evaluation.editing.forward import target_logits
+from evaluation.run.metrics import predict
 from tests.conftest import compose_config, tiny_model, zsre_requests
 
 # zsRE edits with short targets whose characters do not repeat (see tests/test_grace.py)
@@ -57,7 +55,7 @@ def test_edits_are_learned_and_deferred_rows_are_exact() -> None:
     # rows whose deferral stays under the threshold get the unedited logits, bit for bit
     q = keys(editor, prompts, targets)
     edited = logits(editor, prompts, targets)
-    for i, is_deferred in enumerate((editor.deferral(q) < editor.threshold).tolist()):
+    for i, is_deferred in enumerate((editor.deferral(q) < editor.config.threshold).tolist()):
         if is_deferred:
             assert torch.equal(edited[rows_of(i)], base.logits[rows_of(i)])
 
@@ -93,16 +91,11 @@ def test_edits_are_learned_and_deferred_rows_are_exact() -> None:
 
 
 # --- configs ---------------------------------------------------------------------------------------
-def _register() -> None:
-    ConfigStore.instance().store(name="defer_schema", node=DeferConf)
-
-
 @pytest.mark.parametrize("model, layer", [
     ("gpt2xl", 35), ("gpt2xl_random", 35), ("llama2", 27), ("llama2_random", 27), ("smollm2", 25),
     ("tiny_gpt2", 1), ("tiny_llama", 1),
 ])
 def test_configs_compose(model: str, layer: int) -> None:
-    _register()
     cfg = compose_config(["editor=defer", f"model={model}"])
     assert cfg.editor.layer == layer and cfg.editor.threshold == 0.5 and cfg.editor.batch_size == 1
     if not model.startswith("tiny"):  # the authors' values; smollm2's lr is its own (defer_smollm2.yaml)
@@ -111,7 +104,6 @@ def test_configs_compose(model: str, layer: int) -> None:
 
 
 def test_instantiate_from_config_and_reject_bad_values() -> None:
-    _register()
     cfg = compose_config(["editor=defer", "model=tiny_gpt2"])
     editor = instantiate(cfg.editor, _partial_=True)(model=instantiate(cfg.model))  # as run_experiment
     assert isinstance(editor, DeferEditor) and editor.batch_size == 1

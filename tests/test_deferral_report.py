@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from elder.deferral_report import report
-from evaluation.compose import compose_config
+from evaluation.run.compose import compose_config
 from tests.test_cli import TINY, run_cli
 
 

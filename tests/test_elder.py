@@ -5,15 +5,15 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from baselines.unedited import Unedited
 from elder.editor import ElderEditor
-from evaluation.encoding import encode_pairs
-from evaluation.errors import ConfigError
-from evaluation.forward import target_logits
-from evaluation.loggers import NullLogger
-from evaluation.metrics import locality_inputs, predict
-from evaluation.models import LoadedModel, byte_tokenizer
-from evaluation.stream import run_stream
+from evaluation.common.errors import ConfigError
+from evaluation.editing.encoding import encode_pairs
+from evaluation.editing.forward import target_logits
+from evaluation.editing.models import LoadedModel, byte_tokenizer
+from evaluation.editing.unedited import Unedited
+from evaluation.run.loggers import NullLogger
+from evaluation.run.metrics import locality_inputs, predict
+from evaluation.run.stream import run_stream
 from tests.conftest import tiny_model, zsre_requests
 
 LAYERS = [2, 3, 4, 5, 6, 7]
@@ -95,8 +95,8 @@ def test_deferral_returns_the_unedited_logits_bit_for_bit() -> None:
     from elder.routing import min_hamming
     dist = min_hamming(editor.codes_for(probes), editor.stored_codes)
     assert dist.max() > 0, "need a probe whose code differs from every stored one"
-    editor.epsilon = int(dist.max())  # defer exactly the probes that are at least that far
-    deferred = dist >= editor.epsilon
+    editor.config.epsilon = int(dist.max())  # defer exactly the probes that are at least that far
+    deferred = dist >= editor.config.epsilon
     with torch.no_grad(), editor.scope(probe_batch.query_positions):
         after = target_logits(editor.model, probe_batch)
     for row in range(len(probes)):

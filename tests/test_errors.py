@@ -17,16 +17,21 @@ from typing import Any
 import pytest
 import torch
 
-from baselines.unedited import Unedited
 from elder.editor import ElderEditor
-from evaluation.checkpoint import CheckpointManager, EditOutOfMemory, NonFiniteLoss, StreamCheckpoint
-from evaluation.compose import compose_config
-from evaluation.errors import ConfigError
-from evaluation.experiment import _checkpoints, build, run_experiment
-from evaluation.loggers import NullLogger, WandbLogger
-from evaluation.metrics import locality_inputs, predict
-from evaluation.models import ModelLoadError
-from evaluation.stream import run_stream
+from evaluation.common.errors import ConfigError
+from evaluation.editing.models import ModelLoadError
+from evaluation.editing.unedited import Unedited
+from evaluation.run.checkpoint import (
+    CheckpointManager,
+    EditOutOfMemory,
+    NonFiniteLoss,
+    StreamCheckpoint,
+)
+from evaluation.run.compose import compose_config
+from evaluation.run.experiment import _checkpoints, build, run_experiment
+from evaluation.run.loggers import NullLogger, WandbLogger
+from evaluation.run.metrics import locality_inputs, predict
+from evaluation.run.stream import run_stream
 from tests.conftest import REPO, tiny_model, zsre_requests
 
 LAYERS = [2, 3, 4, 5, 6, 7]
@@ -124,7 +129,7 @@ def test_out_of_memory_during_an_edit_saves_the_last_good_state(error: Exception
     assert "The state after 4 edits is saved in" in message
     ckpt = manager.load_latest()
     assert ckpt is not None and ckpt.position == 4 and ckpt.reason == "oom"
-    assert torch.equal(ckpt.editor_state["adapters"][0]["A"], after_first["adapter"])
+    assert torch.equal(ckpt.editor_state["experts.0.lora_A"], after_first["adapter"])
 
 
 def _diverge_on_second_batch(editor: ElderEditor, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -154,8 +159,8 @@ def test_nan_loss_stops_with_the_batch_named_and_the_state_before_it_saved(tmp_p
     assert repr(requests[4].prompt[:80]) in message and "on_nan=skip" in message
     ckpt = manager.load_latest()
     assert ckpt is not None and ckpt.position == 4 and ckpt.reason == "nan"
-    assert all(bool(torch.isfinite(a["A"]).all()) for a in ckpt.editor_state["adapters"])
-    assert ckpt.editor_state["optimizer"]["param_groups"][0]["lr"] == 1e-2  # the state before the bad batch
+    assert all(bool(torch.isfinite(v).all()) for k, v in ckpt.editor_state.items() if k.endswith("lora_A"))
+    assert ckpt.editor_state["_extra_state"]["optimizer"]["param_groups"][0]["lr"] == 1e-2  # the state before the bad batch
 
 
 def test_nan_loss_skip_undoes_the_batch_exactly_and_goes_on(monkeypatch: pytest.MonkeyPatch) -> None:

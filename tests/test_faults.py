@@ -20,14 +20,19 @@ import pytest
 import torch
 
 from data.loaders import DataError, EditDataset
-from evaluation.checkpoint import CheckpointManager, StreamCheckpoint, checkpoint_name
-from evaluation.compose import compose_config
-from evaluation.errors import ConfigError, HarnessError
-from evaluation.experiment import _checkpoints, run_experiment
-from evaluation.integrity import CorruptFile, digest_path, seal
-from evaluation.results import BadResults, read_results, write_results
-from evaluation.run_folder import RunFolderBusy
-from evaluation.tables import collect_runs, main as tables_main
+from evaluation.common.errors import ConfigError, HarnessError
+from evaluation.common.integrity import CorruptFile, digest_path, seal
+from evaluation.reporting.tables import collect_runs
+from evaluation.reporting.tables import main as tables_main
+from evaluation.run.checkpoint import (
+    CheckpointManager,
+    StreamCheckpoint,
+    checkpoint_name,
+)
+from evaluation.run.compose import compose_config
+from evaluation.run.experiment import _checkpoints, run_experiment
+from evaluation.run.folder import RunFolderBusy
+from evaluation.run.results import BadResults, read_results, write_results
 from tests.conftest import REPO
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
@@ -65,7 +70,7 @@ def run_cli(args: list[str], run_dir: Path, env: dict[str, str] = ENV,
 # --- the run folder ----------------------------------------------------------------------------------
 def test_a_second_run_in_a_live_folder_stops_at_once_naming_the_holder(tmp_path: Path) -> None:
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom evaluation.run_folder import RunFolder\n"
+        [sys.executable, "-c", "import sys, time\nfrom evaluation.run.folder import RunFolder\n"
                                "with RunFolder(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(60)",
          str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
@@ -287,7 +292,7 @@ def test_a_full_disk_at_a_checkpoint_loses_nothing_and_at_the_results_says_how_t
     def full(*args: Any, **kwargs: Any) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("evaluation.experiment.write_results", full)
+    monkeypatch.setattr("evaluation.run.experiment.write_results", full)
     with pytest.raises(HarnessError, match=r"could not write .*results\.json: No space left on device; the stream's "
                                            r"end is saved \(checkpoint after 4 edits\).*resume=true"):
         run_experiment(cfg(), tmp_path / "c", {})
@@ -324,7 +329,7 @@ def test_a_read_only_run_folder_is_one_line(tmp_path: Path) -> None:
 
 SLOW_FINAL_EVAL = (  # run.py whose evaluations each take 3 s longer (a wrapper here, not a product hook)
     "import runpy, sys, time\n"
-    "import evaluation.stream as s\n"
+    "import evaluation.run.stream as s\n"
     "ev = s.evaluate_edits\n"
     "s.evaluate_edits = lambda *a, **k: (time.sleep(3), ev(*a, **k))[1]\n"
     "sys.argv = ['run.py'] + sys.argv[1:]\n"

@@ -9,16 +9,16 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from evaluation import forgetting as fg
+from evaluation.run import forgetting as fg
 
 
 def test_each_curve_point_records_every_batch_from_the_same_evaluation_pass(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_thread: None) -> None:
     """Per-batch values averaged with the batch sizes are the curve point's reliability and generalization,
     they are the per-request scores of that point's one evaluation grouped by batch, and results.json keeps them."""
-    from evaluation import stream
-    from evaluation.compose import compose_config
-    from evaluation.experiment import run_experiment
+    from evaluation.run import stream
+    from evaluation.run.compose import compose_config
+    from evaluation.run.experiment import run_experiment
 
     calls: list[dict[str, list[float]]] = []
     real = stream.evaluate_edits
@@ -47,13 +47,17 @@ def test_each_curve_point_records_every_batch_from_the_same_evaluation_pass(
 
 
 def test_a_resumed_stream_has_the_uninterrupted_forgetting_record(tmp_path: Path, one_thread: None) -> None:
-    from baselines.unedited import Unedited
-    from evaluation.checkpoint import CheckpointManager, StreamCheckpoint, checkpoint_name
-    from evaluation.compose import compose_config
-    from evaluation.experiment import build, seed_everything
-    from evaluation.loggers import NullLogger
-    from evaluation.metrics import base_locality_predictions
-    from evaluation.stream import run_stream
+    from evaluation.editing.unedited import Unedited
+    from evaluation.run.checkpoint import (
+        CheckpointManager,
+        StreamCheckpoint,
+        checkpoint_name,
+    )
+    from evaluation.run.compose import compose_config
+    from evaluation.run.experiment import build, seed_everything
+    from evaluation.run.loggers import NullLogger
+    from evaluation.run.metrics import base_locality_predictions
+    from evaluation.run.stream import run_stream
 
     cfg = compose_config(["model=tiny_llama", "dataset.num_edits=12", "editor.iterations=5"])
 
@@ -142,7 +146,7 @@ def test_cells_heatmap_and_ages_of_a_made_up_record() -> None:
 
 
 def test_forgetting_command_writes_heatmap_age_figures_and_their_numbers(tmp_path: Path) -> None:
-    from evaluation.tables import main
+    from evaluation.reporting.tables import main
 
     runs = tmp_path / "runs"
     write_run(runs, "a", "elder", RUN_A)
@@ -184,7 +188,7 @@ def test_forgetting_command_writes_heatmap_age_figures_and_their_numbers(tmp_pat
 # --- the width sweep ---------------------------------------------------------------------------------
 def test_width_sweep_layers_scale_with_depth_and_the_stream_is_fixed() -> None:
     from benchmarks import width_sweep as ws
-    from evaluation.compose import compose_config
+    from evaluation.run.compose import compose_config
 
     elder = compose_config(["model=tiny_llama", "editor=elder"]).editor
     assert ws.layer_overrides(elder, 8) == ([], [])

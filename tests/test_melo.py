@@ -1,23 +1,20 @@
 """MELO: vector-database rules on hand-made keys, learning a stream, exact deferral, batching, state, configs."""
 from __future__ import annotations
 
-
 import pytest
 import torch
-from hydra.core.config_store import ConfigStore
 from hydra.utils import instantiate
 
-from baselines.melo import NO_LORA, ClusterDB, MeloConf, MeloEditor
-from baselines.unedited import Unedited
-from evaluation.encoding import encode_pairs
-from evaluation.errors import ConfigError
-from evaluation.forward import target_logits
-from evaluation.generation import make_generate_fn
-from evaluation.loggers import NullLogger
-from evaluation.metrics import locality_inputs, predict
-from evaluation.stream import run_stream
+from baselines.melo import NO_LORA, ClusterDB, MeloEditor
+from evaluation.common.errors import ConfigError
+from evaluation.editing.encoding import encode_pairs
+from evaluation.editing.forward import target_logits
+from evaluation.editing.generation import make_generate_fn
+from evaluation.editing.unedited import Unedited
+from evaluation.run.loggers import NullLogger
+from evaluation.run.metrics import locality_inputs, predict
+from evaluation.run.stream import run_stream
 from tests.conftest import compose_config, tiny_model, zsre_requests
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -118,16 +115,11 @@ def test_running_out_of_blocks_is_a_config_error() -> None:
 
 
 # --- configs ---------------------------------------------------------------------------------------
-def _register() -> None:
-    ConfigStore.instance().store(name="melo_schema", node=MeloConf)
-
-
 @pytest.mark.parametrize("model, query_layer, layers", [
     ("gpt2xl", 35, [36, 37]), ("gpt2xl_random", 35, [36, 37]), ("llama2", 23, [24, 25]),
     ("llama2_random", 23, [24, 25]), ("smollm2", 22, [23, 24]), ("tiny_gpt2", 1, [2, 3]), ("tiny_llama", 1, [2, 3]),
 ])
 def test_configs_compose(model: str, query_layer: int, layers: list[int]) -> None:
-    _register()
     cfg = compose_config(["editor=melo", f"model={model}"])
     assert cfg.editor.query_layer == query_layer and list(cfg.editor.layers) == layers
     assert (cfg.editor.rank_per_block, cfg.editor.num_blocks, cfg.editor.batch_size) == (2, 350, 4)
@@ -136,10 +128,9 @@ def test_configs_compose(model: str, query_layer: int, layers: list[int]) -> Non
 
 
 def test_instantiate_from_config_and_reject_bad_layers() -> None:
-    _register()
     cfg = compose_config(["editor=melo", "model=tiny_llama"])
     editor = instantiate(cfg.editor, _partial_=True)(model=instantiate(cfg.model))  # as run_experiment
-    assert isinstance(editor, MeloEditor) and editor.batch_size == 4 and editor.lr == 3e-3
+    assert isinstance(editor, MeloEditor) and editor.batch_size == 4 and editor.config.lr == 3e-3
     with pytest.raises(ConfigError, match=r"editor\.layers=9 .*0\.\.7"):
         MeloEditor(tiny_model("tiny_llama"), layers=[2, 9], query_layer=1)
     with pytest.raises(ConfigError, match="editor.query_layer=3 must lie below"):
@@ -149,7 +140,7 @@ def test_instantiate_from_config_and_reject_bad_layers() -> None:
 def test_block_parameters_at_gpt2xl_shape() -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from evaluation.models import LoadedModel, byte_tokenizer
+    from evaluation.editing.models import LoadedModel, byte_tokenizer
 
     with torch.device("meta"):
         model = GPT2LMHeadModel(GPT2Config(n_layer=48, n_embd=1600, n_head=25))

@@ -13,12 +13,12 @@ from baselines.defer import DeferEditor
 from baselines.grace import GraceEditor
 from baselines.melo import MeloEditor
 from elder.editor import ElderEditor
-from evaluation.compose import compose_config
-from evaluation.encoding import encode_pairs
-from evaluation.errors import ConfigError
-from evaluation.experiment import build
-from evaluation.forward import target_logits
-from evaluation.tables import main
+from evaluation.common.errors import ConfigError
+from evaluation.editing.encoding import encode_pairs
+from evaluation.editing.forward import target_logits
+from evaluation.reporting.tables import main
+from evaluation.run.compose import compose_config
+from evaluation.run.experiment import build
 from tests.conftest import tiny_model, zsre_requests
 
 LAYERS = [2, 3, 4, 5, 6, 7]

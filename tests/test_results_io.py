@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from evaluation.results import write_json_atomic
+from evaluation.common.atomic import write_json_atomic
 
 
 def test_concurrent_writers_each_replace_the_file_whole(tmp_path: Path) -> None:

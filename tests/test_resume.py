@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 import torch
 
-from evaluation.checkpoint import (
+from evaluation.run.checkpoint import (
+    FORMAT_VERSION,
     CheckpointManager,
     StreamCheckpoint,
     checkpoint_name,
@@ -120,8 +121,8 @@ def test_terminated_then_killed_stream_resumes_to_exactly_the_uninterrupted_metr
 
 
 def test_same_seed_gives_identical_metrics(tmp_path: Path) -> None:
-    from evaluation.compose import compose_config
-    from evaluation.experiment import run_experiment
+    from evaluation.run.compose import compose_config
+    from evaluation.run.experiment import run_experiment
 
     overrides = ["model=tiny_llama", "dataset.num_edits=8", "retention=none", "progress=false", "eval_every=4",
                  "editor.iterations=5", "logger=none", "checkpoint.every=0"]
@@ -193,13 +194,13 @@ def _state_equal(a: Any, b: Any) -> bool:
 ])
 def test_every_baseline_resumes_exactly_from_its_checkpoint(editor: str, overrides: list[str], tmp_path: Path) -> None:
     """In-process: a stream resumed from its checkpoint after 4 edits ends exactly as the full stream."""
-    from baselines.unedited import Unedited
-    from evaluation.checkpoint import to_cpu
-    from evaluation.compose import compose_config
-    from evaluation.experiment import build, seed_everything
-    from evaluation.loggers import NullLogger
-    from evaluation.metrics import locality_inputs, predict
-    from evaluation.stream import run_stream
+    from evaluation.editing.unedited import Unedited
+    from evaluation.run.checkpoint import to_cpu
+    from evaluation.run.compose import compose_config
+    from evaluation.run.experiment import build, seed_everything
+    from evaluation.run.loggers import NullLogger
+    from evaluation.run.metrics import locality_inputs, predict
+    from evaluation.run.stream import run_stream
 
     cfg = compose_config(["model=tiny_llama", f"editor={editor}", "dataset.num_edits=8", *overrides])
 
@@ -222,7 +223,7 @@ def test_every_baseline_resumes_exactly_from_its_checkpoint(editor: str, overrid
 
 def test_a_repeated_signal_is_one_stop_and_a_later_one_stops_at_once() -> None:
     """``timeout`` + ``make`` deliver one SIGTERM twice; that must still save, a deliberate second must not."""
-    from evaluation.stream import _SignalGuard
+    from evaluation.run.stream import _SignalGuard
 
     guard = _SignalGuard(enabled=False, repeat_window=60.0)
     guard._handle(signal.SIGTERM, None)
@@ -231,3 +232,11 @@ def test_a_repeated_signal_is_one_stop_and_a_later_one_stops_at_once() -> None:
     guard.repeat_window = 0.0
     with pytest.raises(SystemExit):
         guard._handle(signal.SIGTERM, None)
+
+
+def test_a_checkpoint_from_before_editors_were_modules_is_refused_in_one_line() -> None:
+    """Format 1 held each editor's own dict; format 2 holds the editor module's torch state_dict."""
+    assert FORMAT_VERSION == 2
+    with pytest.raises(ValueError, match=r"another version of the harness \(checkpoint format 1, this version reads "
+                                         r"format 2\); it cannot resume here: start the run again"):
+        StreamCheckpoint.from_payload({"format": 1, "position": 4, "editor_state": {"adapters": []}})

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from filelock import FileLock
 
-from evaluation.errors import ConfigError
+from evaluation.common.errors import ConfigError
 from evaluation.retention.suite import Gu2024Suite
 from tests.test_retention_suite import DATA, Recorder
 

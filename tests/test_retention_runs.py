@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from evaluation.checkpoint import state_digest, to_cpu
-from evaluation.interrupts import WorkInterrupted, stop_on_signals
 from evaluation.retention.suite import TASK_NAMES
+from evaluation.run.checkpoint import state_digest, to_cpu
+from evaluation.run.interrupts import WorkInterrupted, stop_on_signals
 from tests.conftest import RETENTION_DATA
 
 DATA = RETENTION_DATA
@@ -27,9 +27,9 @@ def overrides(cache: Path, *extra: str) -> list[str]:
 @pytest.mark.skipif(not DATA.is_dir(), reason=f"retention data not at {DATA}")
 def test_results_hold_all_eight_tasks_and_a_resumed_run_reuses_scored_tasks(
         tmp_path: Path, one_thread: None, monkeypatch: pytest.MonkeyPatch) -> None:
-    import evaluation.stream
-    from evaluation.compose import compose_config
-    from evaluation.experiment import RETENTION_STORE, run_experiment
+    import evaluation.run.stream
+    from evaluation.run.compose import compose_config
+    from evaluation.run.experiment import RETENTION_STORE, run_experiment
 
     run = tmp_path / "run"
     first = run_experiment(compose_config(overrides(tmp_path / "cache", "retention.tasks=[rte,sst2]")), run, CHOICES)
@@ -38,8 +38,8 @@ def test_results_hold_all_eight_tasks_and_a_resumed_run_reuses_scored_tasks(
     # resumed after the stream with the whole suite: the two scored tasks are read back, six are generated,
     # and the stream's final evaluation is read from the end checkpoint, not run again
     evaluations = []
-    real_evaluate = evaluation.stream.evaluate_edits
-    monkeypatch.setattr(evaluation.stream, "evaluate_edits",
+    real_evaluate = evaluation.run.stream.evaluate_edits
+    monkeypatch.setattr(evaluation.run.stream, "evaluate_edits",
                         lambda *a, **k: evaluations.append(1) or real_evaluate(*a, **k))
     full = run_experiment(compose_config(overrides(tmp_path / "cache", "resume=true")), run, CHOICES)
     monkeypatch.undo()

@@ -7,14 +7,25 @@ import json
 import pytest
 
 from evaluation.retention.boolq import BoolQ, BoolQExample
-from evaluation.retention.conll03 import CoNLL03, CoNLLExample, authors_entities, authors_sentence, iob_chunks
+from evaluation.retention.conll03 import (
+    CoNLL03,
+    CoNLLExample,
+    authors_entities,
+    authors_sentence,
+    iob_chunks,
+)
 from evaluation.retention.gsm8k import GSM8K, GSM8KExample
 from evaluation.retention.mutual import MuTual, MuTualExample
 from evaluation.retention.nq import NQ, NQExample
 from evaluation.retention.rte import RTE, RTEExample
 from evaluation.retention.samsum import SAMSum, SAMSumExample
 from evaluation.retention.sst2 import SST2, SST2Example
-from evaluation.retention.text import authors_nq_loop, contains_answer_span, normalize_answer, split_entity_list
+from evaluation.retention.text import (
+    authors_nq_loop,
+    contains_answer_span,
+    normalize_answer,
+    split_entity_list,
+)
 from tests.conftest import RETENTION_DATA
 
 DATA = RETENTION_DATA

@@ -7,7 +7,12 @@ from pathlib import Path
 import pytest
 
 from evaluation.retention.conll03 import TYPES, authors_entities, iob_chunks
-from evaluation.retention.suite import TASK_NAMES, Gu2024Suite, NoRetention, RetentionReport
+from evaluation.retention.suite import (
+    TASK_NAMES,
+    Gu2024Suite,
+    NoRetention,
+    RetentionReport,
+)
 from tests.conftest import RETENTION_DATA
 
 DATA = RETENTION_DATA

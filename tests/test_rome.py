@@ -6,18 +6,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra.core.config_store import ConfigStore
 from hydra.utils import instantiate
 
 import baselines.rome.covariance as covariance
-from baselines.rome import ROMEConf, ROMEEditor
+from baselines.rome import ROMEEditor
 from baselines.rome.compute_key import generate_prefixes, key_reprs, locate
 from data.requests import EditRequest
-from evaluation.encoding import encode_pairs
-from evaluation.errors import ConfigError
-from evaluation.forward import target_logits
-from evaluation.metrics import predict
-from evaluation.models import LoadedModel
+from evaluation.common.errors import ConfigError
+from evaluation.editing.encoding import encode_pairs
+from evaluation.editing.forward import target_logits
+from evaluation.editing.models import LoadedModel
+from evaluation.run.metrics import predict
 from tests.conftest import compose_config, tiny_model, zsre_requests
 
 TEMPLATES = {"gpt2": "transformer.h.{i}.mlp.c_proj", "llama": "model.layers.{i}.mlp.down_proj"}
@@ -226,14 +225,9 @@ def test_bad_settings_are_config_errors():
         ROMEEditor(model, layer=3, module_template="transformer.h.{i}.mlp")
 
 
-def _compose(overrides: list[str]):
-    ConfigStore.instance().store(name="rome_schema", node=ROMEConf)
-    return compose_config(overrides)
-
-
 @pytest.mark.parametrize("model", MODELS)
 def test_every_model_has_a_layer_choice(model):
-    cfg = _compose(["editor=rome", f"model={model}"])
+    cfg = compose_config(["editor=rome", f"model={model}"])
     assert 0 <= cfg.editor.layer < cfg.model.num_layers
     assert cfg.editor.module_template.endswith(("mlp.c_proj", "mlp.down_proj"))
     assert cfg.editor.v_lr == 0.5 and cfg.editor.clamp_norm_factor == 4.0 and cfg.editor.kl_factor == 0.0625
@@ -241,7 +235,7 @@ def test_every_model_has_a_layer_choice(model):
 
 
 def test_composed_config_instantiates_on_a_tiny_model():
-    cfg = _compose(["editor=rome", "model=tiny_gpt2"])
+    cfg = compose_config(["editor=rome", "model=tiny_gpt2"])
     ed = instantiate(cfg.editor, model=tiny("gpt2"))
     assert isinstance(ed, ROMEEditor)
     assert ed.module_name == "transformer.h.3.mlp.c_proj" and ed.transposed and ed.batch_size == 1

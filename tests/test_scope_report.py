@@ -7,9 +7,9 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from evaluation.compose import compose_config
-from evaluation.errors import HarnessError
-from evaluation.scope_report import report
+from evaluation.common.errors import HarnessError
+from evaluation.reporting.scope_report import report
+from evaluation.run.compose import compose_config
 from tests.conftest import zsre_requests
 from tests.test_cli import TINY, run_cli
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from evaluation.encoding import encode_pairs
-from evaluation.forward import target_logits
-from evaluation.prefix_cache import FrozenPrefix
+from evaluation.editing.encoding import encode_pairs
+from evaluation.editing.forward import target_logits
+from evaluation.editing.prefix_cache import FrozenPrefix
 from tests.conftest import tiny_model, zsre_requests
 
 

@@ -14,8 +14,8 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
-from evaluation.schema import register
-from evaluation.tables import Options, build, collect_runs
+from evaluation.reporting.tables import Options, build, collect_runs
+from evaluation.run.schema import register
 from tests.conftest import REPO
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
@@ -116,7 +116,7 @@ def test_preset_grids_hold_the_papers_cells() -> None:
 
 @pytest.mark.parametrize("model, num_layers", [("smollm2", 30), ("llama2", 32), ("gpt2xl", 48)])
 def test_figure3_layer_lists_fit_each_model(model: str, num_layers: int) -> None:
-    files = [f"{model}_L{L}" for L in (1, 2, 4, 6, 8)]
+    files = [f"L{L}" for L in (1, 2, 4, 6, 8)]
     _, jobs = sweep_jobs(["experiment=figure3", f"model={model}", "seed=0", f"+experiment/figure3_L={','.join(files)}"])
     assert [len(j.editor.layers) for j in jobs] == [1, 2, 4, 6, 8]
     ref = compose_hydra([f"model={model}", "editor=elder"]).editor  # conf/editor_model/elder_<model>.yaml

@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from evaluation import tables
-from evaluation.tables import Options, build, collect_runs, main
+from evaluation.reporting import tables
+from evaluation.reporting.tables import Options, build, collect_runs, main
 from tests.conftest import RETENTION_DATA
 
 EDITOR_CFG = {"elder": {"top_k": 2, "num_loras": 4, "guide_lambda": 0.01, "epsilon": 12, "aux_loss": "guided",
@@ -192,7 +192,7 @@ def test_tables_2_to_4(tmp_path: Path) -> None:
 
 
 def test_table2_draws_each_editor_beside_the_unedited_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from evaluation import figures
+    from evaluation.reporting import figures
 
     tasks = ("gsm8k", "rte", "nq", "boolq", "mutual", "samsum", "conll03", "sst2")
     base = {**{t: 0.5 for t in tasks}, "average": 0.5}
@@ -280,10 +280,10 @@ def test_a_curve_point_equals_a_run_of_that_length() -> None:
     import torch
     from hydra.utils import instantiate
 
-    from baselines.unedited import Unedited
-    from evaluation.loggers import NullLogger
-    from evaluation.metrics import locality_inputs, predict
-    from evaluation.stream import run_stream
+    from evaluation.editing.unedited import Unedited
+    from evaluation.run.loggers import NullLogger
+    from evaluation.run.metrics import locality_inputs, predict
+    from evaluation.run.stream import run_stream
     from tests.conftest import compose_config, zsre_requests
 
     torch.set_num_threads(1)
@@ -305,7 +305,7 @@ def test_a_curve_point_equals_a_run_of_that_length() -> None:
 def test_figure4_from_codes_dumped_by_a_tiny_elder(tmp_path: Path) -> None:
     from hydra.utils import instantiate
 
-    from evaluation.codes_dump import dump_codes
+    from elder.codes_dump import dump_codes
     from tests.conftest import compose_config, zsre_requests
 
     cfg = compose_config(["model=tiny_llama", "editor.iterations=2"])

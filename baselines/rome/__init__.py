@@ -1,4 +1,4 @@
 """ROME: rank-one model editing (Meng et al. 2022), the ELDER paper's locate-then-edit baseline."""
-from baselines.rome.editor import ROMEConf, ROMEEditor
+from baselines.rome.editor import ROMEConfig, ROMEEditor
 
-__all__ = ["ROMEConf", "ROMEEditor"]
+__all__ = ["ROMEConfig", "ROMEEditor"]

@@ -14,7 +14,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from evaluation.encoding import position_ids_from_mask
+from evaluation.editing.encoding import position_ids_from_mask
 
 #: ROME/EasyEdit start the generated prefixes from these words (rome_main.get_context_templates)
 SEED_WORDS = ("The", "Therefore", "Because", "I", "You")

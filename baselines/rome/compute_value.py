@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from baselines.rome.compute_key import hidden_states, locate, pad
-from evaluation.models import layer_dims
-from evaluation.prefix_cache import FrozenPrefix, replaying
+from evaluation.editing.models import layer_dims
+from evaluation.editing.prefix_cache import FrozenPrefix, replaying
 
 
 @dataclass

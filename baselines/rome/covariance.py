@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from baselines.rome.compute_key import capture, pad, run_until
-from evaluation.errors import ConfigError
+from evaluation.common.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

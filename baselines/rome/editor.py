@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from typing import Any, List, Optional, Sequence
 
 import torch
-from omegaconf import MISSING
 from torch import nn
 
 from baselines.ft_l import resolve_rewrite_module
@@ -27,10 +26,10 @@ from baselines.rome.compute_key import SEED_WORDS, generate_prefixes, key_reprs
 from baselines.rome.compute_value import compute_value
 from baselines.rome.covariance import inverse, second_moment
 from data.requests import EditRequest
-from evaluation.editor import EditStats, Editor, FloorSpec
-from evaluation.errors import ConfigError
-from evaluation.models import LoadedModel
-from evaluation.prefix_cache import frozen_prefix
+from evaluation.common.errors import ConfigError
+from evaluation.editing.editor import Editor, EditStats, FloorSpec
+from evaluation.editing.models import LoadedModel
+from evaluation.editing.prefix_cache import frozen_prefix
 
 log = logging.getLogger(__name__)
 
@@ -38,91 +37,76 @@ FACT_TOKENS = ("subject_last", "last")
 
 
 @dataclass
-class ROMEConf:
-    """Hydra schema of :class:`ROMEEditor` (conf/editor/rome.yaml; layer choices in editor_model/)."""
+class ROMEConfig:
+    """ROME's hyper-parameters. Defaults: EasyEdit hparams/ROME/gpt2-xl.json and kmeng01/rome
+    hparams/ROME/gpt2-xl.json (identical); per-model values (the layer, LLaMA's 25 steps and weight decay
+    1e-3 from EasyEdit hparams/ROME/llama-7b.yaml) in conf/editor_model/rome_<model>.yaml."""
 
-    _target_: str = "baselines.rome.ROMEEditor"
-    layer: int = MISSING
-    module_template: str = MISSING
-    fact_token: str = "subject_last"
-    v_num_grad_steps: int = 20
+    layer: int  # the layer of the rewritten matrix (per model: conf/editor_model/rome_<model>.yaml)
+    module_template: str  # the rewritten module's name, {i} for the layer (e.g. transformer.h.{i}.mlp.c_proj)
+    fact_token: str = "subject_last"  # key/value at the subject's last token (last: the last prompt token)
+    v_num_grad_steps: int = 20  # steps of the value optimisation (compute_v)
     v_lr: float = 0.5
     v_weight_decay: float = 0.5
     clamp_norm_factor: float = 4.0
     kl_factor: float = 0.0625
-    early_stop_loss: float = 5e-2
+    early_stop_loss: float = 5e-2  # compute_v stops when the value loss drops below 5e-2
+    # [tokens, how many] random prefixes (EasyEdit)
     context_template_length_params: List[List[int]] = field(default_factory=lambda: [[5, 10], [10, 10]])
-    context_template_top_k: int = 5
+    context_template_top_k: int = 5  # ROME's generate_fast samples prefixes with top-k 5
+    # Second-moment (covariance) adjustment u = C^-1 k. kmeng01/rome and EasyEdit's gpt2-xl files turn it
+    # on with Wikipedia (100k texts); EasyEdit's llama-7b file turns it off. Off here because no Wikipedia
+    # copy ships with the harness; to turn it on give a local corpus:
+    #   editor.mom2_adjustment=true editor.mom2_corpus=/path/texts.jsonl
     mom2_adjustment: bool = False
-    mom2_corpus: Optional[str] = None
+    mom2_corpus: Optional[str] = None  # .txt (one text per line) or .jsonl (field mom2_text_field)
     mom2_text_field: str = "text"
     mom2_n_samples: int = 100000
-    mom2_max_length: Optional[int] = None
+    mom2_max_length: Optional[int] = None  # tokens per text; None = the model's context length (as ROME)
     mom2_dtype: str = "float32"
     mom2_batch_size: int = 16
-    cache_dir: str = "${paths.cache_dir}/rome_stats"
+    # where the second-moment statistics are cached (conf/editor/rome.yaml: under paths.cache_dir);
+    # needed with mom2_adjustment
+    cache_dir: Optional[str] = None
     batch_size: int = 1
+    # replay the frozen blocks below the edited layer in the value loop (bit-identical, faster)
     prefix_cache: bool = True
-    seed: int = "${seed}"  # type: ignore[assignment]
+    seed: int = 0  # the sampling of the context prefixes
 
 
 class ROMEEditor(Editor):
-    """Rank-one model editing of ``module_template.format(i=layer)``, one request at a time."""
+    """Rank-one model editing of ``module_template.format(i=layer)``, one request at a time.
 
-    def __init__(
-        self,
-        model: LoadedModel,
-        layer: int,
-        module_template: str,
-        fact_token: str = "subject_last",
-        v_num_grad_steps: int = 20,
-        v_lr: float = 0.5,
-        v_weight_decay: float = 0.5,
-        clamp_norm_factor: float = 4.0,
-        kl_factor: float = 0.0625,
-        early_stop_loss: float = 5e-2,
-        context_template_length_params: Sequence[Sequence[int]] = ((5, 10), (10, 10)),
-        context_template_top_k: int = 5,
-        mom2_adjustment: bool = False,
-        mom2_corpus: Optional[str] = None,
-        mom2_text_field: str = "text",
-        mom2_n_samples: int = 100000,
-        mom2_max_length: Optional[int] = None,
-        mom2_dtype: str = "float32",
-        mom2_batch_size: int = 16,
-        cache_dir: Optional[str] = None,
-        batch_size: int = 1,
-        prefix_cache: bool = True,
-        seed: int = 0,
-    ) -> None:
-        if fact_token not in FACT_TOKENS:
-            raise ConfigError(f"editor.fact_token must be one of {FACT_TOKENS}, got {fact_token!r}")
-        if v_num_grad_steps < 1:
-            raise ConfigError(f"editor.v_num_grad_steps must be at least 1, got {v_num_grad_steps}")
-        if batch_size < 1:
-            raise ConfigError(f"editor.batch_size must be at least 1, got {batch_size}")
-        lengths = [list(p) for p in context_template_length_params]
+    Its state: the rewritten matrix, registered as the model's own parameter (``weight``), and the
+    module's name, the context prefixes and the edit counts (extra state)."""
+
+    Config = ROMEConfig
+
+    def __init__(self, model: LoadedModel, config: ROMEConfig | None = None, **fields: Any) -> None:
+        super().__init__(model, config, **fields)
+        c = self.config
+        if c.fact_token not in FACT_TOKENS:
+            raise ConfigError(f"editor.fact_token must be one of {FACT_TOKENS}, got {c.fact_token!r}")
+        if c.v_num_grad_steps < 1:
+            raise ConfigError(f"editor.v_num_grad_steps must be at least 1, got {c.v_num_grad_steps}")
+        if c.batch_size < 1:
+            raise ConfigError(f"editor.batch_size must be at least 1, got {c.batch_size}")
+        lengths = self.length_params
         if any(len(p) != 2 or p[0] < 1 or p[1] < 0 for p in lengths):
             raise ConfigError(f"editor.context_template_length_params must be [tokens, count] pairs, got {lengths}")
-        if mom2_adjustment and (not mom2_corpus or not cache_dir):
+        if c.mom2_adjustment and (not c.mom2_corpus or not c.cache_dir):
             raise ConfigError("editor.mom2_adjustment=true needs editor.mom2_corpus (a local .txt/.jsonl file) "
                              "and editor.cache_dir")
-        self.loaded, self.model, self.tokenizer = model, model.model, model.tokenizer
-        self.layer = layer
-        self.module_name, self.module = resolve_rewrite_module(model, layer, module_template)
+        self.module_name, module = resolve_rewrite_module(model, c.layer, c.module_template)
+        self._module = [module]  # the model's own module: held, not registered
         # GPT-2's Conv1D stores its weight as (in, out), nn.Linear as (out, in)
         # (resolve_rewrite_module admits only these two kinds)
-        self.transposed = not isinstance(self.module, nn.Linear)
-        self.fact_token = fact_token
-        self.value_args = dict(fact_token=fact_token, v_num_grad_steps=v_num_grad_steps, v_lr=v_lr,
-                               v_weight_decay=v_weight_decay, clamp_norm_factor=clamp_norm_factor,
-                               kl_factor=kl_factor, early_stop_loss=early_stop_loss)
-        self.length_params, self.top_k, self.seed = lengths, context_template_top_k, seed
-        self.mom2_adjustment = mom2_adjustment
-        self.mom2_args = dict(corpus=mom2_corpus, n_samples=mom2_n_samples, dtype=mom2_dtype,
-                              text_field=mom2_text_field, batch_size=mom2_batch_size, cache_dir=cache_dir,
-                              max_length=mom2_max_length)
-        self.batch_size = batch_size
+        self.transposed = not isinstance(module, nn.Linear)
+        # the model's parameter itself: every edit writes a rank-one update into all of it, so the default
+        # trainable_params() (the registered parameters) counts the matrix. (The numbers optimised per edit
+        # are only the d_out entries of delta; the stored factors of one edit are d_in + d_out. Counting the
+        # matrix matches FT-L, which writes the same kind of matrix.)
+        self.register_parameter("weight", module.weight)
         self.prefixes: list[str] | None = None
         self.inv_mom2: torch.Tensor | None = None  # C^-1, on this instance only
         self.mom2_path: str | None = None
@@ -130,53 +114,70 @@ class ROMEEditor(Editor):
         self.subject_fallbacks = 0  # edits whose subject was not found in the prompt
         self.last_update: tuple[torch.Tensor, torch.Tensor] | None = None  # (u, right vector) of the last edit
         # the value loop's rows are the same at every step below the edited layer: run those blocks once
-        self.prefix = frozen_prefix(model, prefix_cache, layer)
+        self.prefix = frozen_prefix(model, c.prefix_cache, c.layer)
+
+    @property
+    def module(self) -> nn.Module:
+        """The module whose weight is rewritten."""
+        return self._module[0]
+
+    @property
+    def length_params(self) -> list[list[int]]:
+        """``context_template_length_params`` as lists: [tokens, how many] per group of prefixes."""
+        return [list(p) for p in self.config.context_template_length_params]
 
     # --- pieces ------------------------------------------------------------------------------
     def context_prefixes(self) -> list[str]:
         if self.prefixes is None:
-            self.prefixes = generate_prefixes(self.model, self.tokenizer, self.length_params, self.top_k, self.seed,
-                                              SEED_WORDS)
+            c = self.config
+            self.prefixes = generate_prefixes(self.model, self.tokenizer, self.length_params,
+                                              c.context_template_top_k, c.seed, SEED_WORDS)
         return self.prefixes
 
     def inverse_second_moment(self) -> torch.Tensor:
         if self.inv_mom2 is None:
-            args = dict(self.mom2_args)
-            if args["max_length"] is None:
+            c = self.config
+            max_length = c.mom2_max_length
+            if max_length is None:
                 cfg = self.model.config
-                args["max_length"] = getattr(cfg, "n_positions", None) or cfg.max_position_embeddings
+                max_length = getattr(cfg, "n_positions", None) or cfg.max_position_embeddings
             stats = second_moment(self.model, self.tokenizer, self.module, model_name=self.loaded.name,
-                                  module_name=self.module_name, **args)
+                                  module_name=self.module_name, corpus=c.mom2_corpus, n_samples=c.mom2_n_samples,
+                                  dtype=c.mom2_dtype, text_field=c.mom2_text_field, batch_size=c.mom2_batch_size,
+                                  cache_dir=c.cache_dir, max_length=max_length)
             self.mom2_path = str(stats.path)
-            self.inv_mom2 = inverse(stats).to(self.module.weight.device)
+            self.inv_mom2 = inverse(stats).to(self.weight.device)
         return self.inv_mom2
 
-    def _apply(self, u: torch.Tensor, right: torch.Tensor) -> None:
-        w = self.module.weight
+    def _apply_update(self, u: torch.Tensor, right: torch.Tensor) -> None:
+        w = self.weight
         update = torch.outer(u, right) if self.transposed else torch.outer(right, u)  # (in, out) or (out, in)
         with torch.no_grad():
             w.add_(update.to(w.dtype))
 
     # --- editing ---------------------------------------------------------------------------
     def edit_one(self, request: EditRequest) -> dict[str, float]:
+        c = self.config
         prefixes = self.context_prefixes()
         reprs = key_reprs(self.model, self.tokenizer, self.module, prefixes, request.prompt, request.subject,
-                          self.fact_token)
+                          c.fact_token)
         if not reprs.found:
             self.subject_fallbacks += 1
             log.warning("ROME: subject %r not found in prompt %r; using the last prompt token "
                         "(%d of %d edits so far)", request.subject, request.prompt, self.subject_fallbacks,
                         self.num_edits + 1)
         u = reprs.key
-        if self.mom2_adjustment:
+        if c.mom2_adjustment:
             u = self.inverse_second_moment() @ u
         u = u / u.norm()
         value = compute_value(self.model, self.tokenizer, self.module, prefixes, request.prompt, request.subject,
-                              request.target, frozen=self.prefix,
-                              **self.value_args)  # type: ignore[arg-type]
+                              request.target, frozen=self.prefix, fact_token=c.fact_token,
+                              v_num_grad_steps=c.v_num_grad_steps, v_lr=c.v_lr, v_weight_decay=c.v_weight_decay,
+                              clamp_norm_factor=c.clamp_norm_factor, kl_factor=c.kl_factor,
+                              early_stop_loss=c.early_stop_loss)
         cur_input, cur_output = reprs.inputs[0], reprs.outputs[0]  # the bare prompt (prefix "")
         right = (value.target - cur_output) / torch.dot(cur_input, u)
-        self._apply(u, right)
+        self._apply_update(u, right)
         self.last_update = (u.detach().cpu(), right.detach().cpu())
         self.num_edits += 1
         return {"nll": value.nll, "kl": value.kl, "iterations": value.iterations,
@@ -193,31 +194,20 @@ class ROMEEditor(Editor):
     def floor_spec(self) -> FloorSpec:
         # value optimisation: v_num_grad_steps passes from the edited layer up over the bare and the
         # prefixed prompts (keys are forward-only; the short KL row is left out, so this is a lower bound)
-        return FloorSpec(first_layer=self.layer, passes=int(self.value_args["v_num_grad_steps"]),
+        return FloorSpec(first_layer=self.config.layer, passes=int(self.config.v_num_grad_steps),
                          prompt_prefixes=tuple(self.context_prefixes()))
 
-    def trainable_params(self) -> int:
-        """The elements of the rewritten matrix: every edit writes a rank-one update into all of it.
-
-        (The numbers optimised per edit are only the d_out entries of delta; the stored factors of one
-        edit are d_in + d_out. Counting the matrix matches FT-L, which writes the same kind of matrix.)
-        """
-        return self.module.weight.numel()
-
-    def state_dict(self) -> dict[str, Any]:
+    def get_extra_state(self) -> dict[str, Any]:
         return {
             "module": self.module_name,
-            "weight": self.module.weight.detach().clone(),
             "prefixes": list(self.prefixes) if self.prefixes is not None else None,
             "num_edits": self.num_edits,
             "subject_fallbacks": self.subject_fallbacks,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def set_extra_state(self, state: dict[str, Any]) -> None:
         if state["module"] != self.module_name:
             raise ConfigError(f"saved ROME state edits {state['module']} but this editor rewrites {self.module_name}")
-        with torch.no_grad():
-            self.module.weight.copy_(state["weight"])
         self.prefixes = list(state["prefixes"]) if state["prefixes"] is not None else None
         self.num_edits = state["num_edits"]
         self.subject_fallbacks = state["subject_fallbacks"]

@@ -6,7 +6,7 @@ import json
 import os
 from typing import Any, Iterator, Protocol, Sequence, runtime_checkable
 
-from evaluation.errors import HarnessError
+from evaluation.common.errors import HarnessError
 
 DATA_DIR_HINT = "set the data folder with retention.data_dir=... (it holds the files of Gu et al. 2024's task-data/)"
 

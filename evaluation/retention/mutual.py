@@ -7,7 +7,13 @@ import re
 from dataclasses import dataclass
 from typing import Sequence
 
-from evaluation.retention.base import check_outputs, data_path, label_accuracy, malformed, require
+from evaluation.retention.base import (
+    check_outputs,
+    data_path,
+    label_accuracy,
+    malformed,
+    require,
+)
 
 LETTERS = ("A", "B", "C", "D")
 

@@ -4,8 +4,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from evaluation.retention.base import check_outputs, data_path, malformed, read_jsonl, require
-from evaluation.retention.text import authors_nq_loop, contains_answer_span, exact_match_any, normalize_answer
+from evaluation.retention.base import (
+    check_outputs,
+    data_path,
+    malformed,
+    read_jsonl,
+    require,
+)
+from evaluation.retention.text import (
+    authors_nq_loop,
+    contains_answer_span,
+    exact_match_any,
+    normalize_answer,
+)
 
 
 @dataclass(frozen=True)

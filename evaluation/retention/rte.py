@@ -4,7 +4,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from evaluation.retention.base import check_outputs, data_path, label_accuracy, malformed, read_tsv
+from evaluation.retention.base import (
+    check_outputs,
+    data_path,
+    label_accuracy,
+    malformed,
+    read_tsv,
+)
 
 LABELS = ("entailment", "not_entailment")
 

@@ -24,9 +24,9 @@ from typing import Any, Callable, Sequence
 
 from filelock import FileLock, Timeout
 
-from evaluation.errors import ConfigError
-from evaluation.integrity import CorruptFile, check_seal, file_sha256, seal
-from evaluation.results import write_json_atomic
+from evaluation.common.atomic import write_json_atomic
+from evaluation.common.errors import ConfigError
+from evaluation.common.integrity import CorruptFile, check_seal, file_sha256, seal
 from evaluation.retention.base import RetentionTask, data_path
 from evaluation.retention.boolq import BoolQ
 from evaluation.retention.conll03 import CoNLL03

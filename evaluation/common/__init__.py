@@ -1,0 +1,1 @@
+"""What every package of the harness needs: its error types, atomic writes and file digests."""

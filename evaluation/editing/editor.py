@@ -1,0 +1,212 @@
+"""The one interface every editing method implements.
+
+The stream, the metrics and the loggers only ever talk to an :class:`Editor`; they never ask which
+method it is. An editor owns the (edited) model, edits it one batch of requests at a time, and
+tells the evaluation code where each input's "query" token is through :meth:`Editor.scope`, so
+that sequence-level routers (ELDER, GRACE, MELO, Defer) act per example in batched evaluation.
+
+An editor is an ``nn.Module`` built from one typed config: its class names a dataclass ``Config``
+(every hyper-parameter, its type and its default, written once), and the constructor takes either
+that config or its fields as keywords (Hydra passes the YAML's keys). What it registers (adapters,
+routers, codebooks; ``get_extra_state`` for what is not a tensor of fixed shape) is its state; the
+base model is held beside it, never registered, so it stays out of ``state_dict()``.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from data.requests import EditRequest
+from evaluation.common.errors import ConfigError
+from evaluation.editing.encoding import KEY_POSITIONS, EncodedBatch, encode_pairs
+from evaluation.editing.forward import target_logits
+from evaluation.editing.models import LoadedModel
+from evaluation.editing.query import SequenceQuery
+
+
+@dataclass
+class EditStats:
+    """What one call of :meth:`Editor.edit` reports (logged per batch)."""
+
+    loss: float = float("nan")
+    iterations: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FloorSpec:
+    """The unavoidable work of one edit batch: ``passes`` forward+backward passes from block
+    ``first_layer`` (the lowest one that carries gradients) to the output. Benchmarks time it.
+
+    ``prompt_prefixes``: the texts the method puts before each edit prompt, one sequence per prefix
+    and request in every pass (ROME optimises its value over the bare prompt and 20 prefixed copies;
+    the others train on the bare prompt only, ``("",)``).
+    """
+
+    first_layer: int
+    passes: int
+    prompt_prefixes: tuple[str, ...] = ("",)
+
+
+def optimise(optimizer: torch.optim.Optimizer, steps: int, loss_fn: Callable[[], torch.Tensor], *,
+             scheduler: Any = None, after_step: Callable[[], None] | None = None,
+             stop_below: float | None = None) -> list[float]:
+    """The training loop every gradient editor shares: ``steps`` times compute ``loss_fn()``, then
+    zero_grad / backward / step (and ``scheduler.step()``, ``after_step()``). ``stop_below``: stop before
+    the step once the loss is under it (FT-L's early stop). Returns the losses computed, in order."""
+    losses: list[float] = []
+    for _ in range(steps):
+        loss = loss_fn()
+        losses.append(float(loss.detach()))
+        if stop_below is not None and losses[-1] < stop_below:
+            break
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        if after_step is not None:
+            after_step()
+    return losses
+
+
+def make_config(config_class: type, config: Any = None, fields: dict[str, Any] | None = None) -> Any:
+    """``config`` (a ``config_class``) with ``fields`` replaced, or a new one from ``fields``; a field the
+    class does not have is named in one line (Hydra's schema catches it earlier for configs it composes)."""
+    fields = dict(fields or {})
+    known = {f.name for f in dataclasses.fields(config_class)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ConfigError(f"editor.{unknown[0]} is not a setting of {config_class.__qualname__} "
+                          f"(its settings: {', '.join(sorted(known))})")
+    try:
+        return dataclasses.replace(config, **fields) if config is not None else config_class(**fields)
+    except TypeError as err:  # a required field left out
+        raise ConfigError(f"{config_class.__qualname__}: {err}") from None
+
+
+class Editor(nn.Module, ABC):
+    """Base class of ELDER and every baseline: ``Editor(model, config)`` or ``Editor(model, **fields)``.
+
+    ``self.config`` holds the hyper-parameters; ``self.model`` and ``self.tokenizer`` are the loaded
+    model's (held, not registered: the base model is not the editor's state).
+    """
+
+    #: the dataclass of this editor's hyper-parameters (the one place each is written)
+    Config: ClassVar[type]
+    #: the sequence-level router's query hook (ELDER, GRACE, MELO, Defer); None: the edit is in the weights
+    query: SequenceQuery | None = None
+
+    def __init__(self, model: LoadedModel, config: Any = None, **fields: Any) -> None:
+        super().__init__()
+        self.config = make_config(type(self).Config, config, fields)
+        self.loaded = model  # a dataclass, not a Module: nothing of the base model is registered
+
+    @property
+    def model(self) -> nn.Module:
+        """The causal LM whose forward applies the edits."""
+        return self.loaded.model
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.loaded.tokenizer
+
+    @property
+    def batch_size(self) -> int:
+        """Edits per call of :meth:`edit` in the stream (ELDER: 4, GRACE: 1, ...)."""
+        return int(getattr(self.config, "batch_size", 1))
+
+    @property
+    def key_position(self) -> str:
+        """Which token of a teacher-forced "{prompt} {target}" row the router reads (see KEY_POSITIONS)."""
+        return str(getattr(self.config, "key_position", "prompt_last"))
+
+    @staticmethod
+    def checked_key_position(value: str) -> str:
+        if value not in KEY_POSITIONS:
+            raise ConfigError(f"editor.key_position must be one of {KEY_POSITIONS}, got {value!r}")
+        return value
+
+    @abstractmethod
+    def edit(self, requests: Sequence[EditRequest]) -> EditStats:
+        """Apply one batch of edits to ``self.model`` (sequentially after all earlier batches)."""
+
+    def trainable_params(self) -> int:
+        """Parameters the method trains or writes (a count, as in the paper's Table 3): by default the
+        parameters it registers."""
+        return sum(p.numel() for p in self.parameters())
+
+    def stored_params(self) -> int:
+        """Extra numbers the method keeps besides the model (codebooks, codes, keys); 0 by default."""
+        return 0
+
+    def floor_spec(self) -> FloorSpec | None:
+        """What the speed benchmark compares this editor with; None if not defined."""
+        return None
+
+    @contextlib.contextmanager
+    def scope(self, query_positions: torch.Tensor) -> Iterator[None]:
+        """Forward passes inside this block read sequence b's query at ``query_positions[b]``.
+
+        ``query_positions`` is a (B,) long tensor: the last prompt token of each row. The first
+        forward in the block fixes each sequence's route; later forwards in the same block (the
+        decoding steps of ``generate`` with a KV cache) reuse it. Editors without routing ignore it.
+        """
+        yield
+
+    def batch_scope(self, batch: EncodedBatch) -> contextlib.AbstractContextManager[None]:
+        """:meth:`scope` for a teacher-forced batch, reading each row at ``self.key_position``.
+
+        Generation has no teacher-forced target: the sequence as fed is the prompt, so both readings
+        read its last token there (evaluation.editing.generation passes the prompt's positions to ``scope``).
+        """
+        return self.scope(batch.key_positions(self.key_position))
+
+    def batch_loss(self, batch: EncodedBatch) -> torch.Tensor:
+        """The teacher-forced target loss of ``batch`` through the edited model, routed per row."""
+        with self.batch_scope(batch):
+            return target_logits(self.model, batch).loss()
+
+    @torch.no_grad()
+    def in_scope(self, prompts: Sequence[str], batch_size: int = 32) -> torch.Tensor | None:
+        """(B,) bool: whether the editor's router applies its edits to each prompt.
+
+        Read from the route the query hook derives at the last prompt token (its ``active`` mask;
+        no route: nothing stored yet, so nothing in scope). None for editors without a router
+        (FT-L, ROME): their edits are in the weights and act on every input.
+        """
+        if self.query is None:
+            return None
+        masks = []
+        for i in range(0, len(prompts), batch_size):
+            chunk = list(prompts[i:i + batch_size])
+            route = self.routes_for(chunk)
+            active = getattr(route, "active", None) if route is not None else torch.zeros(len(chunk), dtype=torch.bool)
+            masks.append(torch.ones(len(chunk), dtype=torch.bool) if active is None else active.bool().cpu())
+        return torch.cat(masks) if masks else torch.zeros(0, dtype=torch.bool)
+
+    @torch.no_grad()
+    def routes_for(self, prompts: Sequence[str]) -> Any:
+        """The route the query hook derives for each prompt's last token (one batch, one forward)."""
+        assert self.query is not None, "routes_for needs an editor with a router"
+        device = next(self.model.parameters()).device
+        enc = encode_pairs(self.tokenizer, list(prompts), ["x"] * len(prompts)).to(device)  # the target is not read
+        with self.scope(enc.query_positions):
+            target_logits(self.model, enc)
+            return self.query.derived
+
+    def write_artifacts(self, run_dir: Path, requests: Sequence[EditRequest], retention_data_dir: str) -> None:
+        """Write method-specific files into the finished run's folder (ELDER: Figure 4's codes); none by default."""
+
+    def save(self, path: str | Path) -> None:
+        torch.save(self.state_dict(), path)
+
+    def load(self, path: str | Path) -> None:
+        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))

@@ -1,0 +1,1 @@
+"""Reading finished runs: tables, figures, the paper's numbers, saved-run reports."""

@@ -1,0 +1,290 @@
+"""One run: build everything from the composed config, stream the edits, measure, save, log."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from transformers import set_seed
+
+from data.lengths import model_context
+from evaluation.common.errors import ConfigError, HarnessError
+from evaluation.editing.compilation import compile_blocks
+from evaluation.editing.editor import Editor
+from evaluation.editing.generation import make_generate_fn
+from evaluation.editing.unedited import Unedited
+from evaluation.run.checkpoint import CheckpointManager, StreamCheckpoint, state_digest
+from evaluation.run.folder import RunFolder
+from evaluation.run.interrupts import stop_on_signals
+from evaluation.run.metrics import base_locality_predictions
+from evaluation.run.results import git_commit, write_results
+from evaluation.run.stream import ON_NAN, run_stream
+
+log = logging.getLogger(__name__)
+
+#: the run folder's store of retention tasks scored on the edited model (one file per task)
+RETENTION_STORE = "retention"
+
+
+def seed_everything(seed: int) -> None:
+    """python, numpy and torch (CPU and all CUDA devices). Everything else random in the harness draws
+    from generators seeded from ``seed`` too (model init, ELDER's routers/LoRAs and preset allocations,
+    MELO/GRACE/Defer init, ROME's prefixes), so one seed fixes a run."""
+    set_seed(seed)  # transformers': python, numpy, torch and every CUDA device
+
+
+def set_deterministic(enabled: bool) -> tuple[bool, bool]:
+    """``torch.use_deterministic_algorithms(enabled, warn_only=True)``; returns the previous setting.
+
+    warn_only: an op without a deterministic kernel warns instead of failing. On CUDA, cuBLAS needs
+    ``CUBLAS_WORKSPACE_CONFIG`` set before its first use for reproducible matmuls.
+    """
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    if enabled:
+        if torch.cuda.is_available():
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(enabled, warn_only=True)
+    return previous
+
+
+#: config leaves that may change between a run and its resumption (where files live, not what is computed)
+_MAY_CHANGE_ON_RESUME = ("path", "cache_dir", "url", "sha256", "device", "device_map", "num_edits", "tokenizer_path")
+
+
+#: may change on resume (e.g. after running out of memory), with a warning: the state carries over
+_MAY_CHANGE_WITH_A_WARNING = ("editor.batch_size",)
+
+
+def run_fingerprint(cfg: DictConfig) -> dict[str, Any]:
+    """The config values a checkpoint must share with the run that resumes it (flat, dotted keys)."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    flat: dict[str, Any] = {"seed": resolved["seed"]}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(f"{prefix}.{key}", value)
+        elif prefix.rsplit(".", 1)[-1] not in _MAY_CHANGE_ON_RESUME:
+            flat[prefix] = node
+
+    for group in ("model", "editor", "dataset"):
+        walk(group, resolved[group])
+    return flat
+
+
+def _checkpoints(cfg: DictConfig, run_dir: Path) -> tuple[CheckpointManager, StreamCheckpoint | None]:
+    """The run's checkpoint folder and, with ``resume=true``, the checkpoint to continue from."""
+    if cfg.on_nan not in ON_NAN:
+        raise ConfigError(f"on_nan must be one of {'|'.join(ON_NAN)}, got {cfg.on_nan!r}")
+    manager = CheckpointManager(run_dir / cfg.checkpoint.dir, cfg.checkpoint.every, cfg.checkpoint.keep)
+    manager.resume_hint = f"rerun the same command with `resume=true hydra.run.dir={run_dir}`"
+    manager.fingerprint = run_fingerprint(cfg)
+    if not cfg.resume:
+        return manager, None  # an earlier run's checkpoints are cleared by the caller, which holds the folder
+    ckpt = manager.load_latest()
+    if ckpt is None and manager.rejected:
+        shown = "; ".join(f"{path.name} ({why})" for path, why in manager.rejected)
+        raise ConfigError(f"resume=true but no checkpoint in {manager.directory} can be used: {shown}. "
+                          f"Start the run again without resume=true, or restore the files from a backup")
+    if ckpt is None:
+        raise ConfigError(f"resume=true but there is no checkpoint in {manager.directory}: pass the folder of the "
+                          f"interrupted run with hydra.run.dir=DIR (its checkpoints are in DIR/{cfg.checkpoint.dir})")
+    new_keys = sorted(set(manager.fingerprint) - set(ckpt.fingerprint))
+    if new_keys:  # keys added to the code since the checkpoint: their defaults are assumed to match
+        log.warning("resume: config keys unknown to the checkpoint (taken as is): %s", ", ".join(new_keys))
+    diff = [k for k in sorted(ckpt.fingerprint)
+            if ckpt.fingerprint[k] != manager.fingerprint.get(k, "<unset>")]
+    for key in [k for k in diff if k in _MAY_CHANGE_WITH_A_WARNING]:
+        log.warning("resume: %s changed from %r to %r; the rest of the stream differs from an uninterrupted run",
+                    key, ckpt.fingerprint[key], manager.fingerprint.get(key))
+        diff.remove(key)
+    if diff:
+        shown = ", ".join(f"{k} (checkpoint {ckpt.fingerprint.get(k, '<unset>')!r}, now "
+                          f"{manager.fingerprint.get(k, '<unset>')!r})" for k in diff[:5])
+        raise ConfigError(f"resume=true: this run's config differs from the checkpoint {ckpt.path} in {shown}; "
+                          f"resume with the overrides of the interrupted run (only eval_batch_size, eval_every, "
+                          f"editor.batch_size, on_nan, model.device and paths may change), or start a new run")
+    log.info("resuming from %s (%d edits done, saved on %s)", ckpt.path, ckpt.position, ckpt.reason)
+    return manager, ckpt
+
+
+def build(node: DictConfig, **kwargs: Any) -> Any:
+    """``instantiate(node)``, but the target's own errors propagate as they are.
+
+    Hydra wraps an exception raised by the target in an InstantiationException (the message becomes a
+    repr); calling the partial ourselves keeps a HarnessError a HarnessError, so run.py prints its message.
+    ``_partial_`` also keeps Hydra from turning objects passed as kwargs (the LoadedModel) into configs.
+    """
+    return instantiate(node, _partial_=True)(**kwargs)
+
+
+def _config_key(node: Any) -> str:
+    return hashlib.sha256(OmegaConf.to_yaml(node, resolve=True).encode()).hexdigest()[:16]
+
+
+def autocast_context(dtype: str | None, device: str) -> contextlib.AbstractContextManager[Any]:
+    """Mixed precision for every forward of the run (``autocast=bfloat16``); off by default."""
+    if not dtype:
+        return contextlib.nullcontext()
+    if dtype not in ("bfloat16", "float16"):
+        raise ConfigError(f"autocast must be null, bfloat16 or float16, got {dtype!r}")
+    return torch.autocast(device_type=device.split(":")[0], dtype=getattr(torch, dtype))
+
+
+def run_experiment(cfg: DictConfig, run_dir: str | Path, choices: Mapping[str, str],
+                   hydra_record: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Run the configured stream; returns the payload written to ``run_dir/results.json``.
+
+    ``run_dir`` is held for this process throughout (a second run there stops at once). Nothing in it
+    changes before the config and the resume check pass; then ``hydra_record`` (file name -> text, Hydra's
+    ``.hydra/`` files) is written.
+    """
+    run_dir = Path(run_dir)
+    check_run_settings(cfg)
+    with RunFolder(run_dir) as folder:
+        checkpoints, resume_from = _checkpoints(cfg, run_dir)  # before any work: a bad resume fails at once
+        folder.remove_temp_files()
+        if resume_from is None:
+            if checkpoints.exists():
+                log.warning("resume=false: removing the old checkpoints in %s", checkpoints.directory)
+                checkpoints.clear()
+            folder.set_aside_earlier_run()
+            if (run_dir / RETENTION_STORE).exists():
+                shutil.rmtree(run_dir / RETENTION_STORE)  # a new run: tasks scored by an earlier run do not count
+        if hydra_record:
+            folder.write_hydra_record(hydra_record)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        previous_deterministic = set_deterministic(cfg.deterministic)
+        try:
+            with autocast_context(cfg.autocast, str(cfg.model.get("device", "cpu"))):
+                return _run(cfg, run_dir, choices, checkpoints, resume_from)
+        finally:
+            torch.use_deterministic_algorithms(previous_deterministic[0], warn_only=previous_deterministic[1])
+
+
+#: run settings that count something and must be at least 1, checked before any work (the stream checks
+#: editor.batch_size again where it uses it; the loader checks dataset.num_edits)
+_POSITIVE = ("eval_batch_size", "editor.batch_size", "checkpoint.keep")
+
+
+def check_run_settings(cfg: DictConfig) -> None:
+    """Counts that would otherwise fail deep inside, or be quietly replaced and recorded as given."""
+    for key in _POSITIVE:
+        value = OmegaConf.select(cfg, key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+    for key in ("eval_every", "checkpoint.every"):
+        value = OmegaConf.select(cfg, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(f"{key} must be an integer >= 0 (0: off), got {value!r}")
+    if cfg.threads is not None and (not isinstance(cfg.threads, int) or cfg.threads < 1):
+        raise ConfigError(f"threads must be null or a positive integer, got {cfg.threads!r}")
+
+
+def _run(cfg: DictConfig, run_dir: Path, choices: Mapping[str, str], checkpoints: CheckpointManager,
+         resume_from: StreamCheckpoint | None) -> dict[str, Any]:
+    seed_everything(cfg.seed)
+    commit = git_commit()
+    wall = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    dataset = build(cfg.dataset)
+    requests = dataset.load()  # before the model: bad data fails in seconds
+    start = time.perf_counter()
+    loaded = build(cfg.model)
+    timings["model_load_seconds"] = time.perf_counter() - start
+    dataset.check_fits(requests, loaded.tokenizer, model_context(loaded.model))  # before any work on them
+    compile_blocks(loaded, **cfg.compile)  # before the editors wrap anything: they are traced with the blocks
+    retention = build(cfg.retention)
+
+    # the unedited model's view: locality reference and retention baseline
+    unedited = Unedited(loaded)
+    base_locality = base_locality_predictions(unedited, requests, batch_size=cfg.eval_batch_size,
+                                              desc="unedited locality" if cfg.progress else None)
+    retention_base = None
+    # names the unedited model and how it generates; the edited model's key adds the editor and its state
+    model_key = f"{choices.get('model', 'model')}-{_config_key(cfg.model)}" + (f"-{cfg.autocast}" if cfg.autocast else "")
+    if retention.enabled:
+        start = time.perf_counter()
+        gen = make_generate_fn(loaded.model, loaded.tokenizer, unedited, cfg.eval_batch_size, cfg.progress)
+        kept = ("are cached, so rerunning the same command skips them" if getattr(retention, "cache_dir", None)
+                else "are lost (retention.cache_dir is null)")
+        with stop_on_signals(lambda sig: f"stopped by {sig} during the unedited model's retention suite; "
+                                         f"the tasks it finished {kept}"):
+            retention_base = retention.evaluate(gen, cache_key=model_key)
+        timings["retention_base_seconds"] = time.perf_counter() - start
+
+    # _partial_: Hydra would turn the LoadedModel dataclass into a config if passed as a kwarg
+    editor: Editor = build(cfg.editor, model=loaded)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    logger = build(cfg.logger)
+    name = "-".join(str(choices.get(k, "?")) for k in ("editor", "model", "dataset")) + f"-s{cfg.seed}"
+    run_id = logger.start(str(run_dir), name, {"config": resolved, "choices": dict(choices)},
+                          resume_id=resume_from.run_id if resume_from is not None else None)
+    checkpoints.run_id = run_id
+    try:
+        stream = run_stream(editor, requests, base_locality, logger, cfg.eval_every, cfg.eval_batch_size,
+                            cfg.progress, checkpoints=checkpoints, resume=resume_from, on_nan=cfg.on_nan)
+        timings["edit_seconds"] = stream.edit_seconds
+        timings["eval_seconds"] = stream.eval_seconds
+        metrics: dict[str, Any] = {
+            **stream.metrics,
+            "seconds_per_edit": stream.edit_seconds / len(requests),
+            "trainable_params": editor.trainable_params(),
+            "stored_params": editor.stored_params(),
+            "num_edits": len(requests),
+            "skipped_edits": sum(len(s["uids"]) for s in stream.skipped),
+        }
+        if retention.enabled:
+            start = time.perf_counter()
+            gen = make_generate_fn(editor.model, editor.tokenizer, editor, cfg.eval_batch_size, cfg.progress)
+            edited_key = (f"{model_key}-{choices.get('editor', 'editor')}-{_config_key(cfg.editor)}"
+                          f"-{state_digest(editor.state_dict())}")
+            store = run_dir / RETENTION_STORE
+            resumable = checkpoints.every > 0  # the stream saved its end state, so resume=true can skip the edits
+            with stop_on_signals(lambda sig: f"stopped by {sig} during the retention suite after {len(requests)} "
+                                             f"edits; the tasks it finished are kept in {store}" +
+                                             (f"; to go on, {checkpoints.resume_hint}" if resumable else "")):
+                after = retention.evaluate(gen, cache_key=edited_key, cache_dir=str(store))
+            timings["retention_seconds"] = time.perf_counter() - start
+            metrics["retention"] = after.scores
+            metrics["retention_base"] = retention_base.scores
+            metrics["retention_ratio"] = after.ratio_to(retention_base)
+            metrics["retention_details"] = after.details
+            metrics["retention_base_details"] = retention_base.details
+            # per task: seconds to generate and score (measured when it ran) and which were read from a cache
+            retention_tasks = {name: {"seconds": report.seconds, "reused": report.reused}
+                               for name, report in (("unedited", retention_base), ("edited", after))}
+        timings["wall_seconds"] = time.perf_counter() - wall
+        flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        for group in ("retention", "retention_base", "retention_ratio"):  # each task, the average, the ratio
+            flat.update({f"{group}/{k}": v for k, v in metrics.get(group, {}).items() if v is not None})
+        logger.summary(flat)
+        stream_info = {"resumed_from": stream.resumed_from, "skipped": stream.skipped,
+                       "checkpoints": str(checkpoints.directory), "wandb_run_id": run_id}
+        # per curve point, each edit batch's reliability and generalization (evaluation/run/forgetting.py)
+        extra: dict[str, Any] = {"choices": dict(choices), "stream": stream_info, "forgetting": stream.forgetting}
+        if retention.enabled:
+            extra["retention_tasks"] = retention_tasks
+        try:
+            path = write_results(run_dir, resolved, metrics, stream.curves, timings, extra, commit=commit)
+        except OSError as err:
+            kept = (f"the stream's end is saved (checkpoint after {checkpoints.last_saved} edits): free space, "
+                    f"then {checkpoints.resume_hint}, which writes the results without editing again"
+                    if checkpoints.last_saved == len(requests) else "no checkpoint holds the stream's end")
+            raise HarnessError(f"could not write {run_dir / 'results.json'}: {err.strerror}; {kept}") from None
+        log.info("results written to %s", path)
+        editor.write_artifacts(run_dir, requests, cfg.retention.get("data_dir") or f"{cfg.paths.data_dir}/retention")
+        return {"metrics": metrics, "curves": stream.curves, "forgetting": stream.forgetting, "timings": timings}
+    finally:
+        logger.finish()

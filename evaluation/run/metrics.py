@@ -1,0 +1,151 @@
+"""Edit metrics under teacher forcing, batched (spec section 6).
+
+Per request: reliability on the edit prompt, generalization on the held-out paraphrases (mean over
+them), each as sequence-level exact match (every target token is the argmax: the headline) and token
+accuracy (EasyEdit's variant); locality as agreement of argmax tokens with the unedited model on each
+locality prompt + its answer (mean over the request's probes). Each metric is the mean over requests.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from data.requests import EditRequest
+from evaluation.editing.editor import Editor
+from evaluation.editing.encoding import encode_pairs
+from evaluation.editing.forward import target_logits
+
+Scorer = Callable[[torch.Tensor, torch.Tensor, int], Any]
+
+
+@dataclass
+class RowPredictions:
+    """Argmax predictions and targets of one row's target tokens."""
+
+    predicted: torch.Tensor  # (n_tokens,)
+    target: torch.Tensor  # (n_tokens,)
+
+    @property
+    def exact(self) -> float:
+        return float(bool((self.predicted == self.target).all()))
+
+    @property
+    def token_accuracy(self) -> float:
+        return float((self.predicted == self.target).float().mean())
+
+
+@torch.no_grad()
+def predict(editor: Editor, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 32,
+            desc: str | None = None) -> list[RowPredictions]:
+    """Teacher-forced argmax predictions at the target tokens, batched, routed per row."""
+    device = next(editor.model.parameters()).device
+    # sort by length so batches pad little; restore the order at the end
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(targets[i]))
+    out: list[RowPredictions | None] = [None] * len(prompts)
+    starts = range(0, len(order), batch_size)
+    for s in tqdm(starts, desc=desc, disable=desc is None, leave=False):
+        idx = order[s:s + batch_size]
+        batch = encode_pairs(editor.tokenizer, [prompts[i] for i in idx], [targets[i] for i in idx]).to(device)
+        with editor.batch_scope(batch):
+            tl = target_logits(editor.model, batch)
+        pred = tl.logits.argmax(-1)
+        for j, i in enumerate(idx):
+            sel = tl.rows == j
+            out[i] = RowPredictions(pred[sel].cpu(), tl.targets[sel].cpu())
+    return out  # type: ignore[return-value]
+
+
+def locality_agreement(base: Sequence[RowPredictions], edited: Sequence[RowPredictions]) -> float:
+    """Mean over rows of the share of target positions where edited and unedited argmax agree."""
+    if not base:
+        return float("nan")
+    return sum(float((b.predicted == e.predicted).float().mean()) for b, e in zip(base, edited)) / len(base)
+
+
+def mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def locality_inputs(requests: Sequence[EditRequest]) -> tuple[list[str], list[str]]:
+    """Every locality probe of every request, flattened in request order: (prompts, answers)."""
+    probes = [probe for r in requests for probe in r.locality]
+    return [p for p, _ in probes], [a for _, a in probes]
+
+
+def _split(rows: Sequence[Any], counts: Sequence[int]) -> list[Sequence[Any]]:
+    """Cut a flat list of rows into consecutive groups of ``counts`` rows."""
+    out, start = [], 0
+    for n in counts:
+        out.append(rows[start:start + n])
+        start += n
+    return out
+
+
+#: the unedited model's locality predictions: one entry per request (a RowPredictions when the
+#: request has one probe, else a sequence of them, one per probe), or the flat list of all probes
+BaseLocality = Sequence["RowPredictions | Sequence[RowPredictions]"]
+
+
+def base_locality_predictions(editor: Editor, requests: Sequence[EditRequest], batch_size: int = 32,
+                              desc: str | None = None) -> list[tuple[RowPredictions, ...]]:
+    """The unedited model's locality predictions, grouped per request (one tuple entry per probe).
+
+    One entry per request, so a stream prefix ``requests[:k]`` goes with ``base[:k]``."""
+    flat = predict(editor, *locality_inputs(requests), batch_size=batch_size, desc=desc)
+    return [tuple(group) for group in _split(flat, [len(r.locality) for r in requests])]
+
+
+def group_base_locality(base_locality: BaseLocality, requests: Sequence[EditRequest]) -> list[Sequence[RowPredictions]]:
+    """``base_locality`` as one sequence of RowPredictions per request, checked against the probes."""
+    counts = [len(r.locality) for r in requests]
+    if all(isinstance(b, RowPredictions) for b in base_locality):
+        if len(base_locality) != sum(counts):
+            raise ValueError(f"base_locality holds {len(base_locality)} predictions but the {len(requests)} "
+                             f"requests have {sum(counts)} locality probes")
+        return _split(list(base_locality), counts)
+    if len(base_locality) != len(requests):
+        raise ValueError(f"base_locality has {len(base_locality)} entries for {len(requests)} requests")
+    groups = [(b,) if isinstance(b, RowPredictions) else tuple(b) for b in base_locality]
+    for i, (group, n) in enumerate(zip(groups, counts)):
+        if len(group) != n:
+            raise ValueError(f"base_locality entry {i} holds {len(group)} predictions for {n} locality probes")
+    return groups
+
+
+def evaluate_edits(editor: Editor, requests: Sequence[EditRequest], base_locality: BaseLocality,
+                   batch_size: int = 32, progress: bool = True,
+                   per_request_out: dict[str, list[float]] | None = None) -> dict[str, float]:
+    """All edit metrics for ``requests`` on the editor's current model.
+
+    Per request, generalization (and its token accuracy) is the mean over the request's paraphrases
+    and locality the mean agreement over its probes; each metric is then the mean over requests.
+    ``per_request_out``, when given, receives "reliability", "generalization" (exact match) and
+    "locality", each a list of per-request scores in request order; the returned means are theirs.
+    """
+    tag = (lambda s: s) if progress else (lambda s: None)
+    base = group_base_locality(base_locality, requests)
+    rel = predict(editor, [r.prompt for r in requests], [r.target for r in requests], batch_size, tag("eval reliability"))
+    # all rows of all requests in one batched pass each, then cut back per request
+    gen_counts = [len(r.paraphrases) for r in requests]
+    gen_flat = predict(editor, [p for r in requests for p in r.paraphrases],
+                       [r.target for r in requests for _ in r.paraphrases], batch_size, tag("eval generalization"))
+    loc_flat = predict(editor, *locality_inputs(requests), batch_size=batch_size, desc=tag("eval locality"))
+    gen = _split(gen_flat, gen_counts)
+    loc = _split(loc_flat, [len(r.locality) for r in requests])
+    per_request = {
+        "reliability": [p.exact for p in rel],
+        "generalization": [mean([p.exact for p in g]) for g in gen],
+        "locality": [locality_agreement(bs, es) for bs, es in zip(base, loc)],
+    }
+    if per_request_out is not None:
+        per_request_out.update({k: list(v) for k, v in per_request.items()})
+    return {
+        "reliability": mean(per_request["reliability"]),
+        "generalization": mean(per_request["generalization"]),
+        "reliability_token": mean([p.token_accuracy for p in rel]),
+        "generalization_token": mean([mean([p.token_accuracy for p in g]) for g in gen]),
+        "locality": mean(per_request["locality"]),
+    }
