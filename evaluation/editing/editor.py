@@ -121,12 +121,12 @@ class Editor(nn.Module, ABC):
     @property
     def batch_size(self) -> int:
         """Edits per call of :meth:`edit` in the stream (ELDER: 4, GRACE: 1, ...)."""
-        return int(getattr(self.config, "batch_size", 1))
+        return getattr(self.config, "batch_size", 1)  # checked where the stream uses it
 
     @property
     def key_position(self) -> str:
         """Which token of a teacher-forced "{prompt} {target}" row the router reads (see KEY_POSITIONS)."""
-        return str(getattr(self.config, "key_position", "prompt_last"))
+        return getattr(self.config, "key_position", "prompt_last")
 
     @staticmethod
     def checked_key_position(value: str) -> str:
