@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+from data.order import check_order, plan_order
 from data.requests import EditRequest
 from evaluation.common.errors import HarnessError
 from evaluation.common.integrity import file_sha256
@@ -278,7 +279,8 @@ class EditDataset:
 
     def __init__(self, name: str, path: str, num_edits: int = 1000, cache_dir: str | None = None,
                  url: str | None = None, sha256: str | None = None, target: str | None = None,
-                 max_tokens: int = 512) -> None:
+                 max_tokens: int = 512, order: str = "file", order_clusters: int | None = None,
+                 order_sequence: str = "first") -> None:
         if name not in FORMATS:
             raise DataError(f"unknown dataset '{name}': known formats are {sorted(FORMATS)}")
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
@@ -287,6 +289,8 @@ class EditDataset:
         self.max_tokens = max_tokens
         self.url, self.sha256 = url, sha256
         self.target, self.target_field = target, target_field(name, target)  # a bad target fails here
+        check_order(order, order_clusters, order_sequence)
+        self.order, self.order_clusters, self.order_sequence = order, order_clusters, order_sequence
 
     def load(self) -> list[EditRequest]:
         if self.name == "counterfact_rome":
@@ -299,3 +303,9 @@ class EditDataset:
         from data.lengths import check_lengths
 
         check_lengths(requests, tokenizer, self.max_tokens, context, source=str(self.path))
+
+    def in_stream_order(self, requests: list[EditRequest], tokenizer: Any, embeddings: Any, batch_size: int,
+                        seed: int) -> list[EditRequest]:
+        """``requests`` in ``dataset.order`` (data.order): the file's, or LEMoE's plan on the model's embeddings."""
+        return plan_order(requests, self.order, tokenizer, embeddings, batch_size=batch_size,
+                          clusters=self.order_clusters, sequence=self.order_sequence, seed=seed)

@@ -8,6 +8,7 @@ For an edit (subject s, prompt p, target o):
 3. W <- W + (v* - W k) u^T / (u . k), with k and W k the matrix's input and output at s in the bare
    prompt, so that the edited matrix maps k exactly to v*. The update has rank one.
 Edits are sequential (each on the weights the earlier ones left), as in EasyEdit's sequential mode.
+Steps 1-3 for any matrix are ``rank_one_update`` (applied by ``apply_rank_one``); WilKE reuses them.
 
 The prefixes are generated once, by the model itself with a fixed seed, at the first edit (ROME and
 EasyEdit also generate them once, on the unedited model, and cache them), and are saved in the state.
@@ -34,6 +35,64 @@ from evaluation.editing.prefix_cache import frozen_prefix
 log = logging.getLogger(__name__)
 
 FACT_TOKENS = ("subject_last", "last")
+
+
+@dataclass
+class RankOneUpdate:
+    """One edit's rank-one update of a matrix, not yet applied: W <- W + outer(right, u) (``apply_rank_one``)."""
+
+    u: torch.Tensor  # (d_in,) the unit direction: C^-1 k* / ||C^-1 k*||, or k* / ||k*||
+    right: torch.Tensor  # (d_out,) (v* - W k) / (u . k)
+    found: bool  # False: the subject was not in the prompt (the last prompt token was used)
+    nll: float
+    kl: float
+    iterations: int
+    delta_norm: float  # ||v* - v_0||
+
+
+def rank_one_update(model: nn.Module, tokenizer: Any, module: nn.Module, prefixes: list[str], request: EditRequest,
+                    c: Any, *, frozen: Any = None, inv_mom2: torch.Tensor | None = None) -> RankOneUpdate:
+    """ROME's steps 1-3 for ``module`` on the current weights: key, value, and the closed-form update.
+
+    ``c``: a config with ROME's value fields (fact_token, v_num_grad_steps, v_lr, v_weight_decay,
+    clamp_norm_factor, kl_factor, early_stop_loss). ``inv_mom2``: C^-1 (None: no covariance adjustment).
+    ``frozen``: the prefix replay for the value loop (``compute_value``)."""
+    reprs = key_reprs(model, tokenizer, module, prefixes, request.prompt, request.subject, c.fact_token)
+    u = reprs.key
+    if inv_mom2 is not None:
+        u = inv_mom2 @ u
+    u = u / u.norm()
+    value = compute_value(model, tokenizer, module, prefixes, request.prompt, request.subject, request.target,
+                          frozen=frozen, fact_token=c.fact_token, v_num_grad_steps=c.v_num_grad_steps, v_lr=c.v_lr,
+                          v_weight_decay=c.v_weight_decay, clamp_norm_factor=c.clamp_norm_factor,
+                          kl_factor=c.kl_factor, early_stop_loss=c.early_stop_loss)
+    cur_input, cur_output = reprs.inputs[0], reprs.outputs[0]  # the bare prompt (prefix "")
+    right = (value.target - cur_output) / torch.dot(cur_input, u)
+    return RankOneUpdate(u, right, reprs.found, value.nll, value.kl, value.iterations,
+                         float((value.target - value.init).norm()))
+
+
+def apply_rank_one(weight: torch.Tensor, u: torch.Tensor, right: torch.Tensor, transposed: bool) -> None:
+    """W += outer(right, u) in place; ``transposed``: GPT-2's Conv1D stores W as (in, out)."""
+    update = torch.outer(u, right) if transposed else torch.outer(right, u)
+    with torch.no_grad():
+        weight.add_(update.to(weight.dtype))
+
+
+def load_inverse_second_moment(loaded: LoadedModel, module: nn.Module, module_name: str,
+                               c: Any) -> tuple[torch.Tensor, str]:
+    """C^-1 of ``module``'s input (covariance.py; loaded from ``c.cache_dir`` or computed), and its cache file.
+
+    ``c``: a config with ROME's mom2_* fields and cache_dir."""
+    max_length = c.mom2_max_length
+    if max_length is None:
+        cfg = loaded.model.config
+        max_length = getattr(cfg, "n_positions", None) or cfg.max_position_embeddings
+    stats = second_moment(loaded.model, loaded.tokenizer, module, model_name=loaded.name, module_name=module_name,
+                          corpus=c.mom2_corpus, n_samples=c.mom2_n_samples, dtype=c.mom2_dtype,
+                          text_field=c.mom2_text_field, batch_size=c.mom2_batch_size, cache_dir=c.cache_dir,
+                          max_length=max_length)
+    return inverse(stats).to(module.weight.device), str(stats.path)
 
 
 @dataclass
@@ -136,52 +195,27 @@ class ROMEEditor(Editor):
 
     def inverse_second_moment(self) -> torch.Tensor:
         if self.inv_mom2 is None:
-            c = self.config
-            max_length = c.mom2_max_length
-            if max_length is None:
-                cfg = self.model.config
-                max_length = getattr(cfg, "n_positions", None) or cfg.max_position_embeddings
-            stats = second_moment(self.model, self.tokenizer, self.module, model_name=self.loaded.name,
-                                  module_name=self.module_name, corpus=c.mom2_corpus, n_samples=c.mom2_n_samples,
-                                  dtype=c.mom2_dtype, text_field=c.mom2_text_field, batch_size=c.mom2_batch_size,
-                                  cache_dir=c.cache_dir, max_length=max_length)
-            self.mom2_path = str(stats.path)
-            self.inv_mom2 = inverse(stats).to(self.weight.device)
+            self.inv_mom2, self.mom2_path = load_inverse_second_moment(self.loaded, self.module, self.module_name,
+                                                                       self.config)
         return self.inv_mom2
 
     def _apply_update(self, u: torch.Tensor, right: torch.Tensor) -> None:
-        w = self.weight
-        update = torch.outer(u, right) if self.transposed else torch.outer(right, u)  # (in, out) or (out, in)
-        with torch.no_grad():
-            w.add_(update.to(w.dtype))
+        apply_rank_one(self.weight, u, right, self.transposed)
 
     # --- editing ---------------------------------------------------------------------------
     def edit_one(self, request: EditRequest) -> dict[str, float]:
         c = self.config
-        prefixes = self.context_prefixes()
-        reprs = key_reprs(self.model, self.tokenizer, self.module, prefixes, request.prompt, request.subject,
-                          c.fact_token)
-        if not reprs.found:
+        upd = rank_one_update(self.model, self.tokenizer, self.module, self.context_prefixes(), request, c,
+                              frozen=self.prefix, inv_mom2=self.inverse_second_moment() if c.mom2_adjustment else None)
+        if not upd.found:
             self.subject_fallbacks += 1
             log.warning("ROME: subject %r not found in prompt %r; using the last prompt token "
                         "(%d of %d edits so far)", request.subject, request.prompt, self.subject_fallbacks,
                         self.num_edits + 1)
-        u = reprs.key
-        if c.mom2_adjustment:
-            u = self.inverse_second_moment() @ u
-        u = u / u.norm()
-        value = compute_value(self.model, self.tokenizer, self.module, prefixes, request.prompt, request.subject,
-                              request.target, frozen=self.prefix, fact_token=c.fact_token,
-                              v_num_grad_steps=c.v_num_grad_steps, v_lr=c.v_lr, v_weight_decay=c.v_weight_decay,
-                              clamp_norm_factor=c.clamp_norm_factor, kl_factor=c.kl_factor,
-                              early_stop_loss=c.early_stop_loss)
-        cur_input, cur_output = reprs.inputs[0], reprs.outputs[0]  # the bare prompt (prefix "")
-        right = (value.target - cur_output) / torch.dot(cur_input, u)
-        self._apply_update(u, right)
-        self.last_update = (u.detach().cpu(), right.detach().cpu())
+        self._apply_update(upd.u, upd.right)
+        self.last_update = (upd.u.detach().cpu(), upd.right.detach().cpu())
         self.num_edits += 1
-        return {"nll": value.nll, "kl": value.kl, "iterations": value.iterations,
-                "delta_norm": float((value.target - value.init).norm())}
+        return {"nll": upd.nll, "kl": upd.kl, "iterations": upd.iterations, "delta_norm": upd.delta_norm}
 
     def edit(self, requests: Sequence[EditRequest]) -> EditStats:
         results = [self.edit_one(r) for r in requests]

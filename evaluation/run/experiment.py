@@ -204,6 +204,10 @@ def _run(cfg: DictConfig, run_dir: Path, choices: Mapping[str, str], checkpoints
     loaded = build(cfg.model)
     timings["model_load_seconds"] = time.perf_counter() - start
     dataset.check_fits(requests, loaded.tokenizer, model_context(loaded.model))  # before any work on them
+    # the stream's edit order (dataset.order): the file's, or LEMoE's plan on the model's prompt embeddings;
+    # before the unedited locality, which is read per request in stream order
+    requests = dataset.in_stream_order(requests, loaded.tokenizer, loaded.model.get_input_embeddings(),
+                                       batch_size=OmegaConf.select(cfg, "editor.batch_size", default=1), seed=cfg.seed)
     compile_blocks(loaded, **cfg.compile)  # before the editors wrap anything: they are traced with the blocks
     retention = build(cfg.retention)
 
@@ -273,7 +277,8 @@ def _run(cfg: DictConfig, run_dir: Path, choices: Mapping[str, str], checkpoints
         stream_info = {"resumed_from": stream.resumed_from, "skipped": stream.skipped,
                        "checkpoints": str(checkpoints.directory), "wandb_run_id": run_id}
         # per curve point, each edit batch's reliability and generalization (evaluation/run/forgetting.py)
-        extra: dict[str, Any] = {"choices": dict(choices), "stream": stream_info, "forgetting": stream.forgetting}
+        extra: dict[str, Any] = {"choices": dict(choices), "stream": stream_info, "forgetting": stream.forgetting,
+                                 "dataset_order": [r.uid for r in requests]}  # the edits' uids in stream order
         if retention.enabled:
             extra["retention_tasks"] = retention_tasks
         try:

@@ -88,6 +88,11 @@ class DatasetConf:
     # longest prompt + target (or paraphrase/locality text) in tokens, checked before any work; the
     # model's context caps it too. Edit prompts are one sentence: a longer record is a mistake.
     max_tokens: int = 512
+    # the stream's edit order (data/order.py, applied once the model is loaded): file (default) | lemoe_cluster
+    # (LEMoE's clustering-based editing order planning: k-means on the prompts' mean input embeddings)
+    order: str = "file"
+    order_clusters: Optional[int] = None  # lemoe_cluster's k; null: ceil(num_edits / editor.batch_size)
+    order_sequence: str = "first"  # lemoe_cluster: clusters by their first edit in the file | size: largest first
 
 
 @dataclass

@@ -1,0 +1,268 @@
+"""WilKE (Hu, Cao, Chen, Liu, Zhao 2024, "WilKE: Wise-Layer Knowledge Editor for Lifelong Knowledge
+Editing", Findings of ACL; arXiv 2402.10987; the authors' code: github.com/ChenhuiHu/WilKE, wilke/).
+
+ROME with the edited layer chosen per edit (the "wise layer"). For each edit and every candidate layer l
+(``layers``):
+1. ROME's rank-one update of layer l's FFN output matrix is computed on the current weights, without
+   applying it (``baselines.rome.editor.rank_one_update``: key at the subject's last token, value
+   optimisation, closed form ``W_l <- W_l + (v* - W_l k) u^T / (u . k)``);
+2. its pattern-matching score is the size of that update relative to the matrix (the authors'
+   ``wilke_main.py``, where it is called LA): ``score_l = ||dW_l||_F / ||W_l||_F`` (``selection: relative``;
+   ``absolute``: ``||dW_l||_F``). A layer whose pattern already matches the edited knowledge needs the
+   smallest change;
+3. the update of the layer with the lowest score is applied (on a tie, the lowest such layer, as the
+   authors' ``list.index(min(...))``); the other layers are left as they are.
+
+From the authors' code (hparams/WilKE/gpt2-xl.json, EleutherAI_gpt-j-6B.json; wilke/*.py):
+- candidates are layers 0 .. scanning_ceiling-1: 0..23 on GPT2-XL (the first half of 48), 0..6 on GPT-J
+  (7 of 28). conf/editor/wilke.yaml takes GPT2-XL's rule (the first half) on every model;
+- the update at a layer is ROME's, with ROME's GPT2-XL value settings (20 steps, lr 0.5, weight decay 0.5,
+  clamp 4, KL 0.0625, the loss on the last layer) and the covariance adjustment on (Wikipedia statistics of
+  every candidate layer). Off here by default, as for ROME (no Wikipedia copy ships with the harness):
+  ``editor.mom2_adjustment=true editor.mom2_corpus=FILE``;
+- the authors apply each candidate's update, measure it, restore the weights, then recompute the chosen
+  layer's update and apply it. Here the scan's update is kept and applied: the same computation on the
+  same weights.
+
+The random prefixes are ROME's (generated once, seeded, saved in the state). The second-moment statistics
+of every candidate layer are loaded or computed when the editor is built, on the unedited model: an edit
+at layer l changes the inputs of the layers above it (the authors compute them at the first edit, before
+any change; a resumed run builds its editor on the unedited model too, so it reads the same cache files).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterator, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from baselines.ft_l import resolve_rewrite_module
+from baselines.rome.compute_key import SEED_WORDS, generate_prefixes
+from baselines.rome.editor import (
+    FACT_TOKENS,
+    apply_rank_one,
+    load_inverse_second_moment,
+    rank_one_update,
+)
+from data.requests import EditRequest
+from evaluation.common.errors import ConfigError
+from evaluation.editing.editor import Editor, EditStats, FloorSpec
+from evaluation.editing.models import LoadedModel
+from evaluation.editing.prefix_cache import FrozenPrefix, frozen_prefix
+
+log = logging.getLogger(__name__)
+
+SELECTIONS = ("relative", "absolute")
+
+
+@dataclass
+class WilKEConfig:
+    """WilKE's hyper-parameters. The value settings are ROME's (identical in the authors'
+    hparams/WilKE/gpt2-xl.json and kmeng01/rome hparams/ROME/gpt2-xl.json); per-model values (GPT2-XL's
+    candidates, LLaMA's 25 steps and weight decay 1e-3 from EasyEdit hparams/ROME/llama-7b.yaml) in
+    conf/editor_model/wilke_<model>.yaml."""
+
+    # the candidate layers scanned per edit (no default: conf/editor/wilke.yaml places them; the authors:
+    # 0..scanning_ceiling-1, GPT2-XL 0..23, GPT-J 0..6)
+    layers: List[int]
+    module_template: str  # the rewritten module's name, {i} for the layer (e.g. transformer.h.{i}.mlp.c_proj)
+    # the score minimised over the candidates: relative = ||dW_l||_F / ||W_l||_F (the authors' code, "LA");
+    # absolute = ||dW_l||_F. The paper describes it as the pattern matching degree; the code is followed.
+    selection: str = "relative"
+    fact_token: str = "subject_last"  # key/value at the subject's last token (last: the last prompt token)
+    v_num_grad_steps: int = 20  # ROME's compute_v (the authors' hparams: the same values as ROME's)
+    v_lr: float = 0.5
+    v_weight_decay: float = 0.5
+    clamp_norm_factor: float = 4.0
+    kl_factor: float = 0.0625
+    early_stop_loss: float = 5e-2  # compute_v stops when the value loss drops below 5e-2
+    # [tokens, how many] random prefixes (the authors' hparams, as ROME's)
+    context_template_length_params: List[List[int]] = field(default_factory=lambda: [[5, 10], [10, 10]])
+    context_template_top_k: int = 5  # ROME's generate_fast samples prefixes with top-k 5
+    # Second-moment adjustment u = C_l^-1 k at each candidate (the authors: on, Wikipedia 100k texts). Off as
+    # for ROME, since no Wikipedia copy ships: editor.mom2_adjustment=true editor.mom2_corpus=/path/texts.jsonl
+    mom2_adjustment: bool = False
+    mom2_corpus: Optional[str] = None  # .txt (one text per line) or .jsonl (field mom2_text_field)
+    mom2_text_field: str = "text"
+    mom2_n_samples: int = 100000
+    mom2_max_length: Optional[int] = None  # tokens per text; None = the model's context length (as ROME)
+    mom2_dtype: str = "float32"
+    mom2_batch_size: int = 16
+    cache_dir: Optional[str] = None  # the statistics' cache (conf/editor/wilke.yaml: ROME's, under paths.cache_dir)
+    batch_size: int = 1
+    # replay the frozen blocks below each candidate layer in its value loop (bit-identical, faster)
+    prefix_cache: bool = True
+    seed: int = 0  # the sampling of the context prefixes
+
+
+class _ReplayBelow:
+    """The replay of the blocks below one candidate layer: the first ``n`` wrappers of a shared
+    :class:`FrozenPrefix` (which wraps the blocks below the highest candidate)."""
+
+    def __init__(self, prefix: FrozenPrefix, n: int) -> None:
+        self.wrappers = prefix.wrappers[:n]
+
+    @contextlib.contextmanager
+    def cache(self) -> Iterator[None]:
+        for w in self.wrappers:
+            w.reset(True)
+        try:
+            yield
+        finally:
+            for w in self.wrappers:
+                w.reset(False)
+
+
+class WilKEEditor(Editor):
+    """ROME at the candidate layer whose update is smallest, chosen per edit, one request at a time.
+
+    Its state: the rewritten matrix of every candidate layer, registered as the model's own parameters
+    (``weights``, in the order of ``layers``), and the modules' names, the prefixes, the layer chosen and
+    the candidates' scores at every edit, and the subject fallbacks (extra state)."""
+
+    Config = WilKEConfig
+
+    def __init__(self, model: LoadedModel, config: WilKEConfig | None = None, **fields: Any) -> None:
+        super().__init__(model, config, **fields)
+        c = self.config
+        if c.fact_token not in FACT_TOKENS:
+            raise ConfigError(f"editor.fact_token must be one of {FACT_TOKENS}, got {c.fact_token!r}")
+        if c.selection not in SELECTIONS:
+            raise ConfigError(f"editor.selection must be one of {SELECTIONS}, got {c.selection!r}")
+        if c.v_num_grad_steps < 1:
+            raise ConfigError(f"editor.v_num_grad_steps must be at least 1, got {c.v_num_grad_steps}")
+        if c.batch_size < 1:
+            raise ConfigError(f"editor.batch_size must be at least 1, got {c.batch_size}")
+        if any(len(p) != 2 or p[0] < 1 or p[1] < 0 for p in self.length_params):
+            raise ConfigError(f"editor.context_template_length_params must be [tokens, count] pairs, "
+                             f"got {self.length_params}")
+        if c.mom2_adjustment and (not c.mom2_corpus or not c.cache_dir):
+            raise ConfigError("editor.mom2_adjustment=true needs editor.mom2_corpus (a local .txt/.jsonl file) "
+                             "and editor.cache_dir")
+        layers = [int(layer) for layer in c.layers]
+        n = model.num_layers
+        if not layers or len(set(layers)) != len(layers) or not all(0 <= layer < n for layer in layers):
+            raise ConfigError(f"editor.layers must be distinct layers of model '{model.name}' (0..{n - 1}), "
+                             f"at least one, got {list(c.layers)}")
+        self.layers = sorted(layers)  # scanned in this order: a tie goes to the lowest layer
+        resolved = [resolve_rewrite_module(model, layer, c.module_template) for layer in self.layers]
+        self.module_names = [name for name, _ in resolved]
+        self._held = [module for _, module in resolved]  # the model's own modules: held, not registered
+        # GPT-2's Conv1D stores its weight as (in, out), nn.Linear as (out, in)
+        self.transposed = [not isinstance(module, nn.Linear) for module in self._held]
+        # the model's parameters themselves: each edit writes a rank-one update into one of them, so the
+        # default trainable_params() counts every candidate matrix (each may be rewritten)
+        self.weights = nn.ParameterList([module.weight for module in self._held])
+        self.prefixes: list[str] | None = None
+        self.chosen: list[int] = []  # the layer edited at each edit of the stream
+        self.scores: list[list[float]] = []  # each edit's score of every candidate (order of ``layers``)
+        self.subject_fallbacks = 0  # edits whose subject was not found in the prompt
+        self.last_update: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (layer, u, right) of the last edit
+        # C_l^-1 of every candidate, on the unedited model (see the module docstring)
+        self.inv_mom2: list[torch.Tensor | None] = [None] * len(self.layers)
+        self.mom2_paths: list[str] | None = None
+        if c.mom2_adjustment:
+            loaded = [load_inverse_second_moment(model, m, name, c) for m, name in zip(self._held, self.module_names)]
+            self.inv_mom2 = [inv for inv, _ in loaded]
+            self.mom2_paths = [path for _, path in loaded]
+        # the blocks below the highest candidate are wrapped once; each candidate replays those below it
+        prefix = frozen_prefix(model, c.prefix_cache, max(self.layers))
+        self.replays = [_ReplayBelow(prefix, layer) if prefix is not None and layer > 0 else None
+                        for layer in self.layers]
+
+    @property
+    def length_params(self) -> list[list[int]]:
+        """``context_template_length_params`` as lists: [tokens, how many] per group of prefixes."""
+        return [list(p) for p in self.config.context_template_length_params]
+
+    @property
+    def candidate_modules(self) -> list[nn.Module]:
+        """The rewritten module of every candidate layer (order of ``layers``)."""
+        return list(self._held)
+
+    @property
+    def num_edits(self) -> int:
+        return len(self.chosen)
+
+    def layer_counts(self) -> dict[int, int]:
+        """How many edits of the stream went to each candidate layer."""
+        counts = Counter(self.chosen)
+        return {layer: counts[layer] for layer in self.layers}
+
+    def context_prefixes(self) -> list[str]:
+        if self.prefixes is None:
+            c = self.config
+            self.prefixes = generate_prefixes(self.model, self.tokenizer, self.length_params,
+                                              c.context_template_top_k, c.seed, SEED_WORDS)
+        return self.prefixes
+
+    def score(self, index: int, u: torch.Tensor, right: torch.Tensor) -> float:
+        """The selection score of the update outer(right, u) of candidate ``index`` (lower: better match)."""
+        change = float(right.float().norm() * u.float().norm())  # ||outer(right, u)||_F
+        if self.config.selection == "absolute":
+            return change
+        return change / float(self.weights[index].detach().float().norm())
+
+    # --- editing ---------------------------------------------------------------------------
+    def edit_one(self, request: EditRequest) -> dict[str, float]:
+        c = self.config
+        prefixes = self.context_prefixes()
+        best, best_score, scores, iterations = None, float("inf"), [], 0
+        for i, module in enumerate(self._held):
+            upd = rank_one_update(self.model, self.tokenizer, module, prefixes, request, c,
+                                  frozen=self.replays[i], inv_mom2=self.inv_mom2[i])
+            iterations += upd.iterations
+            scores.append(self.score(i, upd.u, upd.right))
+            if best is None or scores[-1] < best_score:  # strict: a tie keeps the lower layer
+                best, best_score = (i, upd), scores[-1]
+        assert best is not None
+        i, upd = best
+        if not upd.found:
+            self.subject_fallbacks += 1
+            log.warning("WilKE: subject %r not found in prompt %r; using the last prompt token "
+                        "(%d of %d edits so far)", request.subject, request.prompt, self.subject_fallbacks,
+                        self.num_edits + 1)
+        apply_rank_one(self.weights[i], upd.u, upd.right, self.transposed[i])
+        layer = self.layers[i]
+        self.chosen.append(layer)
+        self.scores.append(scores)
+        self.last_update = (layer, upd.u.detach().cpu(), upd.right.detach().cpu())
+        return {"nll": upd.nll, "kl": upd.kl, "iterations": iterations, "delta_norm": upd.delta_norm,
+                "layer": float(layer), "score": best_score}
+
+    def edit(self, requests: Sequence[EditRequest]) -> EditStats:
+        results = [self.edit_one(r) for r in requests]
+        mean = lambda key: sum(r[key] for r in results) / len(results)  # noqa: E731
+        # iterations: the value-loop iterations of every candidate (the scan's work); loss: the chosen layer's
+        return EditStats(loss=mean("nll"), iterations=int(sum(r["iterations"] for r in results)),
+                         extra={"layer": mean("layer"), "score": mean("score"), "kl": mean("kl"),
+                                "delta_norm": mean("delta_norm"), "subject_fallbacks": float(self.subject_fallbacks)})
+
+    # --- accounting and state ------------------------------------------------------------------
+    def floor_spec(self) -> FloorSpec:
+        # one ROME value optimisation per candidate; counted from the highest candidate up, so a lower bound
+        # (the lower candidates' passes run through more blocks)
+        return FloorSpec(first_layer=max(self.layers), passes=int(self.config.v_num_grad_steps) * len(self.layers),
+                         prompt_prefixes=tuple(self.context_prefixes()))
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {
+            "modules": list(self.module_names),
+            "prefixes": list(self.prefixes) if self.prefixes is not None else None,
+            "chosen": list(self.chosen),
+            "scores": [list(s) for s in self.scores],
+            "subject_fallbacks": self.subject_fallbacks,
+        }
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        if list(state["modules"]) != self.module_names:
+            raise ConfigError(f"saved WilKE state edits {state['modules']} but this editor's candidates are "
+                              f"{self.module_names}")
+        self.prefixes = list(state["prefixes"]) if state["prefixes"] is not None else None
+        self.chosen = [int(layer) for layer in state["chosen"]]
+        self.scores = [list(s) for s in state["scores"]]
+        self.subject_fallbacks = int(state["subject_fallbacks"])
