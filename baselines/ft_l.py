@@ -33,10 +33,11 @@ from torch import nn
 
 from data.requests import EditRequest
 from evaluation.common.errors import ConfigError
+from evaluation.editing.checks import resolve_rewrite_module
 from evaluation.editing.editor import Editor, EditStats, FloorSpec, optimise
 from evaluation.editing.encoding import EncodedBatch, encode_pairs
 from evaluation.editing.forward import target_logits
-from evaluation.editing.models import LoadedModel, get_module, layer_dims
+from evaluation.editing.models import LoadedModel
 from evaluation.editing.prefix_cache import frozen_prefix, replaying
 
 CLAMP_REFERENCES = ("edit", "original")
@@ -65,23 +66,6 @@ class FTLConfig:
     include_bias: bool = False  # EasyEdit's name match on GPT-2 also tunes c_proj.bias; False = the matrix only
     batch_size: int = 1
     prefix_cache: bool = True  # replay the frozen blocks below the tuned layer during an edit (bit-identical, faster)
-
-
-def resolve_rewrite_module(model: LoadedModel, layer: int, module_template: str) -> tuple[str, nn.Module]:
-    """Name and module of ``module_template`` at ``layer``, or a ConfigError naming the bad key."""
-    n = model.num_layers
-    if not 0 <= layer < n:
-        raise ConfigError(f"editor.layer={layer} is out of range for model '{model.name}' with {n} layers "
-                         f"(valid: 0..{n - 1})")
-    if "{i}" not in module_template:
-        raise ConfigError(f"editor.module_template must contain '{{i}}' for the layer index, got {module_template!r}")
-    name = module_template.format(i=layer)
-    module = get_module(model.model, name, num_layers=n)
-    try:
-        layer_dims(module)
-    except TypeError as err:
-        raise ConfigError(f"editor.module_template={module_template!r}: {err}") from None
-    return name, module
 
 
 class FTLEditor(Editor):

@@ -40,7 +40,6 @@ from typing import Any, Iterator, List, Optional, Sequence
 import torch
 from torch import nn
 
-from baselines.ft_l import resolve_rewrite_module
 from baselines.rome.compute_key import SEED_WORDS, generate_prefixes
 from baselines.rome.editor import (
     FACT_TOKENS,
@@ -50,6 +49,7 @@ from baselines.rome.editor import (
 )
 from data.requests import EditRequest
 from evaluation.common.errors import ConfigError
+from evaluation.editing.checks import resolve_rewrite_module
 from evaluation.editing.editor import Editor, EditStats, FloorSpec
 from evaluation.editing.models import LoadedModel
 from evaluation.editing.prefix_cache import FrozenPrefix, frozen_prefix

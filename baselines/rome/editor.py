@@ -22,12 +22,12 @@ from typing import Any, List, Optional, Sequence
 import torch
 from torch import nn
 
-from baselines.ft_l import resolve_rewrite_module
 from baselines.rome.compute_key import SEED_WORDS, generate_prefixes, key_reprs
 from baselines.rome.compute_value import compute_value
 from baselines.rome.covariance import inverse, second_moment
 from data.requests import EditRequest
 from evaluation.common.errors import ConfigError
+from evaluation.editing.checks import resolve_rewrite_module
 from evaluation.editing.editor import Editor, EditStats, FloorSpec
 from evaluation.editing.models import LoadedModel
 from evaluation.editing.prefix_cache import frozen_prefix
