@@ -164,6 +164,7 @@ def test_stream_learns_the_edits(merged_tokenizer):
     assert sum(ed.layer_counts().values()) == 4
 
 
+@pytest.mark.slow  # the LLaMA stream test covers learning in the default suite; this adds GPT-2's Conv1D path
 def test_learns_each_edit_as_it_is_made_on_gpt2(merged_tokenizer):
     ed = editor("gpt2", tiny("gpt2", merged_tokenizer))
     for r in learnable_edits():
@@ -228,7 +229,7 @@ def test_a_stream_resumed_from_its_checkpoint_ends_as_the_full_stream(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(weights(resumed_editor), weights(full_editor)))
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", [pytest.param("gpt2", marks=pytest.mark.slow), "llama"])
 def test_prefix_cache_gives_bit_identical_edits(arch):
     """Each candidate replays only the blocks below it (a view on one shared replay)."""
     runs = []
