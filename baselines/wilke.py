@@ -31,28 +31,29 @@ any change; a resumed run builds its editor on the unedited model too, so it rea
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections import Counter
-from dataclasses import dataclass, field
-from typing import Any, Iterator, List, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, List, Sequence
 
 import torch
+from omegaconf import MISSING
 from torch import nn
 
-from baselines.rome.compute_key import SEED_WORDS, generate_prefixes
 from baselines.rome.editor import (
-    FACT_TOKENS,
+    RankOneConfig,
+    RankOneEditor,
     apply_rank_one,
+    check_rank_one,
     load_inverse_second_moment,
     rank_one_update,
 )
 from data.requests import EditRequest
 from evaluation.common.errors import ConfigError
 from evaluation.editing.checks import resolve_rewrite_module
-from evaluation.editing.editor import Editor, EditStats, FloorSpec
+from evaluation.editing.editor import EditStats, FloorSpec
 from evaluation.editing.models import LoadedModel
-from evaluation.editing.prefix_cache import FrozenPrefix, frozen_prefix
+from evaluation.editing.prefix_cache import frozen_prefix
 
 log = logging.getLogger(__name__)
 
@@ -60,64 +61,19 @@ SELECTIONS = ("relative", "absolute")
 
 
 @dataclass
-class WilKEConfig:
-    """WilKE's hyper-parameters. The value settings are ROME's (identical in the authors'
-    hparams/WilKE/gpt2-xl.json and kmeng01/rome hparams/ROME/gpt2-xl.json); per-model values (GPT2-XL's
-    candidates, LLaMA's 25 steps and weight decay 1e-3 from EasyEdit hparams/ROME/llama-7b.yaml) in
-    conf/editor_model/wilke_<model>.yaml."""
+class WilKEConfig(RankOneConfig):
+    """WilKE's hyper-parameters: the rank-one update's (ROME's; the authors' hparams/WilKE/gpt2-xl.json holds the
+    same values), and the candidate layers and the score that picks one."""
 
-    # the candidate layers scanned per edit (no default: conf/editor/wilke.yaml places them; the authors:
+    # the candidate layers scanned per edit (conf/editor/wilke.yaml places them; the authors: layers
     # 0..scanning_ceiling-1, GPT2-XL 0..23, GPT-J 0..6)
-    layers: List[int]
-    module_template: str  # the rewritten module's name, {i} for the layer (e.g. transformer.h.{i}.mlp.c_proj)
+    layers: List[int] = MISSING
     # the score minimised over the candidates: relative = ||dW_l||_F / ||W_l||_F (the authors' code, "LA");
     # absolute = ||dW_l||_F. The paper describes it as the pattern matching degree; the code is followed.
     selection: str = "relative"
-    fact_token: str = "subject_last"  # key/value at the subject's last token (last: the last prompt token)
-    v_num_grad_steps: int = 20  # ROME's compute_v (the authors' hparams: the same values as ROME's)
-    v_lr: float = 0.5
-    v_weight_decay: float = 0.5
-    clamp_norm_factor: float = 4.0
-    kl_factor: float = 0.0625
-    early_stop_loss: float = 5e-2  # compute_v stops when the value loss drops below 5e-2
-    # [tokens, how many] random prefixes (the authors' hparams, as ROME's)
-    context_template_length_params: List[List[int]] = field(default_factory=lambda: [[5, 10], [10, 10]])
-    context_template_top_k: int = 5  # ROME's generate_fast samples prefixes with top-k 5
-    # Second-moment adjustment u = C_l^-1 k at each candidate (the authors: on, Wikipedia 100k texts). Off as
-    # for ROME, since no Wikipedia copy ships: editor.mom2_adjustment=true editor.mom2_corpus=/path/texts.jsonl
-    mom2_adjustment: bool = False
-    mom2_corpus: Optional[str] = None  # .txt (one text per line) or .jsonl (field mom2_text_field)
-    mom2_text_field: str = "text"
-    mom2_n_samples: int = 100000
-    mom2_max_length: Optional[int] = None  # tokens per text; None = the model's context length (as ROME)
-    mom2_dtype: str = "float32"
-    mom2_batch_size: int = 16
-    cache_dir: Optional[str] = None  # the statistics' cache (conf/editor/wilke.yaml: ROME's, under paths.cache_dir)
-    batch_size: int = 1
-    # replay the frozen blocks below each candidate layer in its value loop (bit-identical, faster)
-    prefix_cache: bool = True
-    seed: int = 0  # the sampling of the context prefixes
 
 
-class _ReplayBelow:
-    """The replay of the blocks below one candidate layer: the first ``n`` wrappers of a shared
-    :class:`FrozenPrefix` (which wraps the blocks below the highest candidate)."""
-
-    def __init__(self, prefix: FrozenPrefix, n: int) -> None:
-        self.wrappers = prefix.wrappers[:n]
-
-    @contextlib.contextmanager
-    def cache(self) -> Iterator[None]:
-        for w in self.wrappers:
-            w.reset(True)
-        try:
-            yield
-        finally:
-            for w in self.wrappers:
-                w.reset(False)
-
-
-class WilKEEditor(Editor):
+class WilKEEditor(RankOneEditor):
     """ROME at the candidate layer whose update is smallest, chosen per edit, one request at a time.
 
     Its state: the rewritten matrix of every candidate layer, registered as the model's own parameters
@@ -129,20 +85,9 @@ class WilKEEditor(Editor):
     def __init__(self, model: LoadedModel, config: WilKEConfig | None = None, **fields: Any) -> None:
         super().__init__(model, config, **fields)
         c = self.config
-        if c.fact_token not in FACT_TOKENS:
-            raise ConfigError(f"editor.fact_token must be one of {FACT_TOKENS}, got {c.fact_token!r}")
+        check_rank_one(c)
         if c.selection not in SELECTIONS:
             raise ConfigError(f"editor.selection must be one of {SELECTIONS}, got {c.selection!r}")
-        if c.v_num_grad_steps < 1:
-            raise ConfigError(f"editor.v_num_grad_steps must be at least 1, got {c.v_num_grad_steps}")
-        if c.batch_size < 1:
-            raise ConfigError(f"editor.batch_size must be at least 1, got {c.batch_size}")
-        if any(len(p) != 2 or p[0] < 1 or p[1] < 0 for p in self.length_params):
-            raise ConfigError(f"editor.context_template_length_params must be [tokens, count] pairs, "
-                             f"got {self.length_params}")
-        if c.mom2_adjustment and (not c.mom2_corpus or not c.cache_dir):
-            raise ConfigError("editor.mom2_adjustment=true needs editor.mom2_corpus (a local .txt/.jsonl file) "
-                             "and editor.cache_dir")
         layers = [int(layer) for layer in c.layers]
         n = model.num_layers
         if not layers or len(set(layers)) != len(layers) or not all(0 <= layer < n for layer in layers):
@@ -171,13 +116,7 @@ class WilKEEditor(Editor):
             self.mom2_paths = [path for _, path in loaded]
         # the blocks below the highest candidate are wrapped once; each candidate replays those below it
         prefix = frozen_prefix(model, c.prefix_cache, max(self.layers))
-        self.replays = [_ReplayBelow(prefix, layer) if prefix is not None and layer > 0 else None
-                        for layer in self.layers]
-
-    @property
-    def length_params(self) -> list[list[int]]:
-        """``context_template_length_params`` as lists: [tokens, how many] per group of prefixes."""
-        return [list(p) for p in self.config.context_template_length_params]
+        self.replays = [prefix.below(layer) if prefix is not None and layer > 0 else None for layer in self.layers]
 
     @property
     def candidate_modules(self) -> list[nn.Module]:
@@ -192,13 +131,6 @@ class WilKEEditor(Editor):
         """How many edits of the stream went to each candidate layer."""
         counts = Counter(self.chosen)
         return {layer: counts[layer] for layer in self.layers}
-
-    def context_prefixes(self) -> list[str]:
-        if self.prefixes is None:
-            c = self.config
-            self.prefixes = generate_prefixes(self.model, self.tokenizer, self.length_params,
-                                              c.context_template_top_k, c.seed, SEED_WORDS)
-        return self.prefixes
 
     def score(self, index: int, u: torch.Tensor, right: torch.Tensor) -> float:
         """The selection score of the update outer(right, u) of candidate ``index`` (lower: better match)."""

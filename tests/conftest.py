@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import pytest
 import torch
@@ -43,3 +43,29 @@ def tiny_model(name: str = "tiny_llama", seed: int = 0) -> LoadedModel:
 
 def zsre_requests(n: int) -> list[EditRequest]:
     return EditDataset("zsre", str(ZSRE), n).load()
+
+
+def save_merged_tokenizer(path: Path, targets: Sequence[str]) -> str:
+    """The tiny models' byte-level tokenizer plus one merge per target (" Q", " Z", ...), saved to ``path``:
+    ROME-style editors write one vector at the subject's last token, which a random model's attention does
+    not carry far, so their learned edits end on the subject and have one-token targets."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    for token in [f"Ġ{t}" for t in targets] + ["<|endoftext|>"]:
+        vocab[token] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[("Ġ", t) for t in targets]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    fast.save_pretrained(path)
+    return str(path)
+
+
+def tiny_with_tokenizer(arch: str, tokenizer_path: str | None = None, seed: int = 0) -> LoadedModel:
+    """``tiny_model(f"tiny_{arch}")``, with the tokenizer saved at ``tokenizer_path`` when one is given."""
+    if tokenizer_path is None:
+        return tiny_model(f"tiny_{arch}", seed)
+    cfg = compose_config([f"model=tiny_{arch}", f"seed={seed}", f"model.tokenizer_path={tokenizer_path}"])
+    return instantiate(cfg.model)

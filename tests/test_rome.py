@@ -17,7 +17,12 @@ from evaluation.editing.encoding import encode_pairs
 from evaluation.editing.forward import target_logits
 from evaluation.editing.models import LoadedModel
 from evaluation.run.metrics import predict
-from tests.conftest import compose_config, tiny_model, zsre_requests
+from tests.conftest import (
+    compose_config,
+    save_merged_tokenizer,
+    tiny_with_tokenizer,
+    zsre_requests,
+)
 
 TEMPLATES = {"gpt2": "transformer.h.{i}.mlp.c_proj", "llama": "model.layers.{i}.mlp.down_proj"}
 LAYERS = {"gpt2": 3, "llama": 1}  # conf/editor_model/rome_tiny_*.yaml
@@ -38,27 +43,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def merged_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """The tiny models' byte-level tokenizer plus two merges (" Q", " Z"), saved to a folder."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    for token in ("ĠQ", "ĠZ", "<|endoftext|>"):
-        vocab[token] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[("Ġ", "Q"), ("Ġ", "Z")]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-    path = tmp_path_factory.mktemp("tokenizer")
-    fast.save_pretrained(path)
-    return str(path)
+    return save_merged_tokenizer(tmp_path_factory.mktemp("tokenizer"), ("Q", "Z"))
 
 
-def tiny(arch: str, tokenizer_path: str | None = None, seed: int = 0) -> LoadedModel:
-    if tokenizer_path is None:
-        return tiny_model(f"tiny_{arch}", seed)
-    cfg = compose_config([f"model=tiny_{arch}", f"seed={seed}", f"model.tokenizer_path={tokenizer_path}"])
-    return instantiate(cfg.model)
+tiny = tiny_with_tokenizer
 
 
 def editor(arch: str, model: LoadedModel, **kwargs) -> ROMEEditor:

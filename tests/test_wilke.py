@@ -20,7 +20,12 @@ from evaluation.run.experiment import build, seed_everything
 from evaluation.run.loggers import NullLogger
 from evaluation.run.metrics import locality_inputs, predict
 from evaluation.run.stream import run_stream
-from tests.conftest import compose_config, tiny_model, zsre_requests
+from tests.conftest import (
+    compose_config,
+    save_merged_tokenizer,
+    tiny_with_tokenizer,
+    zsre_requests,
+)
 
 TEMPLATES = {"gpt2": "transformer.h.{i}.mlp.c_proj", "llama": "model.layers.{i}.mlp.down_proj"}
 LAYERS = [0, 1, 2, 3]  # conf/editor/wilke.yaml's rule on 8 layers: the first half
@@ -33,31 +38,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def merged_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """The tiny models' byte-level tokenizer plus one merge per target (" Q", " Z", ...), saved to a folder.
-
-    As in tests/test_rome.py: ROME (and so WilKE) writes one vector at the subject's last token, which a
-    random model's attention does not carry far, so the learned edits end on the subject and have
-    one-token targets."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    for token in [f"Ġ{t}" for t in TARGETS] + ["<|endoftext|>"]:
-        vocab[token] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[("Ġ", t) for t in TARGETS]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-    path = tmp_path_factory.mktemp("tokenizer")
-    fast.save_pretrained(path)
-    return str(path)
+    return save_merged_tokenizer(tmp_path_factory.mktemp("tokenizer"), TARGETS)
 
 
-def tiny(arch: str, tokenizer_path: str | None = None, seed: int = 0) -> LoadedModel:
-    if tokenizer_path is None:
-        return tiny_model(f"tiny_{arch}", seed)
-    cfg = compose_config([f"model=tiny_{arch}", f"seed={seed}", f"model.tokenizer_path={tokenizer_path}"])
-    return instantiate(cfg.model)
+tiny = tiny_with_tokenizer
 
 
 def editor(arch: str, model: LoadedModel, **kwargs) -> WilKEEditor:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, List, Optional, Sequence
 
 import torch
+from omegaconf import MISSING
 from torch import nn
 
 from baselines.rome.compute_key import SEED_WORDS, generate_prefixes, key_reprs
@@ -96,13 +97,14 @@ def load_inverse_second_moment(loaded: LoadedModel, module: nn.Module, module_na
 
 
 @dataclass
-class ROMEConfig:
-    """ROME's hyper-parameters. Defaults: EasyEdit hparams/ROME/gpt2-xl.json and kmeng01/rome
-    hparams/ROME/gpt2-xl.json (identical); per-model values (the layer, LLaMA's 25 steps and weight decay
-    1e-3 from EasyEdit hparams/ROME/llama-7b.yaml) in conf/editor_model/rome_<model>.yaml."""
+class RankOneConfig:
+    """The settings of ROME's rank-one update, shared by every editor that makes one (ROME, WilKE). Defaults:
+    EasyEdit hparams/ROME/gpt2-xl.json and kmeng01/rome hparams/ROME/gpt2-xl.json (identical; the WilKE
+    authors' hparams use the same values); LLaMA's 25 steps and weight decay 1e-3 (EasyEdit
+    hparams/ROME/llama-7b.yaml) in conf/editor_model/<editor>_<model>.yaml."""
 
-    layer: int  # the layer of the rewritten matrix (per model: conf/editor_model/rome_<model>.yaml)
-    module_template: str  # the rewritten module's name, {i} for the layer (e.g. transformer.h.{i}.mlp.c_proj)
+
+    module_template: str = MISSING  # the rewritten module's name, {i} for the layer (e.g. transformer.h.{i}.mlp.c_proj)
     fact_token: str = "subject_last"  # key/value at the subject's last token (last: the last prompt token)
     v_num_grad_steps: int = 20  # steps of the value optimisation (compute_v)
     v_lr: float = 0.5
@@ -133,7 +135,49 @@ class ROMEConfig:
     seed: int = 0  # the sampling of the context prefixes
 
 
-class ROMEEditor(Editor):
+@dataclass
+class ROMEConfig(RankOneConfig):
+    """ROME's hyper-parameters: the rank-one update's, at one layer."""
+
+    layer: int = MISSING  # the layer of the rewritten matrix (conf/editor/rome.yaml; gpt2xl: conf/editor_model/)
+
+
+def check_rank_one(c: RankOneConfig) -> None:
+    """The rank-one update's settings, each named with what it may be."""
+    if c.fact_token not in FACT_TOKENS:
+        raise ConfigError(f"editor.fact_token must be one of {FACT_TOKENS}, got {c.fact_token!r}")
+    if c.v_num_grad_steps < 1:
+        raise ConfigError(f"editor.v_num_grad_steps must be at least 1, got {c.v_num_grad_steps}")
+    if c.batch_size < 1:
+        raise ConfigError(f"editor.batch_size must be at least 1, got {c.batch_size}")
+    lengths = [list(p) for p in c.context_template_length_params]
+    if any(len(p) != 2 or p[0] < 1 or p[1] < 0 for p in lengths):
+        raise ConfigError(f"editor.context_template_length_params must be [tokens, count] pairs, got {lengths}")
+    if c.mom2_adjustment and (not c.mom2_corpus or not c.cache_dir):
+        raise ConfigError("editor.mom2_adjustment=true needs editor.mom2_corpus (a local .txt/.jsonl file) "
+                         "and editor.cache_dir")
+
+
+class RankOneEditor(Editor):
+    """What every editor making ROME's rank-one updates shares: the context prefixes, generated once."""
+
+    config: RankOneConfig
+    prefixes: list[str] | None = None
+
+    @property
+    def length_params(self) -> list[list[int]]:
+        """``context_template_length_params`` as lists: [tokens, how many] per group of prefixes."""
+        return [list(p) for p in self.config.context_template_length_params]
+
+    def context_prefixes(self) -> list[str]:
+        if self.prefixes is None:
+            c = self.config
+            self.prefixes = generate_prefixes(self.model, self.tokenizer, self.length_params,
+                                              c.context_template_top_k, c.seed, SEED_WORDS)
+        return self.prefixes
+
+
+class ROMEEditor(RankOneEditor):
     """Rank-one model editing of ``module_template.format(i=layer)``, one request at a time.
 
     Its state: the rewritten matrix, registered as the model's own parameter (``weight``), and the
@@ -144,18 +188,7 @@ class ROMEEditor(Editor):
     def __init__(self, model: LoadedModel, config: ROMEConfig | None = None, **fields: Any) -> None:
         super().__init__(model, config, **fields)
         c = self.config
-        if c.fact_token not in FACT_TOKENS:
-            raise ConfigError(f"editor.fact_token must be one of {FACT_TOKENS}, got {c.fact_token!r}")
-        if c.v_num_grad_steps < 1:
-            raise ConfigError(f"editor.v_num_grad_steps must be at least 1, got {c.v_num_grad_steps}")
-        if c.batch_size < 1:
-            raise ConfigError(f"editor.batch_size must be at least 1, got {c.batch_size}")
-        lengths = self.length_params
-        if any(len(p) != 2 or p[0] < 1 or p[1] < 0 for p in lengths):
-            raise ConfigError(f"editor.context_template_length_params must be [tokens, count] pairs, got {lengths}")
-        if c.mom2_adjustment and (not c.mom2_corpus or not c.cache_dir):
-            raise ConfigError("editor.mom2_adjustment=true needs editor.mom2_corpus (a local .txt/.jsonl file) "
-                             "and editor.cache_dir")
+        check_rank_one(c)
         self.module_name, module = resolve_rewrite_module(model, c.layer, c.module_template)
         self._module = [module]  # the model's own module: held, not registered
         # GPT-2's Conv1D stores its weight as (in, out), nn.Linear as (out, in)
@@ -180,18 +213,7 @@ class ROMEEditor(Editor):
         """The module whose weight is rewritten."""
         return self._module[0]
 
-    @property
-    def length_params(self) -> list[list[int]]:
-        """``context_template_length_params`` as lists: [tokens, how many] per group of prefixes."""
-        return [list(p) for p in self.config.context_template_length_params]
-
     # --- pieces ------------------------------------------------------------------------------
-    def context_prefixes(self) -> list[str]:
-        if self.prefixes is None:
-            c = self.config
-            self.prefixes = generate_prefixes(self.model, self.tokenizer, self.length_params,
-                                              c.context_template_top_k, c.seed, SEED_WORDS)
-        return self.prefixes
 
     def inverse_second_moment(self) -> torch.Tensor:
         if self.inv_mom2 is None:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator, Sequence
 
 import torch
+from omegaconf import MISSING
 from torch import nn
 
 from data.requests import EditRequest
@@ -87,9 +88,15 @@ def make_config(config_class: type, config: Any = None, fields: dict[str, Any] |
         raise ConfigError(f"editor.{unknown[0]} is not a setting of {config_class.__qualname__} "
                           f"(its settings: {', '.join(sorted(known))})")
     try:
-        return dataclasses.replace(config, **fields) if config is not None else config_class(**fields)
+        made = dataclasses.replace(config, **fields) if config is not None else config_class(**fields)
     except TypeError as err:  # a required field left out
         raise ConfigError(f"{config_class.__qualname__}: {err}") from None
+    # a field whose default is OmegaConf's MISSING must be given, as Hydra requires when it composes
+    unset = [f.name for f in dataclasses.fields(made) if isinstance(getattr(made, f.name), str)
+             and getattr(made, f.name) == MISSING]
+    if unset:
+        raise ConfigError(f"editor.{unset[0]} must be set ({config_class.__qualname__} has no default for it)")
+    return made
 
 
 class Editor(nn.Module, ABC):

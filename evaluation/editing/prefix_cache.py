@@ -9,6 +9,7 @@ blocks that carry gradients.
 from __future__ import annotations
 
 import contextlib
+import copy
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -63,6 +64,13 @@ class FrozenPrefix:
         finally:
             for w in self.wrappers:
                 w.reset(False)
+
+    def below(self, n: int) -> "FrozenPrefix":
+        """The replay of blocks ``0..n-1`` only, sharing these wrappers: an editor whose candidate layers lie at
+        several depths (WilKE) wraps the blocks below the highest once and replays those below each."""
+        view = copy.copy(self)
+        view.wrappers = self.wrappers[:n]
+        return view
 
     @staticmethod
     def blocks_below(layers: Sequence[int]) -> int:

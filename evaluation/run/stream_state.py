@@ -73,37 +73,33 @@ class CallbackList(Callback):
     def __init__(self, callbacks: Sequence[Callback]) -> None:
         self.callbacks = list(callbacks)
 
-    def on_stream_start(self, state: StreamState) -> None:
+    def _each(self, hook: str, *args: Any) -> None:
         for cb in self.callbacks:
-            cb.on_stream_start(state)
+            getattr(cb, hook)(*args)
+
+    def on_stream_start(self, state: StreamState) -> None:
+        self._each("on_stream_start", state)
 
     def on_batch_start(self, state: StreamState) -> None:
-        for cb in self.callbacks:
-            cb.on_batch_start(state)
+        self._each("on_batch_start", state)
 
     def on_batch_end(self, state: StreamState, stats: EditStats) -> None:
-        for cb in self.callbacks:
-            cb.on_batch_end(state, stats)
+        self._each("on_batch_end", state, stats)
 
     def on_boundary(self, state: StreamState) -> None:
-        for cb in self.callbacks:
-            cb.on_boundary(state)
+        self._each("on_boundary", state)
 
     def on_evaluation_start(self, state: StreamState, upto: int) -> None:
-        for cb in self.callbacks:
-            cb.on_evaluation_start(state, upto)
+        self._each("on_evaluation_start", state, upto)
 
     def on_evaluation_end(self, state: StreamState, upto: int, point: dict[str, float]) -> None:
-        for cb in self.callbacks:
-            cb.on_evaluation_end(state, upto, point)
+        self._each("on_evaluation_end", state, upto, point)
 
     def on_edits_end(self, state: StreamState) -> None:
-        for cb in self.callbacks:
-            cb.on_edits_end(state)
+        self._each("on_edits_end", state)
 
     def on_stream_end(self, state: StreamState) -> None:
-        for cb in self.callbacks:
-            cb.on_stream_end(state)
+        self._each("on_stream_end", state)
 
     def on_exception(self, state: StreamState, err: BaseException) -> BaseException | None:
         # every callback sees the error (each releases what it holds); the first replacement wins
