@@ -51,7 +51,8 @@ def test_a_task_locked_by_a_live_run_is_done_last_and_read_back_not_generated(tm
     suite = _suite(tmp_path / "cache")
     rte = suite.cache_path(str(tmp_path / "cache"), "m", "rte")
     other = _other_run(rte, 0.3, lambda: _suite(tmp_path / "cache")._store(  # another run generates rte
-        rte, "m", "rte", reference.scores["rte"], reference.details["rte"], 1.0))
+        rte, "m", "rte", reference.scores["rte"], reference.details["rte"], 1.0, reference.outputs["rte"], None,
+        reference.reused_rows["rte"]))
     gen = Recorder(lambda p: " True")
     report = suite.evaluate(gen, cache_key="m")
     other.join()

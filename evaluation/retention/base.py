@@ -25,7 +25,8 @@ class RetentionTask(Protocol):
 
     ``prompts(examples)`` may return several prompts per example (CoNLL03 returns four);
     ``score(examples, outputs)`` takes the generated continuations in the order of ``prompts`` and
-    returns ``(headline, details)``: the headline is a fraction in 0..1, details are every other figure.
+    returns ``(headline, details)``: the headline is a fraction in 0..1, details are every other figure,
+    among them ``authors_score``, the task's figure as the authors' code computes it (0..1).
     """
 
     name: str
@@ -37,6 +38,17 @@ class RetentionTask(Protocol):
     def prompts(self, examples: Sequence[Any]) -> list[str]: ...
 
     def score(self, examples: Sequence[Any], outputs: Sequence[str]) -> tuple[float, dict[str, float]]: ...
+
+    def item_scores(self, examples: Sequence[Any], outputs: Sequence[str]) -> list[dict[str, float | None]]:
+        """One dict per prompt row, in the order of ``prompts(examples)``, with at least
+        ``score`` (the row under the headline's rule), ``authors`` (under the authors' code) and
+        ``standard`` (a standard metric's value, None where the task has none). ``score`` aggregates
+        to the headline and ``authors`` to ``details["authors_score"]``: by the mean for most tasks,
+        by ratios of summed counts where a task says so (RTE's ``authors_denominator``, CoNLL03's
+        ``hits``/``denominator`` and ``authors_hits``/``authors_denominator`` per type); a
+        row's ``score``/``authors`` is None when its denominator is 0. NQ's ``authors`` depends on
+        the rows before it (their loop's state), so rows count only from the file's first item."""
+        ...
 
 
 def data_path(data_dir: str, relative: str) -> str:

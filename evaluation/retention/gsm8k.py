@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+from evaluation.retention.authors import authors_text, mean
 from evaluation.retention.base import (
     check_outputs,
     data_path,
@@ -12,6 +13,8 @@ from evaluation.retention.base import (
     read_jsonl,
     require,
 )
+
+MARKER = "Therefore, the answer (arabic numerals) is:"
 
 
 @dataclass(frozen=True)
@@ -45,18 +48,33 @@ class GSM8K:
                 for e in examples]
 
     def score(self, examples: Sequence[GSM8KExample], outputs: Sequence[str]) -> tuple[float, dict[str, float]]:
-        check_outputs(self.name, len(examples), outputs)
+        rows = self.item_scores(examples, outputs)
         # The authors: `if answers in predict` -- the gold string is a substring of the output.
-        hits = sum(e.answer in o for e, o in zip(examples, outputs))
-        # Beside it, the same test with thousands separators removed from both sides.
-        hits_nc = sum(e.answer.replace(",", "") in o.replace(",", "") for e, o in zip(examples, outputs))
+        rate = mean(r["score"] for r in rows)
         with_digit = sum(any(c.isdigit() for c in o) for o in outputs)
         n = len(examples)
-        rate = hits / n if n else 0.0
         return rate, {
             "solve_rate": rate,
-            "solve_rate_commas_ignored": hits_nc / n if n else 0.0,
+            # beside it, the same test with thousands separators removed from both sides
+            "solve_rate_commas_ignored": mean(r["standard"] for r in rows),
+            "authors_score": mean(r["authors"] for r in rows),
             "n_items": float(n),
-            "n_correct": float(hits),
+            "n_correct": float(sum(r["score"] for r in rows)),
             "n_with_digit": float(with_digit),
         }
+
+    def item_scores(self, examples: Sequence[GSM8KExample], outputs: Sequence[str]) -> list[dict[str, float | None]]:
+        check_outputs(self.name, len(examples), outputs)
+        authors = authors_item_scores(examples, self.prompts(examples), outputs)
+        return [{"score": float(e.answer in o),
+                 "authors": a,
+                 "standard": float(e.answer.replace(",", "") in o.replace(",", ""))}
+                for e, o, a in zip(examples, outputs, authors)]
+
+
+def authors_item_scores(examples: Sequence[GSM8KExample], prompts: Sequence[str], outputs: Sequence[str]) -> list[float]:
+    """test-reasoning(-after).py per item: ``answers in text.split(MARKER)[1]``. The marker occurs once in
+    their string (no question or rationale holds it, and 5 new tokens cannot repeat it), so the split
+    gives the continuation: equal to the headline's test on every output but for the decode clean-up."""
+    return [float(e.answer in authors_text(p, o).split(MARKER)[1])
+            for e, p, o in zip(examples, prompts, outputs)]

@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass
 from typing import Sequence
 
+from evaluation.retention.authors import authors_text, mean
 from evaluation.retention.base import (
     check_outputs,
     data_path,
@@ -72,14 +73,40 @@ class MuTual:
                 f"(C){e.options[2]}(D){e.options[3]} A: Among A through D, the answer is" for e in examples]
 
     def score(self, examples: Sequence[MuTualExample], outputs: Sequence[str]) -> tuple[float, dict[str, float]]:
+        rows = self.item_scores(examples, outputs)
+        valid = sum(_judge(e.answer, o)[0] for e, o in zip(examples, outputs))
+        headline, details = label_accuracy(len(examples), valid, int(sum(r["score"] for r in rows)))
+        details["authors_score"] = mean(r["authors"] for r in rows)  # after-edit script: correct / 886
+        details["authors_score_before"] = mean(r["authors_before"] for r in rows)  # unedited script's
+        return headline, details
+
+    def item_scores(self, examples: Sequence[MuTualExample], outputs: Sequence[str]) -> list[dict[str, float | None]]:
+        """Rows add ``authors_before``: the unedited-model script's test, without the "Chi" rule."""
         check_outputs(self.name, len(examples), outputs)
-        valid = correct = 0
-        for e, o in zip(examples, outputs):
-            p = o.split("the answer is")[-1]
-            # Case-sensitive, as theirs. Their post-edit script also sends a " Chi" token (the model
-            # copying "Chioces") to `other` before the letter test, since it contains "C".
-            if "Chi" in p or not any(letter in p for letter in LETTERS):
-                continue
-            valid += 1
-            correct += e.answer in p
-        return label_accuracy(len(examples), valid, correct)
+        after, before = authors_item_scores(examples, self.prompts(examples), outputs)
+        return [{"score": float(_judge(e.answer, o)[1]), "authors": a, "authors_before": b, "standard": None}
+                for e, o, a, b in zip(examples, outputs, after, before)]
+
+
+def _judge(answer: str, output: str) -> tuple[bool, bool]:
+    """(valid, correct). Case-sensitive, as theirs. Their post-edit script also sends a " Chi" token
+    (the model copying "Chioces") to `other` before the letter test, since it contains "C"."""
+    p = output.split("the answer is")[-1]
+    if "Chi" in p or not any(letter in p for letter in LETTERS):
+        return False, False
+    return True, answer in p
+
+
+def authors_item_scores(examples: Sequence[MuTualExample], prompts: Sequence[str],
+                        outputs: Sequence[str]) -> tuple[list[float], list[float]]:
+    """Per item, 1 when their ``correct`` counts it, under (after, before) = test-dialogue-after.py and
+    test-dialogue.py. Their prediction is ``text.split("the answer is")[-1]``: the prompt ends with the
+    marker, so that is the one new token (or ``<|endoftext|>``, which holds no capital A-D). Only the
+    after-edit script sends an output holding "Chi" to `other` first."""
+    after, before = [], []
+    for e, p, o in zip(examples, prompts, outputs):
+        pred = authors_text(p, o).split("the answer is")[-1]
+        hit = any(letter in pred for letter in LETTERS) and e.answer in pred
+        before.append(float(hit))
+        after.append(float(hit and "Chi" not in pred))
+    return after, before

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+from evaluation.retention.authors import authors_text, mean
 from evaluation.retention.base import (
     check_outputs,
     data_path,
@@ -12,7 +13,7 @@ from evaluation.retention.base import (
     require,
 )
 from evaluation.retention.text import (
-    authors_nq_loop,
+    authors_nq_counts,
     contains_answer_span,
     exact_match_any,
     normalize_answer,
@@ -27,8 +28,8 @@ class NQExample:
 
 
 def _prediction(output: str) -> str:
-    # The authors: Outputs[-1].split("Answer:")[-1].replace("\n", " ") on prompt + continuation; no
-    # passage or question holds "Answer:", so on the continuation alone this is the same text.
+    # The headline's prediction: the continuation after its last "Answer:" (the whole continuation
+    # when it has none). The authors split their whole decoded string instead, see authors_item_scores.
     return output.split("Answer:")[-1].replace("\n", " ")
 
 
@@ -58,18 +59,40 @@ class NQ:
                 f"Question: {e.question}" for e in examples]
 
     def score(self, examples: Sequence[NQExample], outputs: Sequence[str]) -> tuple[float, dict[str, float]]:
-        check_outputs(self.name, len(examples), outputs)
+        rows = self.item_scores(examples, outputs)
         preds = [_prediction(o) for o in outputs]
-        golds = [e.answers for e in examples]
-        hits = sum(contains_answer_span(p, g) for p, g in zip(preds, golds))
-        exact = sum(exact_match_any(p, g) for p, g in zip(preds, golds))
         n = len(examples)
-        rate = hits / n if n else 0.0
+        rate = mean(r["score"] for r in rows)
         return rate, {
             "span_match": rate,
-            "exact_match": exact / n if n else 0.0,
-            "authors_loop_rate": authors_nq_loop(preds, golds) / n if n else 0.0,
-            "mean_output_words": sum(len(normalize_answer(p).split()) for p in preds) / n if n else 0.0,
+            "exact_match": mean(r["standard"] for r in rows),
+            "authors_score": mean(r["authors"] for r in rows),  # their exact_match_count / 3610
+            "mean_output_words": mean(len(normalize_answer(p).split()) for p in preds),
             "n_items": float(n),
-            "n_correct": float(hits),
+            "n_correct": float(sum(r["score"] for r in rows)),
         }
+
+    def item_scores(self, examples: Sequence[NQExample], outputs: Sequence[str]) -> list[dict[str, float | None]]:
+        """``authors`` is what the item adds to their count: 0, 1 or more, and it depends on the items
+        before it (their loop's ``flag``), so rows must come in file order, from the file's first item."""
+        check_outputs(self.name, len(examples), outputs)
+        authors = authors_item_scores(examples, self.prompts(examples), outputs)
+        rows = []
+        for e, o, a in zip(examples, outputs, authors):
+            p = _prediction(o)
+            rows.append({"score": float(contains_answer_span(p, e.answers)), "authors": a,
+                         "standard": float(exact_match_any(p, e.answers))})
+        return rows
+
+
+def authors_item_scores(examples: Sequence[NQExample], prompts: Sequence[str], outputs: Sequence[str]) -> list[float]:
+    """test-OpenDomainQA(-after).py per item, in file order: what each adds to their count.
+
+    Their prediction is ``text.split("Answer:")[-1].replace("\n", " ")`` on the whole decoded string.
+    The prompt holds no "Answer:" (no passage or question does), so when the continuation has none
+    either, their prediction is pad + prompt + continuation and the span search runs over the passage
+    and question too (a gold answer in the passage counts). Their loop's bugs are replayed
+    (:func:`authors_nq_counts`): double counts, and a ``flag`` never reset between items.
+    """
+    preds = [authors_text(p, o).split("Answer:")[-1].replace("\n", " ") for p, o in zip(prompts, outputs)]
+    return [float(c) for c in authors_nq_counts(preds, [e.answers for e in examples])]

@@ -5,6 +5,7 @@ import json
 from dataclasses import dataclass
 from typing import Sequence
 
+from evaluation.retention.authors import EOT, authors_text, mean
 from evaluation.retention.base import check_outputs, data_path, malformed, require
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
@@ -21,6 +22,12 @@ def _scorer():
     from rouge_score import rouge_scorer  # imported lazily: nltk import is slow
 
     return rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=False)
+
+
+def _authors_rouge():
+    from rouge import Rouge  # pltrdy's `rouge`, the authors' package
+
+    return Rouge()
 
 
 @dataclass
@@ -52,27 +59,64 @@ class SAMSum:
 
     def score(self, examples: Sequence[SAMSumExample], outputs: Sequence[str]) -> tuple[float, dict[str, float]]:
         check_outputs(self.name, len(examples), outputs)
-        scorer = _scorer()
-        sums = dict.fromkeys(ROUGE_TYPES, 0.0)
-        total = 0.0
-        empty = 0
-        for e, o in zip(examples, outputs):
-            # The authors keep the text after the last "DR:" and then cut 13 characters, the
-            # "<|endoftext|>" that GPT-2's decode leaves in; the generator here already skips
-            # special tokens, so nothing is cut. An output with nothing in it scores 0 (their
-            # `len(predict) <= 1` guard, taken on the stripped text).
-            p = o.split("DR:")[-1]
-            if not p.strip():
-                empty += 1
-                continue
-            s = scorer.score(e.summary, p)
-            f = {k: s[k].fmeasure for k in ROUGE_TYPES}
-            for k in ROUGE_TYPES:
-                sums[k] += f[k]
-            total += sum(f.values()) / len(ROUGE_TYPES)
+        per_type = _rouge_score_rows(examples, outputs)
+        authors = authors_item_scores(examples, self.prompts(examples), outputs)
         n = len(examples)
-        mean = total / n if n else 0.0
-        details = {"rouge_mean": mean}
-        details.update({k: v / n if n else 0.0 for k, v in sums.items()})
-        details.update({"n_items": float(n), "n_empty": float(empty)})
-        return mean, details
+        mean_f = mean(sum(f.values()) / len(ROUGE_TYPES) for f in per_type)
+        details = {"rouge_mean": mean_f}
+        details.update({k: mean(f[k] for f in per_type) for k in ROUGE_TYPES})
+        details.update({"authors_score": mean(authors), "n_items": float(n),
+                        "n_empty": float(sum(not o.split("DR:")[-1].strip() for o in outputs))})
+        return mean_f, details
+
+    def item_scores(self, examples: Sequence[SAMSumExample], outputs: Sequence[str]) -> list[dict[str, float | None]]:
+        check_outputs(self.name, len(examples), outputs)
+        authors = authors_item_scores(examples, self.prompts(examples), outputs)
+        rows = []
+        for f, a in zip(_rouge_score_rows(examples, outputs), authors):
+            s = sum(f.values()) / len(ROUGE_TYPES)
+            rows.append({"score": s, "authors": a, "standard": s})  # the headline is rouge-score's mean F
+        return rows
+
+
+def _rouge_score_rows(examples: Sequence[SAMSumExample], outputs: Sequence[str]) -> list[dict[str, float]]:
+    """Per item, rouge-score's F of rouge1/rouge2/rougeL on the text after the last "DR:" (as theirs),
+    uncut: the generator already skips special tokens. An output with nothing in it scores 0 (their
+    `len(predict) <= 1` guard, taken on the stripped text)."""
+    scorer = _scorer()
+    rows = []
+    for e, o in zip(examples, outputs):
+        p = o.split("DR:")[-1]
+        if not p.strip():
+            rows.append(dict.fromkeys(ROUGE_TYPES, 0.0))
+            continue
+        s = scorer.score(e.summary, p)
+        rows.append({k: s[k].fmeasure for k in ROUGE_TYPES})
+    return rows
+
+
+def authors_item_scores(examples: Sequence[SAMSumExample], prompts: Sequence[str], outputs: Sequence[str]) -> list[float]:
+    """test-summarization(-after).py per item: (ROUGE-1 F + ROUGE-2 F + ROUGE-L F) / 3 from pltrdy's
+    ``Rouge().get_scores(predict, summary)`` (case- and punctuation-sensitive whitespace tokens,
+    sentences split on ".", summary-level ROUGE-L), on ``predict = text.split("DR:")[-1][:-13]``.
+
+    The cut of 13 characters always happens: it removes "<|endoftext|>" when GPT-2 stopped early and
+    real text when it ran the 25 tokens. A non-empty continuation is taken as having run its budget
+    (see authors_text), so the cut takes its last 13 characters; an empty one leaves just the end
+    token, cut to "". A prediction of at most 1 character scores 0 (their guard). One whose every
+    sentence is empty (only full stops) makes pltrdy raise, which would have stopped their run: 0 here.
+    """
+    rouge = _authors_rouge()
+    out = []
+    for e, p, o in zip(examples, prompts, outputs):
+        pred = authors_text(p, o).split("DR:")[-1][:-len(EOT)]
+        if len(pred) <= 1:
+            out.append(0.0)
+            continue
+        try:
+            sc = rouge.get_scores(pred, e.summary)[0]
+        except ValueError:  # "Hypothesis is empty."
+            out.append(0.0)
+            continue
+        out.append((sc["rouge-1"]["f"] + sc["rouge-2"]["f"] + sc["rouge-l"]["f"]) / 3)
+    return out

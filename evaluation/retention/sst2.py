@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+from evaluation.retention.authors import authors_text, mean
 from evaluation.retention.base import (
     check_outputs,
     data_path,
@@ -39,13 +40,38 @@ class SST2:
                 f"be exact 'positive' or 'negative'. text: {e.sentence} answer:" for e in examples]
 
     def score(self, examples: Sequence[SST2Example], outputs: Sequence[str]) -> tuple[float, dict[str, float]]:
+        rows = self.item_scores(examples, outputs)
+        valid = sum(_judge(e.label, o.lower())[0] for e, o in zip(examples, outputs))
+        headline, details = label_accuracy(len(examples), valid, int(sum(r["score"] for r in rows)))
+        details["authors_score"] = mean(r["authors"] for r in rows)  # their total_accuracy
+        return headline, details
+
+    def item_scores(self, examples: Sequence[SST2Example], outputs: Sequence[str]) -> list[dict[str, float | None]]:
         check_outputs(self.name, len(examples), outputs)
-        valid = correct = 0
-        for e, o in zip(examples, outputs):
-            p = o.lower()
-            pos, neg = "positive" in p, "negative" in p
-            if not (pos or neg):
-                continue  # the authors' `others`
-            valid += 1
-            correct += (pos and e.label == 1) or (neg and e.label == 0)  # their TP + FN
-        return label_accuracy(len(examples), valid, correct)
+        authors = authors_item_scores(examples, self.prompts(examples), outputs)
+        return [{"score": float(_judge(e.label, o.lower())[1]), "authors": a, "standard": None}
+                for e, o, a in zip(examples, outputs, authors)]
+
+
+def _judge(label: int, p: str) -> tuple[bool, bool]:
+    """(valid, correct) of a lower-cased output, case-insensitive substring tests as theirs."""
+    pos, neg = "positive" in p, "negative" in p
+    if not (pos or neg):
+        return False, False  # the authors' `others`
+    return True, (pos and label == 1) or (neg and label == 0)  # their TP + FN
+
+
+def authors_item_scores(examples: Sequence[SST2Example], prompts: Sequence[str], outputs: Sequence[str]) -> list[float]:
+    """test-SentimentAnalysis(-after).py per item: 1 when it lands in their TP or FN. Their prediction is
+    ``text.split("answer:")[-1]``, the one new token (the prompt ends with the marker). Their if/elif
+    chain counts each valid item once, so their total_accuracy is the mean of these."""
+    out = []
+    for e, p, o in zip(examples, prompts, outputs):
+        pred = authors_text(p, o).split("answer:")[-1].lower()
+        if "positive" in pred and e.label == 1:
+            out.append(1.0)  # TP
+        elif "negative" in pred and e.label == 0:
+            out.append(1.0)  # FN: a correct "negative"
+        else:
+            out.append(0.0)  # TN, FP or others
+    return out

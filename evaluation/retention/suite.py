@@ -38,13 +38,17 @@ from evaluation.retention.samsum import SAMSum
 from evaluation.retention.sst2 import SST2
 
 GenerateFn = Callable[..., list[str]]  # generate(prompts, max_new_tokens, desc="") -> continuations
+# in_scope(prompts) -> (B,) bool tensor: the editor's router acts on each prompt; None: no router
+InScopeFn = Callable[[Sequence[str]], Any]
 
 TASK_NAMES = ("gsm8k", "rte", "nq", "boolq", "mutual", "samsum", "conll03", "sst2")
 TASKS: dict[str, type] = {"gsm8k": GSM8K, "rte": RTE, "nq": NQ, "boolq": BoolQ, "mutual": MuTual,
                           "samsum": SAMSum, "conll03": CoNLL03, "sst2": SST2}
 
 # Bump when prompts, decoding lengths or scoring change: cached reports made before are then ignored.
-SCORING_VERSION = 1
+# 2: details gain authors_score (each task scored as the authors' code computes it; NQ's
+# authors_loop_rate folded into it), BoolQ and MuTual authors_score_before.
+SCORING_VERSION = 2
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +59,12 @@ class RetentionReport:
     details: dict[str, dict[str, float]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)  # generation + scoring, when it was generated
     reused: list[str] = field(default_factory=list)  # tasks read back from the cache, not generated now
+    # per task, one continuation per prompt row (task.prompts order), and per row whether the editor's
+    # router put it in scope (None: no router, or the unedited pass)
+    outputs: dict[str, list[str]] = field(default_factory=dict)
+    routed: dict[str, list[bool] | None] = field(default_factory=dict)
+    # per task, the rows whose continuation is the unedited pass's (out of scope), not generated again
+    reused_rows: dict[str, list[bool]] = field(default_factory=dict)
 
     @property
     def cached(self) -> bool:
@@ -71,7 +81,10 @@ class RetentionReport:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RetentionReport":
         return cls(scores=dict(d["scores"]), details={k: dict(v) for k, v in d.get("details", {}).items()},
-                   seconds=dict(d.get("seconds", {})), reused=list(d.get("reused", [])))
+                   seconds=dict(d.get("seconds", {})), reused=list(d.get("reused", [])),
+                   outputs={k: list(v) for k, v in d.get("outputs", {}).items()},
+                   routed={k: (None if v is None else list(v)) for k, v in d.get("routed", {}).items()},
+                   reused_rows={k: list(v) for k, v in d.get("reused_rows", {}).items()})
 
 
 def _task_list(tasks: Sequence[str] | str) -> list[str]:
@@ -108,8 +121,11 @@ class Gu2024Suite:
     enabled = True
 
     def __init__(self, data_dir: str, tasks: Sequence[str] = TASK_NAMES, limit: int | None = None,
-                 cache_dir: str | None = None, wait_poll_seconds: float = 10.0):
+                 cache_dir: str | None = None, wait_poll_seconds: float = 10.0, reuse_unedited: bool = True):
         self.data_dir = str(data_dir)
+        # an edited pass takes the unedited pass's continuation for every row its editor's router leaves
+        # out of scope (it equals the unedited output bit for bit) and generates only the rows in scope
+        self.reuse_unedited = bool(reuse_unedited)
         # how often a run waiting for a task another run is generating looks at its lock
         self.wait_poll_seconds = float(wait_poll_seconds)
         if self.wait_poll_seconds <= 0:
@@ -168,17 +184,37 @@ class Gu2024Suite:
         return blob
 
     def _store(self, path: str, cache_key: str, name: str, score: float, details: dict[str, float],
-               seconds: float) -> None:
+               seconds: float, outputs: list[str], routed: list[bool] | None, reused_rows: list[bool]) -> None:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         blob = {"key": cache_key, "settings": self.task_settings(name), "score": score, "details": details,
-                "seconds": seconds}
+                "seconds": seconds, "outputs": outputs, "routed": routed, "reused_rows": reused_rows}
         write_json_atomic(path, seal(blob), indent=1, sort_keys=True)
 
-    def evaluate(self, generate: GenerateFn, *, cache_key: str | None = None,
-                 cache_dir: str | None = None) -> RetentionReport:
+    def _continuations(self, name: str, prompts: list[str], generate: GenerateFn, in_scope: InScopeFn | None,
+                       unedited: RetentionReport | None) -> tuple[list[str], list[bool] | None, list[bool]]:
+        """Every row's continuation, whether the router put it in scope, and whether it was taken over
+        from the unedited pass instead of generated (only rows out of scope, when ``reuse_unedited``)."""
+        task = self.tasks[name]
+        mask = in_scope(prompts) if in_scope is not None else None
+        routed = None if mask is None else [bool(x) for x in mask.tolist()]
+        base = unedited.outputs.get(name) if unedited is not None and self.reuse_unedited else None
+        if routed is None or base is None or len(base) != len(prompts):
+            # no router (FT-L, ROME: the edits act on every input) or no unedited outputs: generate every row
+            return list(generate(prompts, task.max_new_tokens, desc=name)), routed, [False] * len(prompts)
+        todo = [i for i, r in enumerate(routed) if r]
+        outputs = list(base)
+        for i, out in zip(todo, generate([prompts[i] for i in todo], task.max_new_tokens, desc=name)):
+            outputs[i] = out
+        return outputs, routed, [not r for r in routed]
+
+    def evaluate(self, generate: GenerateFn, *, cache_key: str | None = None, cache_dir: str | None = None,
+                 in_scope: InScopeFn | None = None, unedited: RetentionReport | None = None) -> RetentionReport:
         """Run every task through ``generate``. With ``cache_key`` (naming the model, its state and its
         generation settings) and a cache folder (``cache_dir``, else the suite's), each task's score is
-        read back when stored for the same key and task settings, and stored as soon as it is computed."""
+        read back when stored for the same key and task settings, and stored as soon as it is computed.
+
+        ``in_scope`` (an edited pass: the editor's router) marks the rows the edits act on; with the
+        ``unedited`` pass's report, the other rows keep its continuations (see ``reuse_unedited``)."""
         directory = cache_dir if cache_dir is not None else self.cache_dir
         paths = ({name: self.cache_path(directory, cache_key, name) for name in self.task_names}
                  if cache_key is not None and directory is not None else {})
@@ -190,17 +226,21 @@ class Gu2024Suite:
         scores: dict[str, float] = {}
         details: dict[str, dict[str, float]] = {}
         seconds: dict[str, float] = {}
+        outputs: dict[str, list[str]] = {}
+        routed: dict[str, list[bool] | None] = {}
+        reused_rows: dict[str, list[bool]] = {}
 
         def run_task(name: str) -> None:
             task = self.tasks[name]
             t0 = time.perf_counter()
             examples = self.examples(name)
-            prompts = task.prompts(examples)
-            outputs = list(generate(prompts, task.max_new_tokens, desc=name))
-            scores[name], details[name] = task.score(examples, outputs)
+            outputs[name], routed[name], reused_rows[name] = self._continuations(
+                name, task.prompts(examples), generate, in_scope, unedited)
+            scores[name], details[name] = task.score(examples, outputs[name])
             seconds[name] = time.perf_counter() - t0
             if name in paths:
-                self._store(paths[name], cache_key, name, scores[name], details[name], seconds[name])
+                self._store(paths[name], cache_key, name, scores[name], details[name], seconds[name],
+                            outputs[name], routed[name], reused_rows[name])
 
         def read_back(name: str) -> bool:
             blob = stored.get(name) or (self._load_cached(paths[name], cache_key, name) if name in paths else None)
@@ -208,6 +248,7 @@ class Gu2024Suite:
                 return False
             stored[name] = blob
             scores[name], details[name], seconds[name] = blob["score"], dict(blob["details"]), blob["seconds"]
+            outputs[name], routed[name], reused_rows[name] = list(blob["outputs"]), blob["routed"], blob["reused_rows"]
             return True
 
         def generate_or_read(name: str) -> None:  # under the task's lock
@@ -239,7 +280,8 @@ class Gu2024Suite:
         vals = [scores[n] for n in self.task_names]
         scores["average"] = sum(vals) / len(vals)
         return RetentionReport(scores=scores, details=details, seconds=seconds,
-                               reused=[n for n in self.task_names if n in stored])
+                               reused=[n for n in self.task_names if n in stored], outputs=outputs, routed=routed,
+                               reused_rows=reused_rows)
 
 
 def _is_number(x: Any) -> bool:
@@ -247,9 +289,12 @@ def _is_number(x: Any) -> bool:
 
 
 def _valid_stored_fields(blob: dict[str, Any]) -> bool:
-    details = blob.get("details")
+    details, outputs, routed, reused = (blob.get(k) for k in ("details", "outputs", "routed", "reused_rows"))
     return (_is_number(blob.get("score")) and _is_number(blob.get("seconds")) and isinstance(details, dict)
-            and all(isinstance(k, str) and _is_number(v) for k, v in details.items()))
+            and all(isinstance(k, str) and _is_number(v) for k, v in details.items())
+            and isinstance(outputs, list) and all(isinstance(o, str) for o in outputs)
+            and (routed is None or (isinstance(routed, list) and len(routed) == len(outputs)))
+            and isinstance(reused, list) and len(reused) == len(outputs))
 
 
 class NoRetention:
@@ -261,5 +306,6 @@ class NoRetention:
         pass
 
     def evaluate(self, generate: GenerateFn | None = None, *, cache_key: str | None = None,
-                 cache_dir: str | None = None) -> None:
+                 cache_dir: str | None = None, in_scope: InScopeFn | None = None,
+                 unedited: RetentionReport | None = None) -> None:
         return None

@@ -21,6 +21,7 @@ from evaluation.editing.compilation import compile_blocks
 from evaluation.editing.editor import Editor
 from evaluation.editing.generation import make_generate_fn
 from evaluation.editing.unedited import Unedited
+from evaluation.retention.outputs import write_report_items
 from evaluation.run.checkpoint import CheckpointManager, StreamCheckpoint, state_digest
 from evaluation.run.folder import RunFolder
 from evaluation.run.interrupts import stop_on_signals
@@ -259,7 +260,9 @@ def _run(cfg: DictConfig, run_dir: Path, choices: Mapping[str, str], checkpoints
             with stop_on_signals(lambda sig: f"stopped by {sig} during the retention suite after {len(requests)} "
                                              f"edits; the tasks it finished are kept in {store}" +
                                              (f"; to go on, {checkpoints.resume_hint}" if resumable else "")):
-                after = retention.evaluate(gen, cache_key=edited_key, cache_dir=str(store))
+                # rows out of the router's scope keep the unedited continuation (equal bit for bit)
+                after = retention.evaluate(gen, cache_key=edited_key, cache_dir=str(store), unedited=retention_base,
+                                           in_scope=lambda prompts: editor.in_scope(prompts, cfg.eval_batch_size))
             timings["retention_seconds"] = time.perf_counter() - start
             metrics["retention"] = after.scores
             metrics["retention_base"] = retention_base.scores
@@ -269,6 +272,12 @@ def _run(cfg: DictConfig, run_dir: Path, choices: Mapping[str, str], checkpoints
             # per task: seconds to generate and score (measured when it ran) and which were read from a cache
             retention_tasks = {name: {"seconds": report.seconds, "reused": report.reused}
                                for name, report in (("unedited", retention_base), ("edited", after))}
+            # per task, how many rows the edited pass generated (in scope, or every row without a router)
+            retention_tasks["edited"]["generated_rows"] = {
+                t: len(rows) - sum(rows) for t, rows in after.reused_rows.items()}
+            for pass_name, report in (("unedited", retention_base), ("edited", after)):
+                for task, rows in write_report_items(retention, report, run_dir, pass_name).items():
+                    logger.table(f"retention_outputs/{pass_name}/{task}", rows)
         timings["wall_seconds"] = time.perf_counter() - wall
         flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         for group in ("retention", "retention_base", "retention_ratio"):  # each task, the average, the ratio

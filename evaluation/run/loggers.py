@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -17,6 +17,9 @@ class NullLogger:
 
     def summary(self, metrics: Mapping[str, Any]) -> None:
         pass
+
+    def table(self, key: str, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Log rows (dicts with the same keys) as one table (W&B: a ``wandb.Table``)."""
 
     def finish(self) -> None:
         pass
@@ -90,6 +93,17 @@ class WandbLogger(NullLogger):
                     self.run.summary[key] = value
             except Exception as err:  # noqa: BLE001
                 self._warn_once("summary", err)
+
+    def table(self, key: str, rows: Sequence[Mapping[str, Any]]) -> None:
+        if self.run is not None and rows:
+            try:
+                import wandb
+
+                columns = list(rows[0])
+                data = [[r.get(c) for c in columns] for r in rows]
+                self.run.log({key: wandb.Table(columns=columns, data=data, allow_mixed_types=True)})
+            except Exception as err:  # noqa: BLE001
+                self._warn_once("table", err)
 
     def finish(self) -> None:
         if self.run is not None:

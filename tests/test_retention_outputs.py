@@ -1,0 +1,141 @@
+"""Per-example retention outputs: reuse of the unedited continuations for rows out of scope equals
+regeneration, stored outputs re-score to the stored scores, and the diff command."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hydra.utils import instantiate
+
+from data.requests import EditRequest
+from evaluation.editing.generation import make_generate_fn
+from evaluation.editing.unedited import Unedited
+from evaluation.reporting.retention_items import diff_runs, main, rescore_run
+from evaluation.retention.outputs import item_ids, read_items, task_file, write_items
+from evaluation.retention.suite import Gu2024Suite, RetentionReport
+from evaluation.run.compose import compose_config
+from tests.conftest import RETENTION_DATA, tiny_model
+
+pytestmark = pytest.mark.skipif(not RETENTION_DATA.is_dir(), reason=f"retention data not at {RETENTION_DATA}")
+
+TASKS = ["rte", "sst2", "gsm8k"]
+
+
+class Counting:
+    """A generate function that counts the prompts it is asked to continue."""
+
+    def __init__(self, generate):
+        self.generate, self.prompts = generate, 0
+
+    def __call__(self, prompts, max_new_tokens, desc=""):
+        self.prompts += len(prompts)
+        return self.generate(prompts, max_new_tokens, desc=desc)
+
+
+def _suite(reuse: bool) -> Gu2024Suite:
+    return Gu2024Suite(str(RETENTION_DATA), tasks=TASKS, limit=3, reuse_unedited=reuse)
+
+
+@pytest.fixture(scope="module")
+def base() -> RetentionReport:
+    """The tiny model's unedited retention report (the model is the same for every test: seeded)."""
+    loaded = tiny_model("tiny_llama")
+    return _suite(True).evaluate(make_generate_fn(loaded.model, loaded.tokenizer, Unedited(loaded), progress=False))
+
+
+def _edited(editor_name: str, *overrides: str):
+    """An editor on a fresh tiny model whose edits are the first retention prompt of each task: those
+    rows are in the router's scope, the others (unrelated text) are not."""
+    loaded = tiny_model("tiny_llama")
+    suite = _suite(True)
+    cfg = compose_config([f"editor={editor_name}", "model=tiny_llama", *overrides])
+    editor = instantiate(cfg.editor, _partial_=True)(model=loaded)
+    prompts = [suite.tasks[t].prompts(suite.examples(t))[0] for t in TASKS]
+    requests = [EditRequest.make(i, p, " Z", [p], [("The sky is", " blue")]) for i, p in enumerate(prompts)]
+    step = getattr(editor.config, "batch_size", 1)
+    for start in range(0, len(requests), step):
+        editor.edit(requests[start:start + step])
+    return editor
+
+
+# ELDER on a random tiny model: most prompts share the edits' codes at the default Hamming threshold;
+# epsilon=1 keeps exactly the prompts whose code equals a stored one (the edits) in scope
+SETTINGS = {"elder": ["editor.epsilon=1"]}
+
+
+@pytest.mark.parametrize("editor_name", ["grace", "melo", "elder", "defer"])
+def test_rows_out_of_scope_reuse_the_unedited_continuation_and_equal_regeneration(editor_name, base, one_thread):
+    editor = _edited(editor_name, *SETTINGS.get(editor_name, []))
+
+    def in_scope(prompts):
+        return editor.in_scope(prompts)
+
+    gen_reuse = Counting(make_generate_fn(editor.model, editor.tokenizer, editor, progress=False))
+    gen_all = Counting(make_generate_fn(editor.model, editor.tokenizer, editor, progress=False))
+    reused = _suite(True).evaluate(gen_reuse, in_scope=in_scope, unedited=base)
+    regenerated = _suite(False).evaluate(gen_all, in_scope=in_scope, unedited=base)
+
+    routed = [r for t in TASKS for r in reused.routed[t]]
+    assert any(routed) and not all(routed), f"{editor_name}: the case needs rows in and out of scope"
+    assert reused.outputs == regenerated.outputs  # bit for bit, every row
+    assert reused.scores == regenerated.scores
+    assert gen_reuse.prompts == sum(routed) < gen_all.prompts == len(routed)
+    for t in TASKS:
+        assert reused.reused_rows[t] == [not r for r in reused.routed[t]]
+        assert regenerated.reused_rows[t] == [False] * len(regenerated.outputs[t])
+    # the reuse is not vacuous: some rows in scope generate something other than the unedited text
+    assert any(reused.outputs[t][i] != base.outputs[t][i] for t in TASKS
+               for i, r in enumerate(reused.routed[t]) if r)
+
+
+def test_an_editor_without_a_router_regenerates_every_row(base, one_thread):
+    editor = _edited("ft_l")
+    gen = Counting(make_generate_fn(editor.model, editor.tokenizer, editor, progress=False))
+    report = _suite(True).evaluate(gen, in_scope=editor.in_scope, unedited=base)
+    assert all(report.routed[t] is None for t in TASKS)
+    assert gen.prompts == sum(len(report.outputs[t]) for t in TASKS)
+    assert not any(r for t in TASKS for r in report.reused_rows[t])
+
+
+def test_a_run_stores_every_item_and_its_outputs_rescore_to_the_stored_scores(tmp_path: Path, one_thread):
+    from evaluation.run.experiment import run_experiment
+
+    overrides = ["model=tiny_llama", "editor=grace", "dataset.num_edits=3", "progress=false", "logger=none",
+                 "retention.limit=3", "retention.tasks=[rte,nq,samsum,conll03]",
+                 f"retention.cache_dir={tmp_path / 'cache'}"]
+    run = tmp_path / "run"
+    out = run_experiment(compose_config(overrides), run, {"editor": "grace", "model": "tiny_llama", "dataset": "zsre"})
+    for pass_name, group in (("edited", "retention"), ("unedited", "retention_base")):
+        rescored = rescore_run(run, pass_name)
+        assert set(rescored) == {"rte", "nq", "samsum", "conll03"}
+        for task, res in rescored.items():
+            assert res["rescored"] == res["stored"] == out["metrics"][group][task], (pass_name, task)
+    rows = read_items(task_file(run, "edited", "conll03"))
+    assert [r["id"] for r in rows[:5]] == ["0.0", "0.1", "0.2", "0.3", "1.0"]  # four prompts per sentence
+    assert {"id", "prompt", "continuation", "authors", "routed", "reused"} <= set(rows[0])
+    assert all(isinstance(r["routed"], bool) for r in rows)
+    assert all(r["routed"] is None for r in read_items(task_file(run, "unedited", "rte")))
+    # an edited pass that generated only in-scope rows says how many (GRACE: nothing here is in scope)
+    results = json.loads((run / "results.json").read_text())
+    generated = results["retention_tasks"]["edited"]["generated_rows"]
+    assert generated == {t: sum(r["routed"] for r in read_items(task_file(run, "edited", t)))
+                         for t in ("rte", "nq", "samsum", "conll03")}
+
+
+def _fixture_run(folder: Path, continuations: list[str]) -> None:
+    rows = [{"id": i, "prompt": f"prompt {i}", "continuation": c, "score": 0.0, "authors": 0.0, "routed": None,
+             "reused": False} for i, c in zip(item_ids(len(continuations), len(continuations)), continuations)]
+    write_items(task_file(folder, "edited", "rte"), rows)
+
+
+def test_diff_prints_the_items_whose_outputs_differ(tmp_path: Path, capsys) -> None:
+    _fixture_run(tmp_path / "a", [" True", " False", " True"])
+    _fixture_run(tmp_path / "b", [" True", " True", " True"])
+    res = diff_runs(tmp_path / "a", tmp_path / "b")
+    assert res["rte"]["compared"] == 3 and [ra["id"] for ra, _ in res["rte"]["differ"]] == ["1"]
+    main(["diff", str(tmp_path / "a"), str(tmp_path / "b")])
+    printed = capsys.readouterr().out
+    assert "rte: 1 of 3 items differ" in printed and "- 1: prompt 1" in printed
+    with pytest.raises(SystemExit, match="no per-example retention outputs"):
+        main(["diff", str(tmp_path / "a"), str(tmp_path / "missing")])
