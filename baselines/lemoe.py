@@ -46,7 +46,7 @@ from evaluation.editing.models import (
     replace_module,
 )
 from evaluation.editing.prefix_cache import frozen_prefix, replaying
-from evaluation.editing.query import SequenceQuery
+from evaluation.editing.query import RouteTaken, SequenceQuery
 
 EXPERTS = ("ffn", "lora")
 EXPERT_INITS = ("zero_out", "copy")
@@ -162,6 +162,7 @@ class PromptMeanQuery(SequenceQuery):
     def __init__(self, stack: nn.Module, embeddings: nn.Module, on_query: Callable[[torch.Tensor], object]) -> None:
         self.positions = self.value = self.derived = None  # SequenceQuery's state, without its input hook
         self.on_query, self.detach, self._embeddings = on_query, True, [embeddings]
+        self.stop_after_route = False
         self._handle = stack.register_forward_pre_hook(self._pool, with_kwargs=True)
 
     def _pool(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -175,6 +176,8 @@ class PromptMeanQuery(SequenceQuery):
                                f"{ids.shape[0]}")
         self.value = pooled_embedding(self._embeddings[0], ids, kwargs.get("attention_mask"), self.positions)
         self.derived = self.on_query(self.value)
+        if self.stop_after_route:
+            raise RouteTaken
         return None
 
 

@@ -7,7 +7,8 @@ json builder (cached in ``cache_dir``) and every record is validated so a malfor
 Three formats: ``zsre`` (MEND/WISE lifelong split), ``counterfact`` (EasyEdit's flat CounterFact,
 one paraphrase and one locality pair per record) and ``counterfact_rome`` (ROME's own CounterFact
 records: two paraphrases, ten neighbourhood prompts). ``dataset.target`` picks the edit target's
-field where a format has a choice (``TARGETS``).
+field where a format has a choice (``TARGETS``). ``dataset.protocol``/``dataset.revisit`` (data/protocol.py)
+then turn the facts into the stream: by default the records themselves.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from data.order import check_order, plan_order
+from data.protocol import build_stream, check_protocol, is_plain, phrasings_needed
 from data.requests import EditRequest
 from evaluation.common.errors import HarnessError
 from evaluation.common.integrity import file_sha256
@@ -99,8 +101,11 @@ def load_edit_requests(
     fields: FieldMap,
     num_edits: int,
     cache_dir: str | None = None,
+    fewer_ok: bool = False,
 ) -> list[EditRequest]:
-    """A flat-format edit set (ZsRE, EasyEdit CounterFact): one paraphrase and one locality pair each."""
+    """A flat-format edit set (ZsRE, EasyEdit CounterFact): one paraphrase and one locality pair each.
+
+    ``fewer_ok``: up to ``num_edits`` records, fewer where the file has fewer (no error)."""
     path = Path(path)
     requests: list[EditRequest] = []
     for index, record in _records(path, num_edits, cache_dir):
@@ -123,7 +128,8 @@ def load_edit_requests(
         )
         if len(requests) == num_edits:
             break
-    _check_enough(path, requests, num_edits)
+    if not fewer_ok:
+        _check_enough(path, requests, num_edits)
     return requests
 
 
@@ -198,6 +204,7 @@ def load_rome_counterfact(
     num_edits: int,
     cache_dir: str | None = None,
     target: str = ROME_TARGET_NEW,
+    fewer_ok: bool = False,
 ) -> list[EditRequest]:
     """ROME's CounterFact records (``counterfact.json`` format) as edit requests.
 
@@ -239,7 +246,8 @@ def load_rome_counterfact(
         )
         if len(requests) == num_edits:
             break
-    _check_enough(path, requests, num_edits)
+    if not fewer_ok:
+        _check_enough(path, requests, num_edits)
     return requests
 
 
@@ -280,7 +288,8 @@ class EditDataset:
     def __init__(self, name: str, path: str, num_edits: int = 1000, cache_dir: str | None = None,
                  url: str | None = None, sha256: str | None = None, target: str | None = None,
                  max_tokens: int = 512, order: str = "file", order_clusters: int | None = None,
-                 order_sequence: str = "first") -> None:
+                 order_sequence: str = "first", protocol: str = "one_per_fact", revisit: int = 1,
+                 seed: int = 0) -> None:
         if name not in FORMATS:
             raise DataError(f"unknown dataset '{name}': known formats are {sorted(FORMATS)}")
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
@@ -291,12 +300,23 @@ class EditDataset:
         self.target, self.target_field = target, target_field(name, target)  # a bad target fails here
         check_order(order, order_clusters, order_sequence)
         self.order, self.order_clusters, self.order_sequence = order, order_clusters, order_sequence
+        check_protocol(protocol, revisit, num_edits, order)
+        self.protocol, self.revisit, self.seed = protocol, revisit, seed
 
     def load(self) -> list[EditRequest]:
+        """The edit stream before ``dataset.order``: the first ``num_edits`` usable records (the default), or the
+        stream ``dataset.protocol``/``dataset.revisit`` build from the facts (data/protocol.py)."""
+        if is_plain(self.protocol, self.revisit):
+            return self._facts(self.num_edits)
+        _check_num_edits(self.num_edits)
+        facts = self._facts(phrasings_needed(self.num_edits, self.revisit), fewer_ok=True)
+        return build_stream(facts, self.protocol, self.revisit, self.num_edits, self.seed, source=str(self.path))
+
+    def _facts(self, num: int, fewer_ok: bool = False) -> list[EditRequest]:
         if self.name == "counterfact_rome":
-            return load_rome_counterfact(self.path, self.num_edits, self.cache_dir, self.target_field)
+            return load_rome_counterfact(self.path, num, self.cache_dir, self.target_field, fewer_ok)
         fields = replace(FIELD_MAPS[self.name], target=self.target_field)
-        return load_edit_requests(self.path, fields, self.num_edits, self.cache_dir)
+        return load_edit_requests(self.path, fields, num, self.cache_dir, fewer_ok)
 
     def check_fits(self, requests: list[EditRequest], tokenizer: Any, context: int | None) -> None:
         """Every text of ``requests`` fits ``max_tokens`` and the model's ``context`` (data.lengths)."""

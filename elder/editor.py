@@ -169,7 +169,9 @@ class ElderEditor(Editor):
         c = self.config
         device = next(self.model.parameters()).device
         batch = encode_pairs(self.tokenizer, [r.prompt for r in requests], [r.target for r in requests]).to(device)
-        preset = self.allocator.batch([r.uid for r in requests])  # (B, L, k)
+        # (B, L, k), by fact: every phrasing (and revisit) of one fact shares its allocation (ELDER's
+        # "identically labeled edits"); by default each request is its own fact (fact = uid)
+        preset = self.allocator.batch([r.fact for r in requests])
         if c.reset_optimizer:
             self.optimizer = self._new_optimizer()
         schedule = self._batch_schedule()

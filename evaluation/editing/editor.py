@@ -29,7 +29,7 @@ from evaluation.common.errors import ConfigError
 from evaluation.editing.encoding import KEY_POSITIONS, EncodedBatch, encode_pairs
 from evaluation.editing.forward import target_logits
 from evaluation.editing.models import LoadedModel
-from evaluation.editing.query import SequenceQuery
+from evaluation.editing.query import RouteTaken, SequenceQuery
 
 
 @dataclass
@@ -191,13 +191,16 @@ class Editor(nn.Module, ABC):
         """
         if self.query is None:
             return None
-        masks = []
-        for i in range(0, len(prompts), batch_size):
-            chunk = list(prompts[i:i + batch_size])
-            route = self.routes_for(chunk)
-            active = getattr(route, "active", None) if route is not None else torch.zeros(len(chunk), dtype=torch.bool)
-            masks.append(torch.ones(len(chunk), dtype=torch.bool) if active is None else active.bool().cpu())
-        return torch.cat(masks) if masks else torch.zeros(0, dtype=torch.bool)
+        # batches of similar lengths: less padding in the routing forwards
+        lengths = [len(ids) for ids in self.tokenizer(list(prompts)).input_ids] if prompts else []
+        order = sorted(range(len(prompts)), key=lengths.__getitem__)
+        mask = torch.zeros(len(prompts), dtype=torch.bool)
+        for i in range(0, len(order), batch_size):
+            idx = order[i:i + batch_size]
+            route = self.routes_for([prompts[j] for j in idx])
+            active = getattr(route, "active", None) if route is not None else torch.zeros(len(idx), dtype=torch.bool)
+            mask[idx] = True if active is None else active.bool().cpu()
+        return mask
 
     @torch.no_grad()
     def routes_for(self, prompts: Sequence[str]) -> Any:
@@ -205,9 +208,16 @@ class Editor(nn.Module, ABC):
         assert self.query is not None, "routes_for needs an editor with a router"
         device = next(self.model.parameters()).device
         enc = encode_pairs(self.tokenizer, list(prompts), ["x"] * len(prompts)).to(device)  # the target is not read
-        with self.scope(enc.query_positions):
-            target_logits(self.model, enc)
-            return self.query.derived
+        self.query.stop_after_route = True  # the route is known at the query layer: skip the rest
+        try:
+            with self.scope(enc.query_positions):
+                try:
+                    target_logits(self.model, enc)
+                except RouteTaken:
+                    pass
+                return self.query.derived
+        finally:
+            self.query.stop_after_route = False
 
     def write_artifacts(self, run_dir: Path, requests: Sequence[EditRequest], retention_data_dir: str) -> None:
         """Write method-specific files into the finished run's folder (ELDER: Figure 4's codes); none by default."""

@@ -3,6 +3,13 @@
 Each row's query token is its last prompt token (the rightmost column under left padding), given to
 the editor's :meth:`~evaluation.editing.editor.Editor.scope`, so routing and deferral act per example
 exactly as they would one prompt at a time.
+
+Batches are cut from the length-sorted prompts either every ``batch_size`` rows or by a token budget
+(:func:`token_budget_batches`). On a CPU prefill is compute-bound, so a batch pays only for what it
+shares (the decoding steps) and loses what it pads; a budget on ``rows * longest prompt`` keeps long
+prompts in small batches and short ones in large batches. The LM head runs only where a token is
+generated: ``GenerationMixin.generate`` passes ``logits_to_keep=1`` to models whose ``forward`` takes it
+(LlamaForCausalLM and GPT2LMHeadModel do), so prefill projects the last position alone.
 """
 from __future__ import annotations
 
@@ -18,20 +25,46 @@ from evaluation.editing.editor import Editor
 GenerateFn = Callable[..., list[str]]
 
 
+def token_budget_batches(lengths: Sequence[int], budget: int | None, max_rows: int) -> list[list[int]]:
+    """Indices of ``lengths``, shortest first (ties in input order), cut into batches.
+
+    A batch takes the next prompts while ``rows * longest <= budget`` and ``rows <= max_rows``; a prompt
+    longer than ``budget`` forms a batch of its own. ``budget=None``: batches of ``max_rows``.
+    """
+    if max_rows < 1:
+        raise ValueError(f"max_rows must be at least 1, got {max_rows}")
+    if budget is not None and budget < 1:
+        raise ValueError(f"token budget must be at least 1 (or None), got {budget}")
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches: list[list[int]] = []
+    batch: list[int] = []
+    for i in order:  # ascending, so prompt i is the longest of the batch it joins
+        full = len(batch) >= max_rows or (budget is not None and (len(batch) + 1) * lengths[i] > budget)
+        if batch and full:
+            batches.append(batch)
+            batch = []
+        batch.append(i)
+    if batch:
+        batches.append(batch)
+    return batches
+
+
 def make_generate_fn(model: nn.Module, tokenizer: Any, scope: Editor | None = None, batch_size: int = 32,
-                     progress: bool = True) -> GenerateFn:
-    """``generate(prompts, max_new_tokens, desc="") -> continuations`` for ``model`` (routed by ``scope``)."""
+                     progress: bool = True, token_budget: int | None = None) -> GenerateFn:
+    """``generate(prompts, max_new_tokens, desc="") -> continuations`` for ``model`` (routed by ``scope``).
+
+    Batches hold at most ``batch_size`` prompts and, with ``token_budget``, at most ``token_budget``
+    padded prompt tokens (see :func:`token_budget_batches`). Continuations do not depend on either.
+    """
 
     @torch.no_grad()
     def generate(prompts: Sequence[str], max_new_tokens: int, desc: str = "") -> list[str]:
         device = next(model.parameters()).device
         encoded = [tokenizer(p).input_ids for p in prompts]
-        order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
         out: list[str] = [""] * len(prompts)
         pad = tokenizer.pad_token_id
         bar = tqdm(total=len(prompts), desc=desc or "generate", disable=not progress, leave=False)
-        for s in range(0, len(order), batch_size):
-            idx = order[s:s + batch_size]
+        for idx in token_budget_batches([len(e) for e in encoded], token_budget, batch_size):
             width = max(len(encoded[i]) for i in idx)
             ids = torch.full((len(idx), width), pad, dtype=torch.long)
             mask = torch.zeros((len(idx), width), dtype=torch.long)

@@ -13,6 +13,11 @@ import torch
 from torch import nn
 
 
+class RouteTaken(Exception):
+    """Raised by a query hook whose ``stop_after_route`` is set, once the route is derived: a caller that
+    only needs the route (``Editor.routes_for``) skips the layers above the query layer and the LM head."""
+
+
 class SequenceQuery:
     """Holds the current batch's query vectors (B, d) and anything derived from them.
 
@@ -27,6 +32,7 @@ class SequenceQuery:
         self.derived: object | None = None
         self.on_query = on_query
         self.detach = detach
+        self.stop_after_route = False
         self._handle = module.register_forward_pre_hook(self._hook)
 
     def _hook(self, module: nn.Module, args: tuple) -> None:
@@ -42,6 +48,8 @@ class SequenceQuery:
         self.value = q.detach() if self.detach else q
         if self.on_query is not None:
             self.derived = self.on_query(self.value)
+        if self.stop_after_route:
+            raise RouteTaken
 
     @contextlib.contextmanager
     def scope(self, positions: torch.Tensor) -> Iterator[None]:

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import set_seed
 
 from data.lengths import model_context
+from data.protocol import describe_stream
 from evaluation.common.errors import ConfigError, HarnessError
 from evaluation.editing.compilation import compile_blocks
 from evaluation.editing.editor import Editor
@@ -175,7 +176,7 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path, choices: Mapping[str, s
 
 #: run settings that count something and must be at least 1, checked before any work (the stream checks
 #: editor.batch_size again where it uses it; the loader checks dataset.num_edits)
-_POSITIVE = ("eval_batch_size", "editor.batch_size", "checkpoint.keep")
+_POSITIVE = ("eval_batch_size", "generation_token_budget", "editor.batch_size", "checkpoint.keep")
 
 
 def check_run_settings(cfg: DictConfig) -> None:
@@ -221,7 +222,8 @@ def _run(cfg: DictConfig, run_dir: Path, choices: Mapping[str, str], checkpoints
     model_key = f"{choices.get('model', 'model')}-{_config_key(cfg.model)}" + (f"-{cfg.autocast}" if cfg.autocast else "")
     if retention.enabled:
         start = time.perf_counter()
-        gen = make_generate_fn(loaded.model, loaded.tokenizer, unedited, cfg.eval_batch_size, cfg.progress)
+        gen = make_generate_fn(loaded.model, loaded.tokenizer, unedited, cfg.eval_batch_size, cfg.progress,
+                             token_budget=cfg.generation_token_budget)
         kept = ("are cached, so rerunning the same command skips them" if getattr(retention, "cache_dir", None)
                 else "are lost (retention.cache_dir is null)")
         with stop_on_signals(lambda sig: f"stopped by {sig} during the unedited model's retention suite; "
@@ -252,7 +254,8 @@ def _run(cfg: DictConfig, run_dir: Path, choices: Mapping[str, str], checkpoints
         }
         if retention.enabled:
             start = time.perf_counter()
-            gen = make_generate_fn(editor.model, editor.tokenizer, editor, cfg.eval_batch_size, cfg.progress)
+            gen = make_generate_fn(editor.model, editor.tokenizer, editor, cfg.eval_batch_size, cfg.progress,
+                                 token_budget=cfg.generation_token_budget)
             edited_key = (f"{model_key}-{choices.get('editor', 'editor')}-{_config_key(cfg.editor)}"
                           f"-{state_digest(editor.state_dict())}")
             store = run_dir / RETENTION_STORE
@@ -288,6 +291,8 @@ def _run(cfg: DictConfig, run_dir: Path, choices: Mapping[str, str], checkpoints
         # per curve point, each edit batch's reliability and generalization (evaluation/run/forgetting.py)
         extra: dict[str, Any] = {"choices": dict(choices), "stream": stream_info, "forgetting": stream.forgetting,
                                  "dataset_order": [r.uid for r in requests]}  # the edits' uids in stream order
+        # dataset.protocol/revisit, the stream's entries, distinct facts and trained phrasings (data/protocol.py)
+        extra["dataset_protocol"] = describe_stream(requests, dataset.protocol, dataset.revisit)
         if retention.enabled:
             extra["retention_tasks"] = retention_tasks
         try:

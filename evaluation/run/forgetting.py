@@ -12,7 +12,10 @@ list with one entry per curve point, in stream order::
 
 The last batch of the final point may be shorter (``num_edits`` not a multiple of the batch size).
 Averaged with the batch sizes as weights, a point's lists give the curve point's ``reliability`` and
-``generalization``. Batches are counted from the start of the stream in groups of ``batch_size`` (the
+``generalization`` where every stream entry is its own fact (the default). Under ``dataset.protocol=grouped``
+or ``dataset.revisit>1`` a batch's values are over its stream entries (a revisited phrasing counts in every
+batch that holds it, with its score at that point), while the curve point counts each distinct phrasing or
+fact once (evaluation.run.metrics), so the two averages can differ. Batches are counted from the start of the stream in groups of ``batch_size`` (the
 editor's ``batch_size``): the stream's own batches unless ``editor.batch_size`` changed on a resume.
 
 From these records this module derives what ``python -m evaluation.tables forgetting`` draws: every

@@ -4,11 +4,16 @@ Per request: reliability on the edit prompt, generalization on the held-out para
 them), each as sequence-level exact match (every target token is the argmax: the headline) and token
 accuracy (EasyEdit's variant); locality as agreement of argmax tokens with the unedited model on each
 locality prompt + its answer (mean over the request's probes). Each metric is the mean over requests.
+
+Where several requests phrase one fact (``dataset.protocol=grouped``, ``dataset.revisit>1``; data/protocol.py),
+each distinct trained phrasing (fact, prompt) counts once for reliability and each fact once for generalization
+and locality (its held-out phrasings and probes, shared by all its requests): the means are over those, and
+only those rows are predicted. By default every request is its own fact, so these are the means over requests.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Hashable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -75,6 +80,18 @@ def locality_inputs(requests: Sequence[EditRequest]) -> tuple[list[str], list[st
     return [p for p, _ in probes], [a for _, a in probes]
 
 
+def first_occurrences(keys: Sequence[Hashable]) -> tuple[list[int], list[int]]:
+    """(index of each distinct key's first occurrence, in order; for every position, its key's rank in that list)."""
+    rank: dict[Hashable, int] = {}
+    firsts, where = [], []
+    for i, key in enumerate(keys):
+        if key not in rank:
+            rank[key] = len(firsts)
+            firsts.append(i)
+        where.append(rank[key])
+    return firsts, where
+
+
 def _split(rows: Sequence[Any], counts: Sequence[int]) -> list[Sequence[Any]]:
     """Cut a flat list of rows into consecutive groups of ``counts`` rows."""
     out, start = [], 0
@@ -93,9 +110,13 @@ def base_locality_predictions(editor: Editor, requests: Sequence[EditRequest], b
                               desc: str | None = None) -> list[tuple[RowPredictions, ...]]:
     """The unedited model's locality predictions, grouped per request (one tuple entry per probe).
 
-    One entry per request, so a stream prefix ``requests[:k]`` goes with ``base[:k]``."""
-    flat = predict(editor, *locality_inputs(requests), batch_size=batch_size, desc=desc)
-    return [tuple(group) for group in _split(flat, [len(r.locality) for r in requests])]
+    One entry per request, so a stream prefix ``requests[:k]`` goes with ``base[:k]``; each fact's probes are
+    predicted once and shared by its requests."""
+    facts, at_fact = first_occurrences([r.fact for r in requests])
+    held = [requests[i] for i in facts]
+    flat = predict(editor, *locality_inputs(held), batch_size=batch_size, desc=desc)
+    groups = [tuple(group) for group in _split(flat, [len(r.locality) for r in held])]
+    return [groups[j] for j in at_fact]
 
 
 def group_base_locality(base_locality: BaseLocality, requests: Sequence[EditRequest]) -> list[Sequence[RowPredictions]]:
@@ -121,31 +142,34 @@ def evaluate_edits(editor: Editor, requests: Sequence[EditRequest], base_localit
     """All edit metrics for ``requests`` on the editor's current model.
 
     Per request, generalization (and its token accuracy) is the mean over the request's paraphrases
-    and locality the mean agreement over its probes; each metric is then the mean over requests.
+    and locality the mean agreement over its probes; each metric is then the mean over requests, a
+    trained phrasing (reliability) or fact (generalization, locality) repeated in ``requests`` counting once.
     ``per_request_out``, when given, receives "reliability", "generalization" (exact match) and
-    "locality", each a list of per-request scores in request order; the returned means are theirs.
+    "locality", each a list of per-request scores in request order (a repeat has its first occurrence's).
     """
     tag = (lambda s: s) if progress else (lambda s: None)
     base = group_base_locality(base_locality, requests)
-    rel = predict(editor, [r.prompt for r in requests], [r.target for r in requests], batch_size, tag("eval reliability"))
-    # all rows of all requests in one batched pass each, then cut back per request
-    gen_counts = [len(r.paraphrases) for r in requests]
-    gen_flat = predict(editor, [p for r in requests for p in r.paraphrases],
-                       [r.target for r in requests for _ in r.paraphrases], batch_size, tag("eval generalization"))
-    loc_flat = predict(editor, *locality_inputs(requests), batch_size=batch_size, desc=tag("eval locality"))
-    gen = _split(gen_flat, gen_counts)
-    loc = _split(loc_flat, [len(r.locality) for r in requests])
-    per_request = {
-        "reliability": [p.exact for p in rel],
-        "generalization": [mean([p.exact for p in g]) for g in gen],
-        "locality": [locality_agreement(bs, es) for bs, es in zip(base, loc)],
-    }
+    phrasings, at_phrasing = first_occurrences([(r.fact, r.prompt) for r in requests])
+    facts, at_fact = first_occurrences([r.fact for r in requests])
+    trained, held = [requests[i] for i in phrasings], [requests[i] for i in facts]
+    rel = predict(editor, [r.prompt for r in trained], [r.target for r in trained], batch_size, tag("eval reliability"))
+    # all rows of all facts in one batched pass each, then cut back per fact
+    gen_flat = predict(editor, [p for r in held for p in r.paraphrases],
+                       [r.target for r in held for _ in r.paraphrases], batch_size, tag("eval generalization"))
+    loc_flat = predict(editor, *locality_inputs(held), batch_size=batch_size, desc=tag("eval locality"))
+    gen = _split(gen_flat, [len(r.paraphrases) for r in held])
+    loc = _split(loc_flat, [len(r.locality) for r in held])
+    reliability = [p.exact for p in rel]
+    generalization = [mean([p.exact for p in g]) for g in gen]
+    locality = [locality_agreement(base[i], es) for i, es in zip(facts, loc)]
     if per_request_out is not None:
-        per_request_out.update({k: list(v) for k, v in per_request.items()})
+        per_request_out.update({"reliability": [reliability[j] for j in at_phrasing],
+                                "generalization": [generalization[j] for j in at_fact],
+                                "locality": [locality[j] for j in at_fact]})
     return {
-        "reliability": mean(per_request["reliability"]),
-        "generalization": mean(per_request["generalization"]),
+        "reliability": mean(reliability),
+        "generalization": mean(generalization),
         "reliability_token": mean([p.token_accuracy for p in rel]),
         "generalization_token": mean([mean([p.token_accuracy for p in g]) for g in gen]),
-        "locality": mean(per_request["locality"]),
+        "locality": mean(locality),
     }

@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional
 import yaml
 from hydra.core.config_store import ConfigStore
 from hydra.utils import get_class
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import II, MISSING, DictConfig, OmegaConf
 
 from evaluation.common.errors import ConfigError
 
@@ -93,6 +93,14 @@ class DatasetConf:
     order: str = "file"
     order_clusters: Optional[int] = None  # lemoe_cluster's k; null: ceil(num_edits / editor.batch_size)
     order_sequence: str = "first"  # lemoe_cluster: clusters by their first edit in the file | size: largest first
+    # the stream protocol (data/protocol.py; README "Data"): one_per_fact (default: each fact once, its prompt
+    # trained, its paraphrases held out) | grouped (GRACE/MELO: the prompt and the first floor(m/2) of its m
+    # paraphrases trained, the rest held out, every trained phrasing a stream entry, shuffled with dataset.seed)
+    protocol: str = "one_per_fact"
+    # each trained phrasing appears this many times at seeded random positions (rehearsal); num_edits counts
+    # stream entries and must be a multiple of it; not with order=lemoe_cluster
+    revisit: int = 1
+    seed: int = II("seed")  # the stream's shuffle (grouped, revisit > 1): the run's seed unless set
 
 
 @dataclass
@@ -121,6 +129,7 @@ class RunConf:
     seed: int = 0
     eval_every: int = 0
     eval_batch_size: int = 32
+    generation_token_budget: Optional[int] = 1536  # padded prompt tokens per generation batch; None: eval_batch_size rows
     progress: bool = True
     threads: Optional[int] = None  # torch intra-op threads (None: torch's default)
     tags: List[str] = field(default_factory=list)
