@@ -139,3 +139,21 @@ def test_diff_prints_the_items_whose_outputs_differ(tmp_path: Path, capsys) -> N
     assert "rte: 1 of 3 items differ" in printed and "- 1: prompt 1" in printed
     with pytest.raises(SystemExit, match="no per-example retention outputs"):
         main(["diff", str(tmp_path / "a"), str(tmp_path / "missing")])
+
+
+def test_items_are_logged_as_a_wandb_table_offline(tmp_path: Path, caplog) -> None:
+    pytest.importorskip("wandb")
+    from evaluation.run.loggers import WandbLogger
+
+    rows = [{"id": "0", "prompt": "p", "continuation": " True", "score": 1.0, "authors": 1.0, "standard": None,
+             "routed": None, "reused": False},
+            {"id": "1", "prompt": "q", "continuation": " False", "score": 0.0, "authors": 0.0, "standard": None,
+             "routed": None, "reused": False}]
+    logger = WandbLogger(mode="offline")
+    assert logger.start(str(tmp_path), "run", {}) is not None
+    logger.table("retention_outputs/edited/rte", rows)
+    logger.finish()
+    assert "W&B table failed" not in caplog.text
+    (table,) = tmp_path.glob("wandb/offline-run-*/files/media/table/retention_outputs/edited/rte_*.table.json")
+    stored = json.loads(table.read_text())
+    assert stored["columns"] == list(rows[0]) and [r[2] for r in stored["data"]] == [" True", " False"]
