@@ -178,31 +178,56 @@ def test_key_position_is_a_config_key_of_every_routed_baseline(editor: str) -> N
 
 
 def _reading_run(root: Path, name: str, editor: str, reading: str | None, key: str, lr: float, dataset: str,
-                 rel: float) -> None:
+                 rel: float, num_edits: int = 100, stream: tuple[str, int, int] | None = None,
+                 wall: float | None = None) -> None:
+    """A finished run's results.json; ``stream`` = (protocol, revisit, facts) as runs record it since
+    data/protocol.py (None: an older run, which records no protocol), ``wall`` its timings.wall_seconds."""
     run = root / name
     (run / ".hydra").mkdir(parents=True)
-    payload = {"config": {"seed": 0, "dataset": {"num_edits": 100}, "retention": {},
-                          "editor": {"key_position": key, "lr": lr}},
-               "choices": {"editor": editor, "model": "smollm2", "dataset": dataset, "elder_reading": reading},
-               "metrics": {"reliability": rel, "generalization": rel / 2, "locality": 1.0, "num_edits": 100},
-               "versions": {}, "git_commit": "abc", "curves": []}
+    payload: dict = {"config": {"seed": 0, "dataset": {"num_edits": num_edits}, "retention": {},
+                                "editor": {"key_position": key, "lr": lr}},
+                     "choices": {"editor": editor, "model": "smollm2", "dataset": dataset, "elder_reading": reading},
+                     "metrics": {"reliability": rel, "generalization": rel / 2, "locality": 1.0,
+                                 "num_edits": num_edits},
+                     "versions": {}, "git_commit": "abc", "curves": []}
+    if stream is not None:
+        protocol, revisit, facts = stream
+        payload["config"]["dataset"].update(protocol=protocol, revisit=revisit)
+        payload["dataset_protocol"] = {"protocol": protocol, "revisit": revisit, "num_edits": num_edits,
+                                       "num_facts": facts, "num_phrasings": num_edits // revisit, "facts": []}
+    if wall is not None:
+        payload["timings"] = {"edit_seconds": wall / 2, "wall_seconds": wall}
     (run / "results.json").write_text(json.dumps(payload))
 
 
-def test_the_readings_table_has_a_row_per_reading_and_key(tmp_path: Path) -> None:
+def _table_lines(out: Path) -> list[str]:
+    return [line for line in out.with_suffix(".md").read_text().splitlines() if line.startswith("| ")]
 
-    _reading_run(tmp_path, "a", "elder", "project", "prompt_last", 1e-3, "zsre", 0.1)
-    _reading_run(tmp_path, "b", "elder", "authors", "sequence_last", 1e-3, "zsre", 0.3)
+
+@pytest.mark.parametrize("recorded", [False, True], ids=["older runs", "one_per_fact recorded"])
+def test_the_readings_table_has_a_row_per_reading_and_key(tmp_path: Path, recorded: bool) -> None:
+    """Runs of the default stream at one length: the table as before the protocol, whether or not the runs
+    record their protocol and wall time."""
+    kw: dict = {"stream": ("one_per_fact", 1, 100), "wall": 50.0} if recorded else {}
+    _reading_run(tmp_path, "a", "elder", "project", "prompt_last", 1e-3, "zsre", 0.1, **kw)
+    _reading_run(tmp_path, "b", "elder", "authors", "sequence_last", 1e-3, "zsre", 0.3, **kw)
     _reading_run(tmp_path, "c", "elder", "authors", "sequence_last", 1e-4, "zsre", 0.05)
-    _reading_run(tmp_path, "d", "elder", "authors", "sequence_last", 1e-3, "counterfact_rome", 0.5)
+    _reading_run(tmp_path, "d", "elder", "authors", "sequence_last", 1e-3, "counterfact_rome", 0.5, **kw)
     _reading_run(tmp_path, "e", "grace", None, "sequence_last", 1.0, "zsre", 1.0)
     out = tmp_path / "readings"
     assert main(["readings", str(tmp_path), "--out", str(out)]) == 0
-    rows = [line for line in out.with_suffix(".md").read_text().splitlines() if line.startswith("| ")][1:]
+    text = out.with_suffix(".md").read_text()
+    assert text.startswith("# Readings of the authors' code: reliability, generalization and locality (%) "
+                           "after 100 sequential edits\n")
+    assert "Protocol is dataset.protocol" not in text
+    header, *rows = _table_lines(out)
+    assert header == ("| Editor | Reading | key | lr | ZsRE Rel. | ZsRE Gen. | ZsRE Loc. | CounterFact (ROME's records) "
+                      "Rel. | CounterFact (ROME's records) Gen. | CounterFact (ROME's records) Loc. |")
     assert rows[0].startswith("| GRACE | — | sequence_last | 1 | 100.0 | 50.0 | 100.0 | missing")
     assert rows[1].startswith("| ELDER | project's earlier reading | prompt_last | 0.001 | 10.0 | 5.0 | 100.0 | missing")
     assert rows[2].startswith("| ELDER | all authors' readings | sequence_last | 0.001 | 30.0 | 15.0 | 100.0 | 50.0 |")
     assert rows[3].startswith("| ELDER | all authors' readings | sequence_last | 0.0001 | 5.0 | 2.5 |")
+    assert len(rows) == 4
 
 
 def test_table1_puts_a_reading_beside_the_default_and_reads_a_committed_frame(tmp_path: Path) -> None:
@@ -235,3 +260,97 @@ def test_the_model_axis_reads_each_run_at_the_asked_lengths(tmp_path: Path) -> N
     assert main(["model_axis", str(tmp_path), "--out", str(out), "--points", "40", "100", "200"]) == 0
     row = [line for line in out.with_suffix(".md").read_text().splitlines() if line.startswith("| ELDER")][0]
     assert "| all authors' readings | 50.0 / 25.0 | 20.0 / 10.0 | — |" in row
+
+
+def test_protocol_runs_are_rows_of_their_own_with_edits_facts_and_wall_time(tmp_path: Path) -> None:
+    elder = ("elder", None, "prompt_last", 1e-3)
+    _reading_run(tmp_path, "old", *elder, "zsre", 0.1, num_edits=120, wall=100.0)  # older: one_per_fact, 120 facts
+    _reading_run(tmp_path, "opf", *elder, "counterfact_rome", 0.2, 120, ("one_per_fact", 1, 120), 150.0)
+    _reading_run(tmp_path, "grouped", *elder, "counterfact_rome", 0.3, 120, ("grouped", 1, 60), 200.0)
+    _reading_run(tmp_path, "grouped_facts", *elder, "counterfact_rome", 0.4, 80, ("grouped", 1, 40), 130.0)
+    _reading_run(tmp_path, "revisit", *elder, "zsre", 0.5, 120, ("one_per_fact", 3, 40), 300.0)
+    _reading_run(tmp_path, "facts", *elder, "zsre", 0.6, 40, ("one_per_fact", 1, 40), 40.0)
+    _reading_run(tmp_path, "grace", "grace", None, "prompt_last", 1.0, "zsre", 1.0, 40, ("grouped", 1, 40), 20.0)
+    out = tmp_path / "readings"
+    assert main(["readings", str(tmp_path), "--out", str(out)]) == 0  # several lengths: no --num-edits needed
+    text = out.with_suffix(".md").read_text()
+    assert text.startswith("# Readings of the authors' code: reliability, generalization and locality (%) "
+                           "after 40, 80, 120 sequential edits\n")
+    assert "Protocol is dataset.protocol" in text
+    header, *rows = _table_lines(out)
+    cf = "CounterFact (ROME's records)"
+    assert header == ("| Editor | Reading | key | lr | Protocol | Edits | ZsRE Facts | ZsRE Rel. | ZsRE Gen. "
+                      f"| ZsRE Loc. | ZsRE Wall (s) | {cf} Facts | {cf} Rel. | {cf} Gen. | {cf} Loc. | {cf} Wall (s) |")
+    missing = " | ".join(["missing"] * 5)
+    # by editor (the paper's order), then protocol and revisit, then edits
+    assert rows == [
+        f"| GRACE | — | prompt_last | 1 | grouped | 40 | 40 | 100.0 | 50.0 | 100.0 | 20 | {missing} |",
+        f"| ELDER | — | prompt_last | 0.001 | one_per_fact | 40 | 40 | 60.0 | 30.0 | 100.0 | 40 | {missing} |",
+        # the older run (no protocol recorded) shares the one_per_fact row of a run that records it
+        "| ELDER | — | prompt_last | 0.001 | one_per_fact | 120 | 120 | 10.0 | 5.0 | 100.0 | 100 "
+        "| 120 | 20.0 | 10.0 | 100.0 | 150 |",
+        f"| ELDER | — | prompt_last | 0.001 | one_per_fact, revisit 3 | 120 | 40 | 50.0 | 25.0 | 100.0 | 300 "
+        f"| {missing} |",
+        f"| ELDER | — | prompt_last | 0.001 | grouped | 80 | {missing} | 40 | 40.0 | 20.0 | 100.0 | 130 |",
+        f"| ELDER | — | prompt_last | 0.001 | grouped | 120 | {missing} | 60 | 30.0 | 15.0 | 100.0 | 200 |",
+    ]
+    # --num-edits keeps one length, and the protocol columns stay while protocols differ
+    assert main(["readings", str(tmp_path), "--out", str(out), "--num-edits", "120"]) == 0
+    header, *rows = _table_lines(out)
+    assert "| Protocol | Edits |" in header
+    assert [row.split(" | ")[4:6] for row in rows] == [["one_per_fact", "120"], ["one_per_fact, revisit 3", "120"],
+                                                       ["grouped", "120"]]
+
+
+def test_runs_of_other_protocols_are_not_repeats_and_older_runs_are_one_per_fact() -> None:
+    from evaluation.reporting.runs import runs_frame, shared_seed_warnings
+
+    base = {"source": "a", "status": "ok", "editor": "elder", "model": "smollm2", "dataset": "zsre", "seed": 0,
+            "num_edits": 120}
+    grouped = {**base, "source": "b", "protocol": "grouped", "revisit": 1, "num_facts": 60.0}
+    assert shared_seed_warnings([base, grouped]) == []
+    # the same run read through an older frame (no protocol columns) and through its folder (one_per_fact)
+    recorded = {**base, "source": "c", "protocol": "one_per_fact", "revisit": 1, "num_facts": 120.0}
+    assert len(shared_seed_warnings([base, recorded])) == 1
+    frame = runs_frame([base, grouped])
+    assert frame[["protocol", "revisit", "num_facts"]].values.tolist() == [["one_per_fact", 1, 120], ["grouped", 1, 60]]
+
+
+def test_the_committed_readings_table_is_rebuilt_from_its_committed_frame(tmp_path: Path) -> None:
+    """results/readings_smollm2.csv predates the stream protocol (no protocol columns): its runs read as
+    one_per_fact and give the committed table again."""
+    from tests.conftest import REPO
+
+    committed = REPO / "results" / "readings_smollm2"
+    out = tmp_path / "readings"
+    assert main(["readings", str(committed.with_suffix(".csv")), "--out", str(out)]) == 0
+    body = lambda path: path.with_suffix(".md").read_text().split("## Provenance")[0]  # noqa: E731
+    assert body(out) == body(committed)
+
+
+def test_the_protocol_preset_runs_each_protocol_at_equal_edits_and_at_equal_facts() -> None:
+    """The sweeps in conf/experiment/protocol.yaml's header, as Hydra's basic sweeper expands them."""
+    from tests.conftest import REPO
+    from tests.test_sweeps import sweep_jobs
+
+    lines = (REPO / "conf" / "experiment" / "protocol.yaml").read_text().splitlines()
+    sweeps = [line.split(" -m ", 1)[1].split() for line in lines if line.startswith("#   python run.py -m ")]
+    assert len(sweeps) == 3
+    points: dict[tuple, set] = {}
+    for overrides in sweeps:
+        master, jobs = sweep_jobs([*overrides, "model=smollm2"])
+        assert master.hydra.sweep.dir.endswith("multirun/protocol_smollm2")  # all three into one folder
+        assert list(master.tags) == ["protocol"]
+        for job in jobs:
+            assert job.retention.get("tasks") is None and job.seed == 0
+            editor = job.editor._target_.rsplit(".", 1)[1]
+            stream = (job.dataset.protocol, job.dataset.revisit, job.dataset.num_edits)
+            points.setdefault((job.dataset.name, stream), set()).add(editor)
+    assert sum(map(len, points.values())) == 33
+    assert all(editors == {"ElderEditor", "GraceEditor", "MeloEditor"} for editors in points.values())
+    for dataset in ("zsre", "counterfact_rome"):
+        for stream in (("one_per_fact", 1, 120), ("grouped", 1, 120), ("one_per_fact", 3, 120),  # equal edits
+                       ("one_per_fact", 1, 40)):                                               # 40 facts
+            assert (dataset, stream) in points
+    # grouped at 40 facts: ZsRE has one paraphrase per record (40 entries), ROME's CounterFact two (80)
+    assert ("zsre", ("grouped", 1, 40)) in points and ("counterfact_rome", ("grouped", 1, 80)) in points

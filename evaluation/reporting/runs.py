@@ -14,7 +14,11 @@ SCALAR_METRICS = ("reliability", "generalization", "reliability_token", "general
                   "seconds_per_edit", "trainable_params", "stored_params", "skipped_edits")
 KEY_COLUMNS = ("source", "status", "reason", "editor", "model", "dataset", "experiment", "seed", "num_edits",
                "top_k", "num_loras", "guide_lambda", "epsilon", "aux_loss", "L", "layers", "retention_limit",
-               "retention_suite", "elder_reading", "key_position", "lr", "device", "git_commit")
+               "retention_suite", "elder_reading", "key_position", "lr", "protocol", "revisit", "device",
+               "git_commit")
+#: what a run measured besides its metrics: the stream's distinct facts (results.json ``dataset_protocol``)
+#: and the run's seconds end to end (``timings.wall_seconds``)
+RUN_VALUES = ("num_facts", "wall_seconds")
 
 
 class TablesError(Exception):
@@ -64,7 +68,24 @@ def _settings(choices: Mapping[str, Any], cfg: Mapping[str, Any]) -> dict[str, A
         "elder_reading": choices.get("elder_reading"),
         "key_position": editor_cfg.get("key_position"),
         "lr": editor_cfg.get("lr"),
+        # the stream protocol (data/protocol.py); None where the run predates it (see stream_defaults)
+        "protocol": dataset_cfg.get("protocol"),
+        "revisit": dataset_cfg.get("revisit"),
     }
+
+
+def stream_defaults(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A run that records no stream protocol (made before data/protocol.py) edited the default stream:
+    ``one_per_fact``, revisit 1, each edit a distinct fact."""
+    row = dict(row)
+    if key_value(row.get("protocol")) is None:
+        row["protocol"] = "one_per_fact"
+    if key_value(row.get("revisit")) is None:
+        row["revisit"] = 1
+    plain = row["protocol"] == "one_per_fact" and key_value(row["revisit"]) == 1
+    if plain and math.isnan(num(row.get("num_facts"))):
+        row["num_facts"] = num(row.get("num_edits"))
+    return row
 
 
 def row_from_payload(payload: Mapping[str, Any], source: str) -> dict[str, Any]:
@@ -80,6 +101,11 @@ def row_from_payload(payload: Mapping[str, Any], source: str) -> dict[str, Any]:
     for block in ("retention", "retention_base"):
         for task, value in (metrics.get(block) or {}).items():
             row[f"{block}.{task}"] = num(value)
+    stream = payload.get("dataset_protocol") or {}
+    for key in ("protocol", "revisit"):
+        row[key] = stream.get(key, row[key])
+    row["num_facts"] = num(stream.get("num_facts"))
+    row["wall_seconds"] = num((payload.get("timings") or {}).get("wall_seconds"))
     versions = payload.get("versions") or {}
     cuda = versions.get("cuda")
     row["device"] = cuda if cuda and cuda != "none" else versions.get("processor")
@@ -224,7 +250,7 @@ def shared_seed_warnings(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     """Finished runs with the same settings and the same seed: a table would average them as if they
     were seeds (a rerun, or the same run read twice through a folder and a frame)."""
     groups: dict[tuple, list[str]] = {}
-    for row in rows:
+    for row in map(stream_defaults, rows):
         if row.get("status") == "ok":
             key = tuple((c, str(key_value(row.get(c)))) for c in KEY_COLUMNS if c not in _PROVENANCE)
             groups.setdefault(key, []).append(str(row.get("source")))
@@ -234,8 +260,8 @@ def shared_seed_warnings(rows: Sequence[Mapping[str, Any]]) -> list[str]:
 
 
 def runs_frame(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
-    frame = pd.DataFrame(list(rows))
-    for col in (*KEY_COLUMNS, *SCALAR_METRICS):
+    frame = pd.DataFrame([stream_defaults(row) for row in rows])
+    for col in (*KEY_COLUMNS, *SCALAR_METRICS, *RUN_VALUES):
         if col not in frame.columns:
             frame[col] = None if col in KEY_COLUMNS else math.nan
     return frame

@@ -65,12 +65,22 @@ def stream_length(frame: pd.DataFrame, opts: Options,
     if opts.num_edits is not None:
         keep = frame["num_edits"].isna() | (length == opts.num_edits) | ((length == whole) & (whole < opts.num_edits))
         return frame[keep], opts.num_edits
-    found = sorted({int(n) for n in length[(frame["status"] == "ok") & (length != whole)].dropna()})
-    found = found or sorted({int(n) for n in length[frame["status"] == "ok"].dropna()})
+    found = lengths_found(frame)
     if len(found) > 1:
         raise TablesError(f"the runs have several stream lengths ({', '.join(map(str, found))} edits); "
                           f"choose one with --num-edits N")
     return frame, (found[0] if found else default)
+
+
+def lengths_found(frame: pd.DataFrame) -> list[int]:
+    """The finished runs' stream lengths; a run over a whole dataset (it counts as any longer length) is left
+    out unless only such runs finished."""
+    if frame.empty:
+        return []
+    length = pd.to_numeric(frame["num_edits"], errors="coerce")
+    whole = frame["dataset"].map(lambda d: paper.DATASET_RECORDS.get(d, math.inf))
+    found = sorted({int(n) for n in length[(frame["status"] == "ok") & (length != whole)].dropna()})
+    return found or sorted({int(n) for n in length[frame["status"] == "ok"].dropna()})
 
 
 def only(frame: pd.DataFrame, **equal: Any) -> pd.DataFrame:
