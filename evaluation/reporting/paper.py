@@ -14,9 +14,10 @@ DATASETS = ("zsre", "counterfact")
 #: Table 1 row order
 EDITORS = ("ft_l", "rome", "defer", "melo", "grace", "elder")
 
+#: how tables spell an editor's name; one not listed is shown as its config name
 EDITOR_LABELS: Mapping[str, str] = {
     "ft_l": "FT-L", "rome": "ROME", "defer": "Defer", "melo": "MELO", "grace": "GRACE", "elder": "ELDER",
-    "none": "Base",
+    "lemoe": "LEMoE", "wilke": "WilKE", "none": "Base",
 }
 DATASET_LABELS: Mapping[str, str] = {"zsre": "ZsRE", "counterfact": "CounterFact",
                                      "counterfact_rome": "CounterFact (ROME's records)"}
