@@ -15,9 +15,8 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-from omegaconf import OmegaConf
-
 from evaluation.common.errors import HarnessError
+from evaluation.reporting.saved_run import run_config
 from evaluation.retention.outputs import PASSES, read_items, stored_tasks
 from evaluation.retention.suite import Gu2024Suite
 from evaluation.run.results import read_results
@@ -49,20 +48,10 @@ def diff_runs(run_a: Path, run_b: Path, pass_name: str = "edited",
     return out
 
 
-def _run_config(run_dir: Path) -> Any:
-    results = run_dir / "results.json"
-    if results.is_file():
-        return OmegaConf.create(read_results(results)["config"])
-    hydra_cfg = run_dir / ".hydra" / "config.yaml"
-    if hydra_cfg.is_file():
-        return OmegaConf.load(hydra_cfg)
-    raise HarnessError(f"neither {results} nor {hydra_cfg} exists: pass the folder of a run")
-
-
 def rescore_run(run_dir: Path, pass_name: str = "edited", data_dir: str | None = None) -> dict[str, dict[str, Any]]:
     """Score the stored continuations of every task of one pass again; with the stored score beside."""
     files = _stored(run_dir, pass_name)
-    cfg = _run_config(run_dir)
+    cfg = run_config(run_dir)
     retention = cfg.get("retention") or {}
     data_dir = data_dir or retention.get("data_dir")
     if not data_dir:

@@ -22,6 +22,17 @@ class SavedRun:
     requests: list[EditRequest]  # the edits the checkpoint holds, in stream order
 
 
+def run_config(run_dir: Path) -> DictConfig:
+    """A run's config: results.json's, or for a run not finished yet the one Hydra saved in ``.hydra/``."""
+    results_path, hydra_path = run_dir / "results.json", run_dir / ".hydra" / "config.yaml"
+    if results_path.is_file():
+        return OmegaConf.create(read_results(results_path)["config"])
+    if hydra_path.is_file():
+        return OmegaConf.load(hydra_path)
+    raise HarnessError(f"neither {results_path} nor {hydra_path} exists: pass the folder of a run "
+                       f"(its hydra.run.dir)")
+
+
 def load_saved_run(run_dir: Path) -> SavedRun:
     """The run's config, its editor restored from the newest checkpoint, and the edits made so far.
 
@@ -29,14 +40,7 @@ def load_saved_run(run_dir: Path) -> SavedRun:
     Hydra saved in ``.hydra/config.yaml``: a report can then look at the stream's latest checkpoint.
     Call ``evaluation.run.compose.compose_config([])`` first: it registers the resolvers the saved config uses.
     """
-    results_path, hydra_path = run_dir / "results.json", run_dir / ".hydra" / "config.yaml"
-    if results_path.is_file():
-        cfg = OmegaConf.create(read_results(results_path)["config"])
-    elif hydra_path.is_file():
-        cfg = OmegaConf.load(hydra_path)
-    else:
-        raise HarnessError(f"neither {results_path} nor {hydra_path} exists: pass the folder of a run "
-                           f"(its hydra.run.dir)")
+    cfg = run_config(run_dir)
     checkpoints = CheckpointManager(run_dir / cfg.checkpoint.dir if "checkpoint" in cfg else run_dir / "checkpoints")
     ckpt = checkpoints.load_latest()
     if ckpt is None:
