@@ -98,3 +98,31 @@ def test_bad_target_is_one_clear_line(tmp_path: Path, compose_cfg) -> None:
     assert build(compose_cfg("dataset=zsre", "dataset.target=rome").dataset).target_field == "answers"
     with pytest.raises(DataError, match="dataset.target='nope'"):  # the run's build: the error stays itself
         build(compose_cfg("dataset=zsre", "dataset.target=nope").dataset)
+
+
+def test_no_file_of_the_shared_data_is_tracked_in_the_repo() -> None:
+    """The data are read in place from ../shared/data (configs point there); no copy may be committed."""
+    import hashlib
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        tracked = subprocess.run(["git", "ls-files", "-z"], cwd=repo, capture_output=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout")
+    if not DATA_DIR.is_dir():
+        pytest.skip(f"no shared data at {DATA_DIR}")
+    by_size: dict[int, list[Path]] = {}
+    for path in DATA_DIR.rglob("*"):
+        if path.is_file() and path.stat().st_size > 0:
+            by_size.setdefault(path.stat().st_size, []).append(path)
+
+    def digest(path: Path) -> str:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
+    copies = []
+    for name in filter(None, tracked.decode().split("\0")):
+        path = repo / name
+        if path.is_file() and (same := by_size.get(path.stat().st_size)):
+            copies += [f"{name} = {d}" for d in same if digest(d) == digest(path)]
+    assert copies == [], f"shared data files committed: {copies}"
