@@ -157,18 +157,18 @@ def throughput_section(loaded: Any, cfg: Any, args: argparse.Namespace) -> str:
             f"per batch, device {device}\n\n{markdown_table(results)}\n\n{overall_line(results)}\n")
 
 
-def _edited_pass(suite: Gu2024Suite, editor: Any, generate: GenerateFn, base: Any) -> tuple[Any, dict[str, float]]:
-    """The edited pass task by task, with its seconds per task (routing included)."""
-    seconds, outputs = {}, {}
+def _edited_pass(suite: Gu2024Suite, editor: Any, generate: GenerateFn, base: Any,
+                 reuse: bool) -> dict[str, tuple[list[str], list[bool], float]]:
+    """The edited pass task by task: per task its continuations, routing and seconds (routing included)."""
+    out = {}
     for name in suite.task_names:
-        one = Gu2024Suite(suite.data_dir, tasks=[name], limit=suite.limit, reuse_unedited=suite.reuse_unedited)
+        one = Gu2024Suite(suite.data_dir, tasks=[name], limit=suite.limit, reuse_unedited=reuse)
         _sync()
         t0 = time.perf_counter()
         report = one.evaluate(generate, in_scope=editor.in_scope, unedited=base)
         _sync()
-        seconds[name] = time.perf_counter() - t0
-        outputs[name] = report.outputs[name]
-    return outputs, seconds
+        out[name] = (report.outputs[name], report.routed[name], time.perf_counter() - t0)
+    return out
 
 
 def reuse_section(loaded: Any, cfg: Any, args: argparse.Namespace) -> str:
@@ -196,24 +196,19 @@ def reuse_section(loaded: Any, cfg: Any, args: argparse.Namespace) -> str:
     edit_seconds = time.perf_counter() - t0
     generate = make_generate_fn(editor.model, editor.tokenizer, editor, args.batch_size, progress=False,
                                 token_budget=budget)
-    runs = {}
-    for reuse in (False, True):
-        suite.reuse_unedited = reuse
-        runs[reuse] = _edited_pass(suite, editor, generate, base)
+    runs = {reuse: _edited_pass(suite, editor, generate, base, reuse) for reuse in (False, True)}
     lines = [f"## Edited pass, {args.reuse_editor} after {len(requests)} {args.reuse_dataset} edits "
              f"({edit_seconds:.0f} s of editing), {args.limit} items per task, token budget {budget}\n",
              "| task | rows | in scope | regenerate all s | reuse s | speed-up | same outputs |",
              "|---|---:|---:|---:|---:|---:|---|"]
     routed_total = rows_total = 0
     for name in tasks:
-        prompts = suite.tasks[name].prompts(suite.examples(name))
-        routed = int(editor.in_scope(prompts).sum())
-        routed_total, rows_total = routed_total + routed, rows_total + len(prompts)
-        slow, fast = runs[False][1][name], runs[True][1][name]
-        same = runs[False][0][name] == runs[True][0][name]
-        lines.append(f"| {name} | {len(prompts)} | {routed} | {slow:.1f} | {fast:.1f} | {slow / fast:.1f}x | "
-                     f"{'yes' if same else 'NO'} |")
-    slow, fast = sum(runs[False][1].values()), sum(runs[True][1].values())
+        (all_out, routed_rows, slow), (reuse_out, _, fast) = runs[False][name], runs[True][name]
+        routed = sum(routed_rows)
+        routed_total, rows_total = routed_total + routed, rows_total + len(all_out)
+        lines.append(f"| {name} | {len(all_out)} | {routed} | {slow:.1f} | {fast:.1f} | {slow / fast:.1f}x | "
+                     f"{'yes' if all_out == reuse_out else 'NO'} |")
+    slow, fast = (sum(r[2] for r in runs[reuse].values()) for reuse in (False, True))
     lines.append(f"\noverall: {rows_total} rows, {routed_total} in scope; regenerate all {slow:.1f} s, reuse "
                  f"{fast:.1f} s ({slow / fast:.1f}x)")
     return "\n".join(lines) + "\n"

@@ -64,10 +64,10 @@ def rescore_run(run_dir: Path, pass_name: str = "edited", data_dir: str | None =
     for task, path in files.items():
         rows = read_items(path)
         examples = suite.examples(task)
-        if len(rows) != len(suite.tasks[task].prompts(examples)):
-            raise HarnessError(f"{path} has {len(rows)} rows but the task has "
-                               f"{len(suite.tasks[task].prompts(examples))} prompts at retention.limit="
-                               f"{suite.limit}: the data or the limit differ from the run's")
+        n_prompts = len(suite.tasks[task].prompts(examples))
+        if len(rows) != n_prompts:
+            raise HarnessError(f"{path} has {len(rows)} rows but the task has {n_prompts} prompts at "
+                               f"retention.limit={suite.limit}: the data or the limit differ from the run's")
         headline, details = suite.tasks[task].score(examples, [r["continuation"] for r in rows])
         out[task] = {"stored": stored.get(task), "rescored": headline, "authors_score": details.get("authors_score")}
     return out
