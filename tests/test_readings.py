@@ -302,6 +302,32 @@ def test_protocol_runs_are_rows_of_their_own_with_edits_facts_and_wall_time(tmp_
                                                        ["grouped", "120"]]
 
 
+def test_table1_never_averages_runs_of_different_protocols(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Runs that differ only in the stream protocol are not repeats: Table 1 asks which one to show, and
+    --protocol/--revisit choose; an older run (no protocol recorded) counts as one_per_fact."""
+    elder = ("elder", None, "prompt_last", 1e-3)
+    _reading_run(tmp_path, "old", *elder, "zsre", 0.1, num_edits=120)
+    _reading_run(tmp_path, "grouped", *elder, "zsre", 0.5, 120, ("grouped", 1, 120))
+    _reading_run(tmp_path, "revisit", *elder, "zsre", 0.9, 120, ("grouped", 3, 40))
+    out = tmp_path / "t1"
+    assert main(["table1", str(tmp_path), "--out", str(out)]) == 2
+    assert ("several stream protocols (grouped revisit 1, grouped revisit 3, one_per_fact revisit 1)"
+            in capsys.readouterr().err)
+    assert not out.with_suffix(".md").exists()
+
+    def elder_zsre_reliability(*args: str) -> str:
+        assert main(["table1", str(tmp_path), "--out", str(out), *args]) == 0
+        row = [line for line in out.with_suffix(".md").read_text().splitlines() if line.startswith("| ELDER")][0]
+        return row.split(" | ")[1]
+
+    assert elder_zsre_reliability("--protocol", "one_per_fact") == "10.00"
+    assert elder_zsre_reliability("--protocol", "grouped", "--revisit", "1") == "50.00"
+    assert elder_zsre_reliability("--revisit", "3") == "90.00"
+    # the readings table keeps them all, and narrows to one on request
+    assert main(["readings", str(tmp_path), "--out", str(out), "--protocol", "grouped"]) == 0
+    assert [row.split(" | ")[4] for row in _table_lines(out)[1:]] == ["grouped", "grouped, revisit 3"]
+
+
 def test_runs_of_other_protocols_are_not_repeats_and_older_runs_are_one_per_fact() -> None:
     from evaluation.reporting.runs import runs_frame, shared_seed_warnings
 

@@ -19,6 +19,7 @@ from evaluation.reporting.selection import (
     models_for,
     reading_order,
     stream_length,
+    stream_protocol,
 )
 
 #: a row's settings: the reading's (editor, reading, key token, lr), then the stream's (protocol, revisit, entries)
@@ -50,10 +51,12 @@ def row_order(variant: tuple) -> tuple:
 def streams(frame: pd.DataFrame, opts: Options) -> tuple[pd.DataFrame, list[Optional[int]]]:
     """The runs with their row's stream length (column ``edits``) and the lengths in the table: ``--num-edits``
     or the single length found, as the other tables keep; or, where runs of several lengths finished, each."""
+    if opts.protocol is not None or opts.revisit is not None:
+        frame = stream_protocol(frame, opts)
     if opts.num_edits is None and len(lengths_found(frame)) > 1:
         ok = pd.to_numeric(frame.loc[frame["status"] == "ok", "num_edits"], errors="coerce").dropna()
         return frame.assign(edits=frame["num_edits"]), sorted({int(n) for n in ok})
-    frame, n_edits = stream_length(frame, opts, 100)
+    frame, n_edits = stream_length(frame, opts, 100, one_protocol=False)
     return frame.assign(edits=n_edits), [n_edits]
 
 

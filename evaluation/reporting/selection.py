@@ -24,6 +24,8 @@ class Options:
     age_bin: Optional[int] = None  # forgetting: width of the age bins in edits (None: about 20 bins)
     normalise: bool = False  # forgetting: plot the retained fraction (÷ accuracy just after editing)
     points: Sequence[int] = ()  # model_axis: the stream lengths to read (default MODEL_AXIS_POINTS)
+    protocol: Optional[str] = None  # keep only runs of this stream protocol (data/protocol.py)
+    revisit: Optional[int] = None  # ... and this revisit count
 
 
 def label_for(mapping: Mapping[str, str], key: Any) -> str:
@@ -54,10 +56,14 @@ def failed_list(frame: pd.DataFrame) -> list[str]:
     return out
 
 
-def stream_length(frame: pd.DataFrame, opts: Options,
-                   default: Optional[int] = None) -> tuple[pd.DataFrame, Optional[int]]:
+def stream_length(frame: pd.DataFrame, opts: Options, default: Optional[int] = None,
+                  one_protocol: bool = True) -> tuple[pd.DataFrame, Optional[int]]:
     """Keep one stream length: ``--num-edits`` or the single one found (several found: an error). A run
-    over a whole dataset shorter than that length (paper.DATASET_RECORDS) counts as that length."""
+    over a whole dataset shorter than that length (paper.DATASET_RECORDS) counts as that length.
+    ``one_protocol``: keep one stream protocol too (:func:`stream_protocol`); the readings table, whose rows
+    name their protocol, keeps them all."""
+    if one_protocol:
+        frame = stream_protocol(frame, opts)
     if frame.empty:
         return frame, opts.num_edits or default
     length = pd.to_numeric(frame["num_edits"], errors="coerce")
@@ -70,6 +76,25 @@ def stream_length(frame: pd.DataFrame, opts: Options,
         raise TablesError(f"the runs have several stream lengths ({', '.join(map(str, found))} edits); "
                           f"choose one with --num-edits N")
     return frame, (found[0] if found else default)
+
+
+def stream_protocol(frame: pd.DataFrame, opts: Options) -> pd.DataFrame:
+    """Keep one stream protocol (protocol, revisit): ``--protocol``/``--revisit`` or the single one found;
+    several found is an error, since runs that differ only in how the stream was built would otherwise be
+    averaged into one cell. Rows that record no protocol (failed runs) are kept."""
+    if frame.empty:
+        return frame
+    if opts.protocol is not None or opts.revisit is not None:
+        chosen = {"protocol": opts.protocol, "revisit": opts.revisit}
+        return only(frame, **{k: v for k, v in chosen.items() if v is not None})
+    ok = frame[frame["status"] == "ok"]
+    found = sorted({(str(p), int(r)) for p, r in zip(ok["protocol"], pd.to_numeric(ok["revisit"], errors="coerce"))
+                    if key_value(p) is not None and not math.isnan(r)})
+    if len(found) > 1:
+        shown = ", ".join(f"{p} revisit {r}" for p, r in found)
+        raise TablesError(f"the runs have several stream protocols ({shown}); choose one with --protocol P "
+                          f"[--revisit R], or tabulate them side by side with the readings table")
+    return frame
 
 
 def lengths_found(frame: pd.DataFrame) -> list[int]:

@@ -32,6 +32,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import pandas as pd
 
+from data.protocol import PROTOCOLS
 from evaluation.reporting import paper
 from evaluation.reporting.cells import (
     DASH,
@@ -118,6 +119,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--paper-model", choices=paper.PAPER_MODELS,
                         help="paper column to compare with (default: gpt2xl for GPT-2 models, llama2 for LLaMA ones)")
     parser.add_argument("--num-edits", type=int, help="keep only runs with this stream length")
+    parser.add_argument("--protocol", choices=PROTOCOLS,
+                        help="keep only runs of this stream protocol (needed where runs of several were found; "
+                             "the readings table keeps them all)")
+    parser.add_argument("--revisit", type=int, metavar="R", help="keep only runs whose facts came back R times")
     parser.add_argument("--dataset", help="dataset for table3/grid/figures (default: zsre / those found)")
     parser.add_argument("--from-curves", action="store_true",
                         help="figure2: take the stream lengths from the runs' curve points (eval_every) "
@@ -149,7 +154,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"warning: {warning}", file=sys.stderr)
         opts = Options(models=args.model, paper_model=args.paper_model, num_edits=args.num_edits, dataset=args.dataset,
                        out=out, paths=args.runs, from_curves=args.from_curves, age_bin=args.age_bin,
-                       normalise=args.normalise, points=args.points or ())
+                       normalise=args.normalise, points=args.points or (),
+                       protocol=args.protocol, revisit=args.revisit)
         frame = runs_frame(rows)
         report = BUILDERS[args.name](frame, opts)
     except TablesError as err:
