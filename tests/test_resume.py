@@ -133,6 +133,45 @@ def test_same_seed_gives_identical_metrics(tmp_path: Path) -> None:
     assert first["metrics"]["reliability_token"] > 0  # something was learned and measured
 
 
+def test_resume_auto_keeps_a_finished_run_continues_an_interrupted_one_and_starts_the_rest(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a sweep rerun after a lost session needs: ``resume=auto`` does no work where the folder holds this
+    config's finished run, goes on from a checkpoint where there is one, and starts afresh otherwise."""
+    import evaluation.run.experiment as experiment
+    from evaluation.common.errors import ConfigError
+    from evaluation.run.compose import compose_config
+
+    overrides = ["model=tiny_llama", "dataset.num_edits=8", "retention=none", "progress=false", "eval_every=4",
+                 "editor.iterations=5", "logger=none", "checkpoint.every=4", "checkpoint.keep=3", "resume=auto"]
+    choices = {"editor": "elder", "model": "tiny_llama", "dataset": "zsre"}
+    run_dir = tmp_path / "run"
+    fresh = experiment.run_experiment(compose_config(overrides), run_dir, choices)  # nothing there: a fresh run
+    assert results(run_dir)["stream"]["resumed_from"] is None
+    written = (run_dir / "results.json").read_bytes()
+
+    # finished with this config (threads and progress do not change a result): no model is even built
+    with monkeypatch.context() as m:
+        m.setattr(experiment, "build", lambda *a, **k: pytest.fail("resume=auto redid a finished run"))
+        again = experiment.run_experiment(compose_config([*overrides, "threads=2", "progress=true"]), run_dir, choices)
+    assert again == fresh and (run_dir / "results.json").read_bytes() == written
+
+    # interrupted after 4 edits (its results and later checkpoint gone): continues, and ends as the full run
+    (run_dir / "results.json").unlink()
+    (run_dir / "checkpoints" / checkpoint_name(8)).unlink()
+    (run_dir / "checkpoints" / "latest.json").unlink()
+    resumed = experiment.run_experiment(compose_config(overrides), run_dir, choices)
+    assert results(run_dir)["stream"]["resumed_from"] == 4
+    assert comparable(resumed) == comparable(fresh)
+
+    # another config in the same folder: a new run, the earlier result set aside, not taken for this one's
+    experiment.run_experiment(compose_config([*overrides, "editor.iterations=2"]), run_dir, choices)
+    changed = results(run_dir)
+    assert changed["stream"]["resumed_from"] is None and changed["config"]["editor"]["iterations"] == 2
+    assert len(list(run_dir.glob("results.superseded-*.json"))) == 1
+    with pytest.raises(ConfigError, match="resume must be true, false or auto, got 'later'"):
+        experiment.run_experiment(compose_config([*overrides[:-1], "resume=later"]), tmp_path / "bad", choices)
+
+
 def test_seed_fixes_preset_allocations_and_initialisation() -> None:
     from elder.editor import ElderEditor
     from tests.conftest import tiny_model

@@ -27,7 +27,13 @@ from evaluation.run.checkpoint import CheckpointManager, StreamCheckpoint, state
 from evaluation.run.folder import RunFolder
 from evaluation.run.interrupts import stop_on_signals
 from evaluation.run.metrics import base_locality_predictions
-from evaluation.run.results import git_commit, write_results
+from evaluation.run.results import (
+    RESULTS,
+    BadResults,
+    git_commit,
+    read_results,
+    write_results,
+)
 from evaluation.run.stream import ON_NAN, run_stream
 
 log = logging.getLogger(__name__)
@@ -58,45 +64,51 @@ def set_deterministic(enabled: bool) -> tuple[bool, bool]:
     return previous
 
 
-#: config leaves that may change between a run and its resumption (where files live, not what is computed)
-_MAY_CHANGE_ON_RESUME = ("path", "cache_dir", "url", "sha256", "device", "device_map", "num_edits", "tokenizer_path")
+#: config leaves that say where files live, not what is computed
+_WHERE_FILES_LIVE = ("path", "cache_dir", "url", "sha256", "tokenizer_path", "data_dir")
+#: config leaves that may change between a run and its resumption
+_MAY_CHANGE_ON_RESUME = (*_WHERE_FILES_LIVE, "device", "device_map", "num_edits")
 
 
 #: may change on resume (e.g. after running out of memory), with a warning: the state carries over
 _MAY_CHANGE_WITH_A_WARNING = ("editor.batch_size",)
 
 
+def _leaves(node: Any, prefix: str, skip: tuple[str, ...]) -> dict[str, Any]:
+    """The config's leaves as flat dotted keys, without those whose own name is in ``skip``."""
+    if isinstance(node, dict):
+        return {k: v for key, value in node.items() for k, v in _leaves(value, f"{prefix}.{key}", skip).items()}
+    return {} if prefix.rsplit(".", 1)[-1] in skip else {prefix: node}
+
+
 def run_fingerprint(cfg: DictConfig) -> dict[str, Any]:
     """The config values a checkpoint must share with the run that resumes it (flat, dotted keys)."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
     flat: dict[str, Any] = {"seed": resolved["seed"]}
-
-    def walk(prefix: str, node: Any) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                walk(f"{prefix}.{key}", value)
-        elif prefix.rsplit(".", 1)[-1] not in _MAY_CHANGE_ON_RESUME:
-            flat[prefix] = node
-
     for group in ("model", "editor", "dataset"):
-        walk(group, resolved[group])
+        flat.update(_leaves(resolved[group], group, _MAY_CHANGE_ON_RESUME))
     return flat
 
 
-def _checkpoints(cfg: DictConfig, run_dir: Path) -> tuple[CheckpointManager, StreamCheckpoint | None]:
-    """The run's checkpoint folder and, with ``resume=true``, the checkpoint to continue from."""
+def _checkpoints(cfg: DictConfig, run_dir: Path,
+                 resume: bool | str | None = None) -> tuple[CheckpointManager, StreamCheckpoint | None]:
+    """The run's checkpoint folder and, with ``resume=true``, the checkpoint to continue from (with
+    ``resume=auto`` too, where there is one; none is a fresh run)."""
     if cfg.on_nan not in ON_NAN:
         raise ConfigError(f"on_nan must be one of {'|'.join(ON_NAN)}, got {cfg.on_nan!r}")
     manager = CheckpointManager(run_dir / cfg.checkpoint.dir, cfg.checkpoint.every, cfg.checkpoint.keep)
     manager.resume_hint = f"rerun the same command with `resume=true hydra.run.dir={run_dir}`"
     manager.fingerprint = run_fingerprint(cfg)
-    if not cfg.resume:
+    resume = cfg.resume if resume is None else resume
+    if not resume:
         return manager, None  # an earlier run's checkpoints are cleared by the caller, which holds the folder
     ckpt = manager.load_latest()
     if ckpt is None and manager.rejected:
         shown = "; ".join(f"{path.name} ({why})" for path, why in manager.rejected)
         raise ConfigError(f"resume=true but no checkpoint in {manager.directory} can be used: {shown}. "
                           f"Start the run again without resume=true, or restore the files from a backup")
+    if ckpt is None and resume == "auto":
+        return manager, None  # nothing to continue: a fresh run
     if ckpt is None:
         raise ConfigError(f"resume=true but there is no checkpoint in {manager.directory}: pass the folder of the "
                           f"interrupted run with hydra.run.dir=DIR (its checkpoints are in DIR/{cfg.checkpoint.dir})")
@@ -153,11 +165,18 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path, choices: Mapping[str, s
     run_dir = Path(run_dir)
     check_run_settings(cfg)
     with RunFolder(run_dir) as folder:
-        checkpoints, resume_from = _checkpoints(cfg, run_dir)  # before any work: a bad resume fails at once
+        resume = cfg.resume
+        finished = finished_run(run_dir) if resume == "auto" else None
+        if finished is not None:
+            if same_result(cfg, finished):
+                log.info("resume=auto: %s already holds a finished run of this config; nothing to do", run_dir)
+                return {k: finished.get(k) for k in ("metrics", "curves", "forgetting", "timings")}
+            resume = False  # a finished run of another config: set aside below, and this one starts afresh
+        checkpoints, resume_from = _checkpoints(cfg, run_dir, resume)  # before any work: a bad resume fails at once
         folder.remove_temp_files()
         if resume_from is None:
             if checkpoints.exists():
-                log.warning("resume=false: removing the old checkpoints in %s", checkpoints.directory)
+                log.warning("a fresh run: removing the old checkpoints in %s", checkpoints.directory)
                 checkpoints.clear()
             folder.set_aside_earlier_run()
             if (run_dir / RETENTION_STORE).exists():
@@ -172,6 +191,27 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path, choices: Mapping[str, s
                 return _run(cfg, run_dir, choices, checkpoints, resume_from)
         finally:
             torch.use_deterministic_algorithms(previous_deterministic[0], warn_only=previous_deterministic[1])
+
+
+#: run settings that change how a run is carried out or recorded, not what it measures (resume=auto)
+_NOT_THE_RESULT = ("resume", "progress", "threads", "paths", "logger", "checkpoint", "tags")
+
+
+def finished_run(run_dir: Path) -> dict[str, Any] | None:
+    """The payload of ``run_dir/results.json``; None where there is none that reads (absent, corrupt)."""
+    try:
+        return read_results(run_dir / RESULTS)
+    except BadResults:
+        return None
+
+
+def same_result(cfg: DictConfig, payload: Mapping[str, Any]) -> bool:
+    """``payload`` is a finished run of this very config: every setting but those in ``_NOT_THE_RESULT`` and
+    where files live."""
+    def settings(config: Mapping[str, Any]) -> dict[str, Any]:
+        return _leaves({k: v for k, v in config.items() if k not in _NOT_THE_RESULT}, "", _WHERE_FILES_LIVE)
+
+    return settings(payload["config"]) == settings(OmegaConf.to_container(cfg, resolve=True))
 
 
 #: run settings that count something and must be at least 1, checked before any work (the stream checks
@@ -189,6 +229,8 @@ def check_run_settings(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ConfigError(f"{key} must be an integer >= 0 (0: off), got {value!r}")
+    if cfg.resume not in (True, False, "auto") or not isinstance(cfg.resume, (bool, str)):
+        raise ConfigError(f"resume must be true, false or auto, got {cfg.resume!r}")
     if cfg.threads is not None and (not isinstance(cfg.threads, int) or cfg.threads < 1):
         raise ConfigError(f"threads must be null or a positive integer, got {cfg.threads!r}")
 

@@ -9,7 +9,7 @@ import logging
 import math
 from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 import yaml
 from hydra.core.config_store import ConfigStore
@@ -133,7 +133,9 @@ class RunConf:
     progress: bool = True
     threads: Optional[int] = None  # torch intra-op threads (None: torch's default)
     tags: List[str] = field(default_factory=list)
-    resume: bool = False  # continue the run in hydra.run.dir from its last checkpoint
+    # true: continue the run in hydra.run.dir from its last checkpoint; auto: that where there is one, nothing
+    # where the folder holds a finished run of this config, a fresh run otherwise (sweeps spanning sessions)
+    resume: Union[bool, str] = False
     checkpoint: CheckpointConf = field(default_factory=CheckpointConf)
     on_nan: str = "stop"  # NaN/inf loss in an edit batch: stop (checkpoint, error) | skip (undo the batch, go on)
     autocast: Optional[str] = None  # bfloat16 | float16: mixed precision (for GPUs); null: off
