@@ -26,9 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from evaluation.retention.suite import TASK_NAMES, Gu2024Suite  # noqa: E402
+from evaluation.retention.suite import TASK_NAMES, GenerateFn, Gu2024Suite  # noqa: E402
 
-GenerateFn = Callable[..., list[str]]
 DEFAULT_DATA_DIR = os.environ.get("RETENTION_DATA_DIR", str(ROOT.parent / "shared" / "data" / "retention"))
 SINGLE = "one-at-a-time"
 
