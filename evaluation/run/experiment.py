@@ -229,7 +229,7 @@ def check_run_settings(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ConfigError(f"{key} must be an integer >= 0 (0: off), got {value!r}")
-    if cfg.resume not in (True, False, "auto") or not isinstance(cfg.resume, (bool, str)):
+    if not (isinstance(cfg.resume, bool) or cfg.resume == "auto"):
         raise ConfigError(f"resume must be true, false or auto, got {cfg.resume!r}")
     if cfg.threads is not None and (not isinstance(cfg.threads, int) or cfg.threads < 1):
         raise ConfigError(f"threads must be null or a positive integer, got {cfg.threads!r}")
