@@ -10,6 +10,8 @@ ARGS ?=
 # The full retention suite is ~26k generations: hours on a 2-core CPU, so `make run` scores the
 # first 100 items of each task; RUN_ARGS= runs it whole.
 RUN_ARGS ?= retention.limit=100
+# pytest-xdist workers, one per core (each at one torch thread, tests/conftest.py); TEST_WORKERS=0 runs serially
+TEST_WORKERS ?= auto
 
 .PHONY: setup run quick test test-all bench clean
 
@@ -29,10 +31,10 @@ quick: setup        ## a run of a few minutes
 	$(PY) run.py experiment=quick $(ARGS)
 
 test: setup         ## the default test suite (fast, CPU)
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) $(ARGS)
 
 test-all: setup     ## also the slow tests (real model, longer streams)
-	$(PY) -m pytest -q -m "slow or not slow" $(ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) -m "slow or not slow" $(ARGS)
 
 bench: setup        ## editing-speed benchmark (options through ARGS)
 	$(PY) -m benchmarks.bench_editing $(ARGS)

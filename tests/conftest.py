@@ -22,6 +22,14 @@ RETENTION_DATA = Path(os.environ.get("RETENTION_DATA_DIR", DATA_DIR / "retention
 ZSRE = DATA_DIR / "zsre" / "zsre_mend_eval_portability_gpt4.json"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist each worker takes one core: one torch thread each (and in the runs it starts),
+    since two workers with a thread per core would only contend."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+
+
 @pytest.fixture
 def one_thread() -> Iterator[None]:
     """Tiny models on a shared 2-core machine: extra threads only contend."""
