@@ -110,6 +110,9 @@ class DeferEditor(Editor):
     def scope(self, query_positions: torch.Tensor) -> contextlib.AbstractContextManager[None]:
         return self.query.scope(query_positions)
 
+    def query_site(self) -> str | None:
+        return self.ffn_input_site(self.config.layer)
+
     # --- editing -------------------------------------------------------------------------------
     def _edit_one(self, request: EditRequest) -> float:
         device = model_device(self.model)

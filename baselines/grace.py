@@ -198,6 +198,9 @@ class GraceEditor(Editor):
     def scope(self, query_positions: torch.Tensor) -> contextlib.AbstractContextManager[None]:
         return self.query.scope(query_positions)
 
+    def query_site(self) -> str | None:
+        return self.ffn_input_site(self.config.layer)
+
     @torch.no_grad()
     def keys_for(self, batch: EncodedBatch) -> torch.Tensor:
         """(B, d_in) the layer input at each row's query token (the codebook key)."""

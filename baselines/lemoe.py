@@ -285,6 +285,9 @@ class LEMoEEditor(Editor):
     def scope(self, query_positions: torch.Tensor) -> contextlib.AbstractContextManager[None]:
         return self.query.scope(query_positions)
 
+    def query_site(self) -> str | None:
+        return "input_embeddings:prompt_mean"  # the experts are copies of a block; the embeddings are never edited
+
     # --- editing -------------------------------------------------------------------------------
     def edit(self, requests: Sequence[EditRequest]) -> EditStats:
         c, t = self.config, self.num_experts

@@ -330,6 +330,9 @@ class MeloEditor(Editor):
     def scope(self, query_positions: torch.Tensor) -> contextlib.AbstractContextManager[None]:
         return self.query.scope(query_positions)
 
+    def query_site(self) -> str | None:
+        return self.ffn_input_site(self.config.query_layer)  # below every LoRA layer (_validate)
+
     @torch.no_grad()
     def keys_for(self, batch: EncodedBatch) -> torch.Tensor:
         """(B, d_key) the database key of each row."""

@@ -10,15 +10,20 @@ batches of ``--batch-size`` (the old way), and batches cut by each ``--token-bud
 prompt per call, whether it gave the same continuations, the scores, and an overall line.
 
 The ``reuse`` section then makes ``--reuse-edits`` edits with a routed editor (``--reuse-editor``, MELO
-by default) and times its edited pass twice: every row generated again, and the unedited continuation
-reused for the rows its router leaves out of scope (``retention.reuse_unedited``), routing included.
+by default) and times its edited pass three ways: every row generated again; the unedited continuation
+reused for the rows its router leaves out of scope (``retention.reuse_unedited``), the routing forwards
+included (a model's first edited pass); and the same with the routing queries read from the query store
+that pass filled (every later edited pass on the model: other editors reading the same site, seeds,
+numbers of edits; evaluation.retention.query_store).
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -26,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from evaluation.retention.query_store import QueryStore  # noqa: E402
 from evaluation.retention.suite import TASK_NAMES, GenerateFn, Gu2024Suite  # noqa: E402
 
 DEFAULT_DATA_DIR = os.environ.get("RETENTION_DATA_DIR", str(ROOT.parent / "shared" / "data" / "retention"))
@@ -156,7 +162,7 @@ def throughput_section(loaded: Any, cfg: Any, args: argparse.Namespace) -> str:
             f"per batch, device {device}\n\n{markdown_table(results)}\n\n{overall_line(results)}\n")
 
 
-def _edited_pass(suite: Gu2024Suite, editor: Any, generate: GenerateFn, base: Any,
+def _edited_pass(suite: Gu2024Suite, in_scope: Callable[[list[str]], Any], generate: GenerateFn, base: Any,
                  reuse: bool) -> dict[str, tuple[list[str], list[bool], float]]:
     """The edited pass task by task: per task its continuations, routing and seconds (routing included)."""
     out = {}
@@ -164,7 +170,7 @@ def _edited_pass(suite: Gu2024Suite, editor: Any, generate: GenerateFn, base: An
         one = Gu2024Suite(suite.data_dir, tasks=[name], limit=suite.limit, reuse_unedited=reuse)
         _sync()
         t0 = time.perf_counter()
-        report = one.evaluate(generate, in_scope=editor.in_scope, unedited=base)
+        report = one.evaluate(generate, in_scope=in_scope, unedited=base)
         _sync()
         out[name] = (report.outputs[name], report.routed[name], time.perf_counter() - t0)
     return out
@@ -195,21 +201,31 @@ def reuse_section(loaded: Any, cfg: Any, args: argparse.Namespace) -> str:
     edit_seconds = time.perf_counter() - t0
     generate = make_generate_fn(editor.model, editor.tokenizer, editor, args.batch_size, progress=False,
                                 token_budget=budget)
-    runs = {reuse: _edited_pass(suite, editor, generate, base, reuse) for reuse in (False, True)}
+    live = partial(editor.in_scope, batch_size=args.batch_size)
+    with tempfile.TemporaryDirectory() as folder:
+        store = QueryStore(folder, args.model)
+        runs = {"all": _edited_pass(suite, live, generate, base, reuse=False),
+                "reuse": _edited_pass(suite, live, generate, base, reuse=True)}
+        _edited_pass(suite, store.scope_fn(editor, args.batch_size), generate, base, reuse=True)  # fills the store
+        runs["stored"] = _edited_pass(suite, store.scope_fn(editor, args.batch_size), generate, base, reuse=True)
     lines = [f"## Edited pass, {args.reuse_editor} after {len(requests)} {args.reuse_dataset} edits "
              f"({edit_seconds:.0f} s of editing), {args.limit} items per task, token budget {budget}\n",
-             "| task | rows | in scope | regenerate all s | reuse s | speed-up | same outputs |",
-             "|---|---:|---:|---:|---:|---:|---|"]
+             "| task | rows | in scope | regenerate all s | reuse s (routing forwards) | speed-up | "
+             "reuse s (stored queries) | speed-up | same outputs |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     routed_total = rows_total = 0
     for name in tasks:
-        (all_out, routed_rows, slow), (reuse_out, _, fast) = runs[False][name], runs[True][name]
+        (all_out, routed_rows, slow), (reuse_out, _, fast), (stored_out, _, fastest) = (
+            runs[way][name] for way in ("all", "reuse", "stored"))
         routed = sum(routed_rows)
         routed_total, rows_total = routed_total + routed, rows_total + len(all_out)
         lines.append(f"| {name} | {len(all_out)} | {routed} | {slow:.1f} | {fast:.1f} | {slow / fast:.1f}x | "
-                     f"{'yes' if all_out == reuse_out else 'NO'} |")
-    slow, fast = (sum(r[2] for r in runs[reuse].values()) for reuse in (False, True))
-    lines.append(f"\noverall: {rows_total} rows, {routed_total} in scope; regenerate all {slow:.1f} s, reuse "
-                 f"{fast:.1f} s ({slow / fast:.1f}x)")
+                     f"{fastest:.2f} | {slow / fastest:.0f}x | "
+                     f"{'yes' if all_out == reuse_out == stored_out else 'NO'} |")
+    slow, fast, fastest = (sum(r[2] for r in runs[way].values()) for way in ("all", "reuse", "stored"))
+    lines.append(f"\noverall: {rows_total} rows, {routed_total} in scope; regenerate all {slow:.1f} s, reuse with "
+                 f"routing forwards {fast:.1f} s ({slow / fast:.1f}x), reuse with stored queries {fastest:.2f} s "
+                 f"({slow / fastest:.0f}x)")
     return "\n".join(lines) + "\n"
 
 

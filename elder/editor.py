@@ -142,6 +142,9 @@ class ElderEditor(Editor):
     def scope(self, query_positions: torch.Tensor) -> contextlib.AbstractContextManager[None]:
         return self.query.scope(query_positions)
 
+    def query_site(self) -> str | None:
+        return self.ffn_input_site(self.config.query_layer)  # below every ELDER layer (_validate)
+
     def codes_for(self, prompts: Sequence[str]) -> torch.Tensor:
         """Allocation codes (B, L*N) of prompts, as stored and compared at inference."""
         return self.routes_for(prompts).codes(self.config.num_loras).cpu()

@@ -121,6 +121,13 @@ def test_a_run_stores_every_item_and_its_outputs_rescore_to_the_stored_scores(tm
     generated = results["retention_tasks"]["edited"]["generated_rows"]
     assert generated == {t: sum(r["routed"] for r in read_items(task_file(run, "edited", t)))
                          for t in ("rte", "nq", "samsum", "conll03")}
+    # the routing queries were computed once per task and stored: a run of another state reads them
+    assert results["retention_tasks"]["edited"]["routing_queries"] == {"read": 0, "computed": 4}
+    other = run_experiment(compose_config([*overrides, "dataset.num_edits=2"]), tmp_path / "other",
+                           {"editor": "grace", "model": "tiny_llama", "dataset": "zsre"})
+    assert json.loads((tmp_path / "other" / "results.json").read_text())[
+        "retention_tasks"]["edited"]["routing_queries"] == {"read": 4, "computed": 0}
+    assert other["metrics"]["retention"] == out["metrics"]["retention"]  # nothing in scope either way
 
 
 def _fixture_run(folder: Path, continuations: list[str]) -> None:

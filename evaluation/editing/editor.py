@@ -181,6 +181,18 @@ class Editor(nn.Module, ABC):
         with self.batch_scope(batch):
             return target_logits(self.model, batch).loss()
 
+    def query_site(self) -> str | None:
+        """Where the router reads its query, named, when nothing this editor changes runs before that
+        point: the query is then the unedited model's, equal after any edits and for every editor that
+        reads the same site, so a run may take it from an earlier run on the same model
+        (evaluation.retention.query_store). None when the edits can move it, and without a router."""
+        return None
+
+    def ffn_input_site(self, layer: int) -> str:
+        """:meth:`query_site` of a query read at FFN ``layer``'s input, for an editor whose edited FFNs are
+        all at that layer or above it (an FFN's own edit does not change its input)."""
+        return f"{self.loaded.ffn_name(layer)}:input"
+
     @torch.no_grad()
     def in_scope(self, prompts: Sequence[str], batch_size: int = 32) -> torch.Tensor | None:
         """(B,) bool: whether the editor's router applies its edits to each prompt.
@@ -191,21 +203,46 @@ class Editor(nn.Module, ABC):
         """
         if self.query is None:
             return None
+        return self.scope_of(self.query_vectors(prompts, batch_size), batch_size)
+
+    @torch.no_grad()
+    def query_vectors(self, prompts: Sequence[str], batch_size: int = 32) -> torch.Tensor:
+        """(B, d) each prompt's query vector (on the CPU), from routing forwards that stop at the query layer."""
+        assert self.query is not None, "query_vectors needs an editor with a router"
         # batches of similar lengths: less padding in the routing forwards
         lengths = [len(ids) for ids in self.tokenizer(list(prompts)).input_ids] if prompts else []
         order = sorted(range(len(prompts)), key=lengths.__getitem__)
-        mask = torch.zeros(len(prompts), dtype=torch.bool)
+        out = torch.empty(0, 0)
         for i in range(0, len(order), batch_size):
             idx = order[i:i + batch_size]
-            route = self.routes_for([prompts[j] for j in idx])
-            active = getattr(route, "active", None) if route is not None else torch.zeros(len(idx), dtype=torch.bool)
-            mask[idx] = True if active is None else active.bool().cpu()
+            q = self._routing_forward([prompts[j] for j in idx])[0].cpu()
+            if i == 0:
+                out = q.new_empty(len(prompts), q.shape[1])
+            out[idx] = q
+        return out
+
+    @torch.no_grad()
+    def scope_of(self, queries: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+        """:meth:`in_scope` from the prompts' query vectors (B, d), without a forward through the model."""
+        assert self.query is not None, "scope_of needs an editor with a router"
+        device = next(self.model.parameters()).device
+        mask = torch.zeros(len(queries), dtype=torch.bool)
+        for i in range(0, len(queries), batch_size):
+            route = self.query.derive(queries[i:i + batch_size].to(device))
+            if route is None:  # nothing stored yet: nothing in scope
+                continue
+            active = getattr(route, "active", None)
+            mask[i:i + batch_size] = True if active is None else active.bool().cpu()
         return mask
 
     @torch.no_grad()
     def routes_for(self, prompts: Sequence[str]) -> Any:
         """The route the query hook derives for each prompt's last token (one batch, one forward)."""
-        assert self.query is not None, "routes_for needs an editor with a router"
+        return self._routing_forward(prompts)[1]
+
+    def _routing_forward(self, prompts: Sequence[str]) -> tuple[torch.Tensor, Any]:
+        """One batch's query vectors and derived route, from a forward that stops at the query layer."""
+        assert self.query is not None, "routing needs an editor with a router"
         device = next(self.model.parameters()).device
         enc = encode_pairs(self.tokenizer, list(prompts), ["x"] * len(prompts)).to(device)  # the target is not read
         self.query.stop_after_route = True  # the route is known at the query layer: skip the rest
@@ -215,7 +252,8 @@ class Editor(nn.Module, ABC):
                     target_logits(self.model, enc)
                 except RouteTaken:
                     pass
-                return self.query.derived
+                assert self.query.value is not None
+                return self.query.value, self.query.derived
         finally:
             self.query.stop_after_route = False
 

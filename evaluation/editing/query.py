@@ -59,6 +59,13 @@ class SequenceQuery:
         finally:
             self.positions, self.value, self.derived = None, None, None
 
+    def derive(self, q: torch.Tensor) -> object | None:
+        """What ``on_query`` derives from query vectors given directly (B, d): the route a forward that
+        captured them takes (positions are placeholders: a route is only read here, never applied)."""
+        with self.scope(torch.zeros(q.shape[0], dtype=torch.long, device=q.device)):
+            self.value = q
+            return self.on_query(q) if self.on_query is not None else None
+
     @property
     def active(self) -> bool:
         return self.positions is not None

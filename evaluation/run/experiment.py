@@ -23,6 +23,7 @@ from evaluation.editing.editor import Editor
 from evaluation.editing.generation import make_generate_fn
 from evaluation.editing.unedited import Unedited
 from evaluation.retention.outputs import write_report_items
+from evaluation.retention.query_store import QueryStore
 from evaluation.run.checkpoint import CheckpointManager, StreamCheckpoint, state_digest
 from evaluation.run.folder import RunFolder
 from evaluation.run.interrupts import stop_on_signals
@@ -302,12 +303,17 @@ def _run(cfg: DictConfig, run_dir: Path, choices: Mapping[str, str], checkpoints
                           f"-{state_digest(editor.state_dict())}")
             store = run_dir / RETENTION_STORE
             resumable = checkpoints.every > 0  # the stream saved its end state, so resume=true can skip the edits
+            # routing queries read before any edited module are the unedited model's: kept across runs
+            queries = (QueryStore(retention.cache_dir, f"{model_key}-{_config_key(cfg.compile)}")
+                       if getattr(retention, "cache_dir", None) else None)
+            in_scope = (queries.scope_fn(editor, cfg.eval_batch_size) if queries is not None
+                        else lambda prompts: editor.in_scope(prompts, cfg.eval_batch_size))
             with stop_on_signals(lambda sig: f"stopped by {sig} during the retention suite after {len(requests)} "
                                              f"edits; the tasks it finished are kept in {store}" +
                                              (f"; to go on, {checkpoints.resume_hint}" if resumable else "")):
                 # rows out of the router's scope keep the unedited continuation (equal bit for bit)
                 after = retention.evaluate(gen, cache_key=edited_key, cache_dir=str(store), unedited=retention_base,
-                                           in_scope=lambda prompts: editor.in_scope(prompts, cfg.eval_batch_size))
+                                           in_scope=in_scope)
             timings["retention_seconds"] = time.perf_counter() - start
             metrics["retention"] = after.scores
             metrics["retention_base"] = retention_base.scores
@@ -320,6 +326,8 @@ def _run(cfg: DictConfig, run_dir: Path, choices: Mapping[str, str], checkpoints
             # per task, how many rows the edited pass generated (in scope, or every row without a router)
             retention_tasks["edited"]["generated_rows"] = {
                 t: len(rows) - sum(rows) for t, rows in after.reused_rows.items()}
+            if queries is not None:  # tasks whose routing queries were read from an earlier run / computed
+                retention_tasks["edited"]["routing_queries"] = {"read": queries.read, "computed": queries.computed}
             for pass_name, report in (("unedited", retention_base), ("edited", after)):
                 for task, rows in write_report_items(retention, report, run_dir, pass_name).items():
                     logger.table(f"retention_outputs/{pass_name}/{task}", rows)
