@@ -12,6 +12,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from evaluation.common.errors import HarnessError
+from evaluation.run.interrupts import Interrupted, SweepStopped
 from evaluation.run.schema import register
 
 REPO_ROOT = Path(__file__).resolve().parent
@@ -61,6 +62,8 @@ def main(cfg: DictConfig) -> float | None:
         if not isinstance(err, RunFolderBusy):  # that log belongs to the live run
             to_run_log(f"error: {err}")
         if hc.mode == RunMode.MULTIRUN:
+            if isinstance(err, Interrupted):
+                raise SweepStopped(str(err)) from None  # a signal is meant for the sweep, not only this job
             raise  # the launcher records this job as failed and goes on with the others
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -68,4 +71,9 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except SweepStopped as stop:
+        print(f"error: {stop}\nThe sweep stopped there; rerun it with resume=auto to keep its finished runs, "
+              f"continue the stopped ones and start the rest.", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -120,6 +120,22 @@ def test_terminated_then_killed_stream_resumes_to_exactly_the_uninterrupted_metr
     assert len(list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))) == 3
 
 
+def test_sigterm_stops_the_whole_sweep_not_only_its_job(tmp_path: Path) -> None:
+    """Hydra's launchers record a failed job and start the next; a signal is meant for the sweep, so the
+    sweep stops with one line, its stopped job checkpointed and the next one never started."""
+    cmd = [sys.executable, "-c", SLOW_RUN, "-m", *ARGS, "logger=none", "seed=0,1", f"hydra.sweep.dir={tmp_path}",
+           "hydra.sweep.subdir=s${seed}"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_checkpoint(proc, tmp_path / "s0", 4)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, err[-3000:]
+    assert "Traceback" not in err
+    assert "error: stopped by SIGTERM after" in err and "The sweep stopped there; rerun it with resume=auto" in err
+    assert CheckpointManager(tmp_path / "s0" / "checkpoints").load_latest() is not None
+    assert not (tmp_path / "s1").exists()
+
+
 def test_same_seed_gives_identical_metrics(tmp_path: Path) -> None:
     from evaluation.run.compose import compose_config
     from evaluation.run.experiment import run_experiment

@@ -40,6 +40,7 @@ from evaluation.common.integrity import (
     file_sha256,
     verify_beside,
 )
+from evaluation.run.interrupts import Interrupted
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ LATEST = "latest.json"
 _NAME = re.compile(r"^step-(\d+)\.pt$")
 
 
-class StreamInterrupted(HarnessError):
+class StreamInterrupted(Interrupted):
     """SIGTERM/SIGINT: the stream stopped at a batch boundary after saving a checkpoint."""
 
 

@@ -12,8 +12,17 @@ from evaluation.common.errors import HarnessError
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-class WorkInterrupted(HarnessError):
+class Interrupted(HarnessError):
+    """Stopped by SIGTERM/SIGINT, keeping what was finished; the message says how to go on."""
+
+
+class WorkInterrupted(Interrupted):
     """SIGTERM/SIGINT during work that keeps what it finished (e.g. the retention tasks already scored)."""
+
+
+class SweepStopped(BaseException):
+    """A signal stopped one job of a multirun. Raised past Hydra's launchers, which record an ``Exception``
+    as a failed job and start the next one, so that the whole sweep stops as whoever sent the signal meant."""
 
 
 @contextlib.contextmanager
