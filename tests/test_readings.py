@@ -179,9 +179,10 @@ def test_key_position_is_a_config_key_of_every_routed_baseline(editor: str) -> N
 
 def _reading_run(root: Path, name: str, editor: str, reading: str | None, key: str, lr: float, dataset: str,
                  rel: float, num_edits: int = 100, stream: tuple[str, int, int] | None = None,
-                 wall: float | None = None) -> None:
+                 wall: float | None = None, resumed_from: int | None = None, summed: bool = True) -> None:
     """A finished run's results.json; ``stream`` = (protocol, revisit, facts) as runs record it since
-    data/protocol.py (None: an older run, which records no protocol), ``wall`` its timings.wall_seconds."""
+    data/protocol.py (None: an older run, which records no protocol), ``wall`` its timings.wall_seconds;
+    ``resumed_from``: where it resumed, with its wall time ``summed`` over its processes or not (older runs)."""
     run = root / name
     (run / ".hydra").mkdir(parents=True)
     payload: dict = {"config": {"seed": 0, "dataset": {"num_edits": num_edits}, "retention": {},
@@ -197,6 +198,10 @@ def _reading_run(root: Path, name: str, editor: str, reading: str | None, key: s
                                        "num_facts": facts, "num_phrasings": num_edits // revisit, "facts": []}
     if wall is not None:
         payload["timings"] = {"edit_seconds": wall / 2, "wall_seconds": wall}
+        if summed:
+            payload["timings"]["wall_seconds_this_process"] = wall / 3 if resumed_from else wall
+    if resumed_from is not None:
+        payload["stream"] = {"resumed_from": resumed_from}
     (run / "results.json").write_text(json.dumps(payload))
 
 
@@ -260,6 +265,20 @@ def test_the_model_axis_reads_each_run_at_the_asked_lengths(tmp_path: Path) -> N
     assert main(["model_axis", str(tmp_path), "--out", str(out), "--points", "40", "100", "200"]) == 0
     row = [line for line in out.with_suffix(".md").read_text().splitlines() if line.startswith("| ELDER")][0]
     assert "| all authors' readings | 50.0 / 25.0 | 20.0 / 10.0 | — |" in row
+
+
+def test_a_resumed_runs_wall_time_is_its_processes_summed_or_a_dash_where_only_the_last_was_kept(
+        tmp_path: Path) -> None:
+    elder = ("elder", None, "prompt_last", 1e-3)
+    _reading_run(tmp_path, "summed", *elder, "zsre", 0.1, 40, ("one_per_fact", 1, 40), 90.0, resumed_from=20)
+    _reading_run(tmp_path, "older", *elder, "counterfact_rome", 0.2, 40, ("one_per_fact", 1, 40), 30.0,
+                 resumed_from=20, summed=False)
+    _reading_run(tmp_path, "grouped", *elder, "zsre", 0.3, 40, ("grouped", 1, 40), 50.0)  # the detailed table
+    out = tmp_path / "readings"
+    assert main(["readings", str(tmp_path), "--out", str(out)]) == 0
+    _, *rows = _table_lines(out)
+    assert rows[0] == ("| ELDER | — | prompt_last | 0.001 | one_per_fact | 40 | 40 | 10.0 | 5.0 | 100.0 | 90 "
+                       "| 40 | 20.0 | 10.0 | 100.0 | — |")
 
 
 def test_protocol_runs_are_rows_of_their_own_with_edits_facts_and_wall_time(tmp_path: Path) -> None:

@@ -114,6 +114,9 @@ def test_terminated_then_killed_stream_resumes_to_exactly_the_uninterrupted_metr
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     res = results(tmp_path)
     assert res["stream"]["resumed_from"] >= stopped_at + 4
+    # the wall time counts the three processes: more than the last one, at least the stopped run's part
+    assert res["timings"]["wall_seconds"] > res["timings"]["wall_seconds_this_process"]
+    assert res["timings"]["wall_seconds"] > ckpt.wall_seconds > 0
     assert comparable(res) == comparable(reference)  # ==: every metric and every curve point
     assert [c["edits"] for c in res["curves"]] == [4, 8, 12, 16]
     assert res["stream"]["wandb_run_id"] == info["run_id"] == run_id

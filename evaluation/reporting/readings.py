@@ -32,8 +32,8 @@ PROTOCOL_NOTE = (
     "shuffles) and shuffles them; revisit R puts each trained phrasing R times at random positions. Edits "
     "counts stream entries, Facts the distinct facts the stream edits on that dataset; runs that record no "
     "protocol count as one_per_fact, one fact per edit. Wall (s) is the run's time end to end "
-    "(timings.wall_seconds: loading, editing and evaluation), comparable only between runs on the same machine "
-    "under the same load.")
+    "(timings.wall_seconds: loading, editing and evaluation; a resumed run's processes summed, — where it was "
+    "resumed before that was recorded), comparable only between runs on the same machine under the same load.")
 
 
 def protocol_label(protocol: Any, revisit: Any) -> str:

@@ -105,7 +105,11 @@ def row_from_payload(payload: Mapping[str, Any], source: str) -> dict[str, Any]:
     for key in ("protocol", "revisit"):
         row[key] = stream.get(key, row[key])
     row["num_facts"] = num(stream.get("num_facts"))
-    row["wall_seconds"] = num((payload.get("timings") or {}).get("wall_seconds"))
+    timings = payload.get("timings") or {}
+    resumed = (payload.get("stream") or {}).get("resumed_from") is not None
+    # a run resumed before the wall time was kept across processes recorded only its last part: unknown
+    old_resumed = resumed and "wall_seconds_this_process" not in timings
+    row["wall_seconds"] = None if old_resumed else num(timings.get("wall_seconds"))
     versions = payload.get("versions") or {}
     cuda = versions.get("cuda")
     row["device"] = cuda if cuda and cuda != "none" else versions.get("processor")

@@ -284,7 +284,8 @@ def _run(cfg: DictConfig, run_dir: Path, choices: Mapping[str, str], checkpoints
     checkpoints.run_id = run_id
     try:
         stream = run_stream(editor, requests, base_locality, logger, cfg.eval_every, cfg.eval_batch_size,
-                            cfg.progress, checkpoints=checkpoints, resume=resume_from, on_nan=cfg.on_nan)
+                            cfg.progress, checkpoints=checkpoints, resume=resume_from, on_nan=cfg.on_nan,
+                            started=wall)
         timings["edit_seconds"] = stream.edit_seconds
         timings["eval_seconds"] = stream.eval_seconds
         metrics: dict[str, Any] = {
@@ -331,7 +332,9 @@ def _run(cfg: DictConfig, run_dir: Path, choices: Mapping[str, str], checkpoints
             for pass_name, report in (("unedited", retention_base), ("edited", after)):
                 for task, rows in write_report_items(retention, report, run_dir, pass_name).items():
                     logger.table(f"retention_outputs/{pass_name}/{task}", rows)
-        timings["wall_seconds"] = time.perf_counter() - wall
+        # over all the run's processes where it was resumed (the checkpoint keeps the time so far)
+        timings["wall_seconds"] = stream.wall_seconds()
+        timings["wall_seconds_this_process"] = time.perf_counter() - wall
         flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         for group in ("retention", "retention_base", "retention_ratio"):  # each task, the average, the ratio
             flat.update({f"{group}/{k}": v for k, v in metrics.get(group, {}).items() if v is not None})

@@ -108,11 +108,12 @@ def run_stream(editor: Editor, requests: Sequence[EditRequest], base_locality: S
                logger: NullLogger, eval_every: int = 0, eval_batch_size: int = 32,
                progress: bool = True, *, checkpoints: CheckpointManager | None = None,
                resume: StreamCheckpoint | None = None, on_nan: str = "stop",
-               handle_signals: bool = True) -> StreamResult:
+               handle_signals: bool = True, started: float | None = None) -> StreamResult:
     """Edit ``requests`` in batches of ``editor.batch_size``; evaluate every ``eval_every`` edits and at the end.
 
     ``checkpoints``: where and how often to save (None: never, not even on a signal).
     ``resume``: a checkpoint of this stream to continue from. ``on_nan``: ``stop`` or ``skip``.
+    ``started``: ``time.perf_counter()`` when the run began (checkpoints keep its wall time so far).
     """
     saver = Saver(checkpoints, requests)
     nan_guard = NonFiniteGuard(saver, on_nan)  # refuses a bad on_nan first
@@ -120,6 +121,8 @@ def run_stream(editor: Editor, requests: Sequence[EditRequest], base_locality: S
     if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:  # the rule where the batch size is used
         raise ConfigError(f"editor.batch_size must be a positive integer, got {bs!r}")
     state = StreamState(editor, requests)
+    if started is not None:
+        state.result.wall_start = started
     if resume is not None:
         _restore(state, resume)
         if checkpoints is not None:
@@ -152,6 +155,7 @@ def _restore(state: StreamState, ckpt: StreamCheckpoint) -> None:
     result.skipped = list(ckpt.skipped)
     result.edit_seconds, result.eval_seconds = ckpt.edit_seconds, ckpt.eval_seconds
     result.resumed_from = state.position = ckpt.position
+    result.wall_before = ckpt.wall_seconds
     state.curve_due = ckpt.curve_due
     if ckpt.position == n and ckpt.final_metrics is not None:  # evaluated before: the metrics are kept
         state.evaluated = ckpt.final_metrics

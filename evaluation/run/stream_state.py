@@ -8,6 +8,7 @@ calls one hook on every callback, in list order.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -27,6 +28,13 @@ class StreamResult:
     #: batches skipped under ``on_nan=skip``: their uids, prompts, edit range, loss and what was wrong
     skipped: list[dict[str, Any]] = field(default_factory=list)
     resumed_from: int | None = None  # position of the checkpoint the stream continued from
+    #: the run's wall seconds in its earlier processes (resumed; None: a checkpoint from before this record)
+    wall_before: float | None = 0.0
+    wall_start: float = field(default_factory=time.perf_counter)  # when this process's run began
+
+    def wall_seconds(self) -> float | None:
+        """The run's wall seconds so far, over all its processes (None where an earlier part is unknown)."""
+        return None if self.wall_before is None else self.wall_before + time.perf_counter() - self.wall_start
 
 
 class Callback:
@@ -155,7 +163,7 @@ class StreamState:
         return StreamCheckpoint(position=self.position, editor_state=self.keep(), rng=rng_states(),
                                 curves=list(r.curves), edit_seconds=r.edit_seconds, eval_seconds=r.eval_seconds,
                                 skipped=list(r.skipped), curve_due=self.curve_due, final_metrics=final_metrics,
-                                forgetting=list(r.forgetting))
+                                forgetting=list(r.forgetting), wall_seconds=r.wall_seconds())
 
     def commit(self) -> None:
         """Make the stream now the last good point."""
