@@ -118,6 +118,19 @@ def test_a_run_stopped_after_a_checkpoint_is_unfinished_not_failed(tmp_path: Pat
     assert sum("defer_zsre" in f and "unfinished" in f and "610/1000" in f for f in report.failed) == 1
 
 
+def test_a_run_in_progress_is_running_not_failed(tmp_path: Path) -> None:
+    """A sweep's table made while it runs: a folder a live process holds is ``running``, even before its first
+    checkpoint; once nothing holds it, the same folder is ``failed``."""
+    from evaluation.run.folder import RunFolder
+
+    live = write_failed(tmp_path / "multirun", "defer_zsre", "defer", "zsre")
+    with RunFolder(live):
+        (row,) = collect_runs([tmp_path / "multirun"])
+        assert row["status"] == "running" and "in progress" in row["reason"]
+    (row,) = collect_runs([tmp_path / "multirun"])
+    assert row["status"] == "failed"
+
+
 def test_cli_writes_markdown_latex_and_csv_and_lists_what_is_missing(table1_runs: Path, tmp_path: Path) -> None:
     out = tmp_path / "results" / "table1_smollm2"
     assert main(["table1", str(table1_runs), "--out", str(out)]) == 0

@@ -8,6 +8,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import pandas as pd
 
+from evaluation.run.folder import held_by_another
 from evaluation.run.results import BadResults, read_results
 
 SCALAR_METRICS = ("reliability", "generalization", "reliability_token", "generalization_token", "locality",
@@ -139,8 +140,8 @@ def _checkpoint_state(run_dir: Path, cfg: Mapping[str, Any]) -> Optional[dict[st
 
 
 def failed_row(run_dir: Path, reason: str) -> dict[str, Any]:
-    """A run folder that has Hydra's record of the job but no (readable) results.json: ``unfinished``
-    where it saved a stream checkpoint, ``failed`` where it did not."""
+    """A run folder that has Hydra's record of the job but no (readable) results.json: ``running`` where a
+    live process holds it, else ``unfinished`` where it saved a stream checkpoint, ``failed`` where it did not."""
     from omegaconf import OmegaConf
 
     choices: dict[str, Any] = {}
@@ -156,14 +157,20 @@ def failed_row(run_dir: Path, reason: str) -> dict[str, Any]:
     except Exception:  # noqa: BLE001
         pass
     status = "failed"
+    running = held_by_another(run_dir)
+    if running:  # a run in progress (e.g. a sweep's), not a failure
+        status, reason = "running", "a live process holds the folder: the run is in progress"
     state = _checkpoint_state(run_dir, cfg)
     if state is not None:
-        status = "unfinished"
         dataset = cfg.get("dataset")
         total = dataset.get("num_edits") if isinstance(dataset, Mapping) else None
         done = f"{state['position']}/{total}" if isinstance(total, int) else str(state["position"])
-        reason += (f"; checkpoint after {done} edits ({state.get('reason', 'periodic')}): "
-                   f"resume=true hydra.run.dir={run_dir} continues it")
+        if running:
+            reason += f"; checkpoint after {done} edits"
+        else:
+            status = "unfinished"
+            reason += (f"; checkpoint after {done} edits ({state.get('reason', 'periodic')}): "
+                       f"resume=true hydra.run.dir={run_dir} continues it")
     logs = sorted(run_dir.glob("*.log"))
     last = _last_line(logs[0]) if logs else ""
     if last:

@@ -42,6 +42,22 @@ def unwritable(path: Path, err: OSError) -> HarnessError:
                         f"hydra.run.dir=DIR (or paths.output_dir=DIR)")
 
 
+def held_by_another(run_dir: str | Path) -> bool:
+    """Whether a live process holds ``run_dir`` (a run in progress); False where nothing does or there is no lock."""
+    path = Path(run_dir) / LOCK
+    if not path.is_file():
+        return False
+    lock = FileLock(path)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return True
+    except OSError:  # a read-only folder: nothing can be running in it
+        return False
+    lock.release()
+    return False
+
+
 class RunFolder:
     """``with RunFolder(run_dir) as folder:`` holds ``run_dir`` for this process."""
 
