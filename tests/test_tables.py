@@ -127,6 +127,7 @@ def test_a_run_in_progress_is_running_not_failed(tmp_path: Path) -> None:
     with RunFolder(live):
         (row,) = collect_runs([tmp_path / "multirun"])
         assert row["status"] == "running" and "in progress" in row["reason"]
+        assert "| Defer | running | 53.82 |" in build("table1", [row], Options()).tables[0].markdown()
     (row,) = collect_runs([tmp_path / "multirun"])
     assert row["status"] == "failed"
 

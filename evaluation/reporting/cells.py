@@ -41,14 +41,18 @@ class Cells:
         return tuple(key_value(v) for v in key)
 
     def status(self, key: Sequence[Any]) -> str:
-        """``ok`` where a run finished; else ``unfinished`` where every run of the cell saved a checkpoint
-        and stopped (or is still going), ``failed`` where one did not, ``missing`` where there is none."""
+        """``ok`` where a run finished; else ``running`` where a run of the cell is in progress and none
+        failed, ``unfinished`` where every run saved a checkpoint and stopped, ``failed`` where one stopped
+        without, ``missing`` where there is none."""
         key = self._key(key)
         if key in self.ok:
             return "ok"
         if key not in self.failed:
             return "missing"
-        return "unfinished" if (self.failed[key]["status"] == "unfinished").all() else "failed"
+        statuses = set(self.failed[key]["status"])
+        if "failed" in statuses:
+            return "failed"
+        return "running" if "running" in statuses else "unfinished"
 
     def stat(self, key: Sequence[Any], metric: str, scale: float = 1.0) -> Optional[Stat]:
         sub = self.ok.get(self._key(key))
