@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -69,6 +70,45 @@ def test_results_hold_all_eight_tasks_and_a_resumed_run_reuses_scored_tasks(
     again = run_experiment(compose_config(overrides(tmp_path / "cache", "retention.tasks=[rte]")), run, CHOICES)
     assert json.loads((run / "results.json").read_text())["retention_tasks"]["edited"]["reused"] == []
     assert again["metrics"]["retention"]["rte"] == full["metrics"]["retention"]["rte"]
+
+
+@pytest.mark.skipif(not DATA.is_dir(), reason=f"retention data not at {DATA}")
+def test_a_run_stopped_in_its_retention_pass_counts_the_tasks_it_finished_in_its_wall_time(
+        tmp_path: Path, one_thread: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A resume restores the stream's end checkpoint; the edited tasks finished after it (kept in the run's
+    store) took time too, so the run's wall time must not fall back to the stream's end."""
+    from evaluation.retention.rte import RTE
+    from evaluation.retention.sst2 import SST2
+    from evaluation.run.checkpoint import CheckpointManager
+    from evaluation.run.compose import compose_config
+    from evaluation.run.experiment import run_experiment
+
+    pause = 1.5
+    saves: list[tuple[str, float | None]] = []
+    real_save, real_score, real_prompts = CheckpointManager.save, RTE.score, SST2.prompts
+    monkeypatch.setattr(CheckpointManager, "save",
+                        lambda self, ckpt: saves.append((ckpt.reason, ckpt.wall_seconds)) or real_save(self, ckpt))
+    monkeypatch.setattr(RTE, "score", lambda self, *a: time.sleep(pause) or real_score(self, *a))
+
+    def stop_in_the_edited_pass(self: SST2, examples: list) -> list[str]:
+        if any(reason.startswith("end") for reason, _ in saves):  # the stream is over: RTE's edited task is stored
+            raise WorkInterrupted("stopped by SIGTERM during the retention suite")
+        return real_prompts(self, examples)
+
+    monkeypatch.setattr(SST2, "prompts", stop_in_the_edited_pass)
+    run = tmp_path / "run"
+    with pytest.raises(WorkInterrupted):
+        run_experiment(compose_config(overrides(tmp_path / "cache", "retention.tasks=[rte,sst2]")), run, CHOICES)
+    stream_end = next(wall for reason, wall in saves if reason.startswith("end"))
+    assert stream_end is not None
+    monkeypatch.undo()
+
+    resumed = run_experiment(compose_config(overrides(tmp_path / "cache", "retention.tasks=[rte,sst2]",
+                                                      "resume=true")), run, CHOICES)
+    earlier = resumed["timings"]["wall_seconds"] - resumed["timings"]["wall_seconds_this_process"]
+    assert earlier >= stream_end + pause  # the first process's edited RTE task is counted
+    results = json.loads((run / "results.json").read_text())
+    assert results["retention_tasks"]["edited"]["reused"] == ["rte"]
 
 
 def test_a_signal_during_uninterruptible_work_raises_a_message_and_restores_the_handler() -> None:

@@ -208,10 +208,12 @@ class Gu2024Suite:
         return outputs, routed, [not r for r in routed]
 
     def evaluate(self, generate: GenerateFn, *, cache_key: str | None = None, cache_dir: str | None = None,
-                 in_scope: InScopeFn | None = None, unedited: RetentionReport | None = None) -> RetentionReport:
+                 in_scope: InScopeFn | None = None, unedited: RetentionReport | None = None,
+                 on_stored: Callable[[str], None] | None = None) -> RetentionReport:
         """Run every task through ``generate``. With ``cache_key`` (naming the model, its state and its
         generation settings) and a cache folder (``cache_dir``, else the suite's), each task's score is
-        read back when stored for the same key and task settings, and stored as soon as it is computed.
+        read back when stored for the same key and task settings, and stored as soon as it is computed
+        (then ``on_stored(task)``: the run keeps its wall time so far beside what a resume restores).
 
         ``in_scope`` (an edited pass: the editor's router) marks the rows the edits act on; with the
         ``unedited`` pass's report, the other rows keep its continuations (see ``reuse_unedited``)."""
@@ -241,6 +243,8 @@ class Gu2024Suite:
             if name in paths:
                 self._store(paths[name], cache_key, name, scores[name], details[name], seconds[name],
                             outputs[name], routed[name], reused_rows[name])
+                if on_stored is not None:
+                    on_stored(name)
 
         def read_back(name: str) -> bool:
             blob = stored.get(name) or (self._load_cached(paths[name], cache_key, name) if name in paths else None)
@@ -307,5 +311,5 @@ class NoRetention:
 
     def evaluate(self, generate: GenerateFn | None = None, *, cache_key: str | None = None,
                  cache_dir: str | None = None, in_scope: InScopeFn | None = None,
-                 unedited: RetentionReport | None = None) -> None:
+                 unedited: RetentionReport | None = None, on_stored: Callable[[str], None] | None = None) -> None:
         return None

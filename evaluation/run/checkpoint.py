@@ -265,6 +265,15 @@ class CheckpointManager:
         log.info("checkpoint after %d edits (%s): %s", ckpt.position, ckpt.reason, path)
         return path
 
+    def note_wall(self, seconds: float) -> None:
+        """Write the run's wall time so far into the newest saved checkpoint (the stream's end, during the
+        retention pass): a run resumed from it then also counts the time spent after it was saved."""
+        if self.last_saved is None:
+            return
+        ckpt = self.read(self.directory / checkpoint_name(self.last_saved))
+        ckpt.wall_seconds = seconds
+        self.save(ckpt)
+
     def _prune(self, keep_path: Path) -> None:
         files = [p for _, p in self.files() if p != keep_path]
         for p in files[: max(0, len(files) - (self.keep - 1))]:

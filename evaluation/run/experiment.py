@@ -304,6 +304,11 @@ def _run(cfg: DictConfig, run_dir: Path, choices: Mapping[str, str], checkpoints
                           f"-{state_digest(editor.state_dict())}")
             store = run_dir / RETENTION_STORE
             resumable = checkpoints.every > 0  # the stream saved its end state, so resume=true can skip the edits
+
+            def keep_wall(_task: str) -> None:  # a resume restores the stream's end: count the tasks done since
+                seconds = stream.wall_seconds()
+                if resumable and checkpoints.last_saved == len(requests) and seconds is not None:
+                    checkpoints.note_wall(seconds)
             # routing queries read before any edited module are the unedited model's: kept across runs
             queries = (QueryStore(retention.cache_dir, f"{model_key}-{_config_key(cfg.compile)}")
                        if getattr(retention, "cache_dir", None) else None)
@@ -314,7 +319,7 @@ def _run(cfg: DictConfig, run_dir: Path, choices: Mapping[str, str], checkpoints
                                              (f"; to go on, {checkpoints.resume_hint}" if resumable else "")):
                 # rows out of the router's scope keep the unedited continuation (equal bit for bit)
                 after = retention.evaluate(gen, cache_key=edited_key, cache_dir=str(store), unedited=retention_base,
-                                           in_scope=in_scope)
+                                           in_scope=in_scope, on_stored=keep_wall)
             timings["retention_seconds"] = time.perf_counter() - start
             metrics["retention"] = after.scores
             metrics["retention_base"] = retention_base.scores
