@@ -20,12 +20,12 @@ import os
 import re
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from filelock import FileLock, Timeout
 
 from evaluation.common.atomic import write_json_atomic
-from evaluation.common.errors import ConfigError
+from evaluation.common.errors import ConfigError, HarnessError
 from evaluation.common.integrity import CorruptFile, check_seal, file_sha256, seal
 from evaluation.retention.base import RetentionTask, data_path
 from evaluation.retention.boolq import BoolQ
@@ -65,6 +65,8 @@ class RetentionReport:
     routed: dict[str, list[bool] | None] = field(default_factory=dict)
     # per task, the rows whose continuation is the unedited pass's (out of scope), not generated again
     reused_rows: dict[str, list[bool]] = field(default_factory=dict)
+    # tasks another run was generating, left for ``collect`` (evaluate(defer_others=True)); no average yet
+    pending: list[str] = field(default_factory=list)
 
     @property
     def cached(self) -> bool:
@@ -84,7 +86,8 @@ class RetentionReport:
                    seconds=dict(d.get("seconds", {})), reused=list(d.get("reused", [])),
                    outputs={k: list(v) for k, v in d.get("outputs", {}).items()},
                    routed={k: (None if v is None else list(v)) for k, v in d.get("routed", {}).items()},
-                   reused_rows={k: list(v) for k, v in d.get("reused_rows", {}).items()})
+                   reused_rows={k: list(v) for k, v in d.get("reused_rows", {}).items()},
+                   pending=list(d.get("pending", [])))
 
 
 def _task_list(tasks: Sequence[str] | str) -> list[str]:
@@ -209,14 +212,18 @@ class Gu2024Suite:
 
     def evaluate(self, generate: GenerateFn, *, cache_key: str | None = None, cache_dir: str | None = None,
                  in_scope: InScopeFn | None = None, unedited: RetentionReport | None = None,
-                 on_stored: Callable[[str], None] | None = None) -> RetentionReport:
+                 on_stored: Callable[[str], None] | None = None, defer_others: bool = False) -> RetentionReport:
         """Run every task through ``generate``. With ``cache_key`` (naming the model, its state and its
         generation settings) and a cache folder (``cache_dir``, else the suite's), each task's score is
         read back when stored for the same key and task settings, and stored as soon as it is computed
         (then ``on_stored(task)``: the run keeps its wall time so far beside what a resume restores).
 
         ``in_scope`` (an edited pass: the editor's router) marks the rows the edits act on; with the
-        ``unedited`` pass's report, the other rows keep its continuations (see ``reuse_unedited``)."""
+        ``unedited`` pass's report, the other rows keep its continuations (see ``reuse_unedited``).
+
+        A task another run is generating (its lock held) is done last: read back once stored, generated
+        here if that run stops without it. With ``defer_others`` it is not waited for but left in the
+        report's ``pending`` for :meth:`collect`, so this run can go on (with its stream) meanwhile."""
         directory = cache_dir if cache_dir is not None else self.cache_dir
         paths = ({name: self.cache_path(directory, cache_key, name) for name in self.task_names}
                  if cache_key is not None and directory is not None else {})
@@ -225,24 +232,20 @@ class Gu2024Suite:
         for name in self.task_names:  # parse every file first: a bad record fails before generating
             if name not in stored:
                 self.examples(name)
-        scores: dict[str, float] = {}
-        details: dict[str, dict[str, float]] = {}
-        seconds: dict[str, float] = {}
-        outputs: dict[str, list[str]] = {}
-        routed: dict[str, list[bool] | None] = {}
-        reused_rows: dict[str, list[bool]] = {}
+        report = RetentionReport(scores={})
 
         def run_task(name: str) -> None:
             task = self.tasks[name]
             t0 = time.perf_counter()
             examples = self.examples(name)
-            outputs[name], routed[name], reused_rows[name] = self._continuations(
-                name, task.prompts(examples), generate, in_scope, unedited)
-            scores[name], details[name] = task.score(examples, outputs[name])
-            seconds[name] = time.perf_counter() - t0
+            outputs, routed, reused_rows = self._continuations(name, task.prompts(examples), generate, in_scope,
+                                                               unedited)
+            score, details = task.score(examples, outputs)
+            seconds = time.perf_counter() - t0
+            _fill(report, name, {"score": score, "details": details, "seconds": seconds, "outputs": outputs,
+                                 "routed": routed, "reused_rows": reused_rows})
             if name in paths:
-                self._store(paths[name], cache_key, name, scores[name], details[name], seconds[name],
-                            outputs[name], routed[name], reused_rows[name])
+                self._store(paths[name], cache_key, name, score, details, seconds, outputs, routed, reused_rows)
                 if on_stored is not None:
                     on_stored(name)
 
@@ -250,9 +253,8 @@ class Gu2024Suite:
             blob = stored.get(name) or (self._load_cached(paths[name], cache_key, name) if name in paths else None)
             if blob is None:
                 return False
-            stored[name] = blob
-            scores[name], details[name], seconds[name] = blob["score"], dict(blob["details"]), blob["seconds"]
-            outputs[name], routed[name], reused_rows[name] = list(blob["outputs"]), blob["routed"], blob["reused_rows"]
+            _fill(report, name, blob)
+            report.reused.append(name)
             return True
 
         def generate_or_read(name: str) -> None:  # under the task's lock
@@ -276,16 +278,61 @@ class Gu2024Suite:
                 generate_or_read(name)
             finally:
                 lock.release()
+        if defer_others and waiting:
+            report.pending = waiting
+            return report
         for name in waiting:
             log.info("retention task %s is being generated by another run; waiting for its result", name)
             # the holder either stores the task (read back here) or stops without it (generated here)
             with FileLock(paths[name] + ".lock").acquire(poll_interval=self.wait_poll_seconds):
                 generate_or_read(name)
-        vals = [scores[n] for n in self.task_names]
-        scores["average"] = sum(vals) / len(vals)
-        return RetentionReport(scores=scores, details=details, seconds=seconds,
-                               reused=[n for n in self.task_names if n in stored], outputs=outputs, routed=routed,
-                               reused_rows=reused_rows)
+        return self._complete(report)
+
+    def collect(self, report: RetentionReport, *, cache_key: str, cache_dir: str | None = None) -> RetentionReport:
+        """``report`` with its ``pending`` tasks (see :meth:`evaluate`) read back once the runs generating
+        them have stored them; :class:`PendingTaskLost` where one stopped without storing its task (this
+        run cannot generate it: its model has been edited since)."""
+        directory = cache_dir if cache_dir is not None else self.cache_dir
+        for name in report.pending:
+            path = self.cache_path(str(directory), cache_key, name)
+            log.info("retention task %s is being generated by another run; waiting for its result", name)
+            with FileLock(path + ".lock").acquire(poll_interval=self.wait_poll_seconds):
+                blob = self._load_cached(path, cache_key, name)
+            if blob is None:
+                raise PendingTaskLost(name)
+            _fill(report, name, blob)
+            report.reused.append(name)
+        report.pending = []
+        return self._complete(report)
+
+    def _complete(self, report: RetentionReport) -> RetentionReport:
+        """Tasks in the suite's order (each map and ``reused``), and the average."""
+        order = {name: i for i, name in enumerate(self.task_names)}
+        for table in (report.scores, report.details, report.seconds, report.outputs, report.routed,
+                      report.reused_rows):
+            items = sorted(table.items(), key=lambda kv: order[kv[0]])
+            table.clear()
+            table.update(items)
+        report.reused.sort(key=order.__getitem__)
+        report.scores["average"] = sum(report.scores[n] for n in self.task_names) / len(self.task_names)
+        return report
+
+
+def _fill(report: RetentionReport, name: str, blob: Mapping[str, Any]) -> None:
+    """One task's score, details, seconds, outputs and routing (stored or just computed) into ``report``."""
+    report.scores[name], report.seconds[name] = blob["score"], blob["seconds"]
+    report.details[name] = dict(blob["details"])
+    report.outputs[name], report.routed[name] = list(blob["outputs"]), blob["routed"]
+    report.reused_rows[name] = list(blob["reused_rows"])
+
+
+class PendingTaskLost(HarnessError):
+    """The run that was generating a task :meth:`Gu2024Suite.collect` waited for stopped without storing it."""
+
+    def __init__(self, task: str) -> None:
+        super().__init__(f"the unedited model's retention task {task} was being generated by another run, which "
+                         f"stopped without storing it")
+        self.task = task
 
 
 def _is_number(x: Any) -> bool:
@@ -311,5 +358,9 @@ class NoRetention:
 
     def evaluate(self, generate: GenerateFn | None = None, *, cache_key: str | None = None,
                  cache_dir: str | None = None, in_scope: InScopeFn | None = None,
-                 unedited: RetentionReport | None = None, on_stored: Callable[[str], None] | None = None) -> None:
+                 unedited: RetentionReport | None = None, on_stored: Callable[[str], None] | None = None,
+                 defer_others: bool = False) -> None:
+        return None
+
+    def collect(self, report: None, *, cache_key: str, cache_dir: str | None = None) -> None:
         return None

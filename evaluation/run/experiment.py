@@ -24,6 +24,7 @@ from evaluation.editing.generation import make_generate_fn
 from evaluation.editing.unedited import Unedited
 from evaluation.retention.outputs import write_report_items
 from evaluation.retention.query_store import QueryStore
+from evaluation.retention.suite import PendingTaskLost
 from evaluation.run.checkpoint import CheckpointManager, StreamCheckpoint, state_digest
 from evaluation.run.folder import RunFolder
 from evaluation.run.interrupts import stop_on_signals
@@ -236,6 +237,22 @@ def check_run_settings(cfg: DictConfig) -> None:
         raise ConfigError(f"threads must be null or a positive integer, got {cfg.threads!r}")
 
 
+def _collect_unedited(retention: Any, report: Any, model_key: str, checkpoints: CheckpointManager,
+                      num_edits: int) -> Any:
+    """The unedited retention report with the tasks other runs were generating during the stream read back."""
+    if not report.pending:
+        return report
+    saved = checkpoints.last_saved == num_edits
+    then = (f"the stream's end is saved: {checkpoints.resume_hint}, which generates it on the unedited model "
+            f"first" if saved else "no checkpoint holds the stream's end: rerun the same command")
+    with stop_on_signals(lambda sig: f"stopped by {sig} while waiting for the unedited retention tasks "
+                                     f"{', '.join(report.pending)} from another run; {then}"):
+        try:
+            return retention.collect(report, cache_key=model_key)
+        except PendingTaskLost as err:
+            raise HarnessError(f"{err}; {then}") from None
+
+
 def _run(cfg: DictConfig, run_dir: Path, choices: Mapping[str, str], checkpoints: CheckpointManager,
          resume_from: StreamCheckpoint | None) -> dict[str, Any]:
     seed_everything(cfg.seed)
@@ -271,7 +288,9 @@ def _run(cfg: DictConfig, run_dir: Path, choices: Mapping[str, str], checkpoints
                 else "are lost (retention.cache_dir is null)")
         with stop_on_signals(lambda sig: f"stopped by {sig} during the unedited model's retention suite; "
                                          f"the tasks it finished {kept}"):
-            retention_base = retention.evaluate(gen, cache_key=model_key)
+            # a task another run is generating is read after the stream, when the stream's end is saved
+            # (if that run stops without it, a resume generates it on the unedited model before restoring)
+            retention_base = retention.evaluate(gen, cache_key=model_key, defer_others=checkpoints.every > 0)
         timings["retention_base_seconds"] = time.perf_counter() - start
 
     # _partial_: Hydra would turn the LoadedModel dataclass into a config if passed as a kwarg
@@ -297,6 +316,7 @@ def _run(cfg: DictConfig, run_dir: Path, choices: Mapping[str, str], checkpoints
             "skipped_edits": sum(len(s["uids"]) for s in stream.skipped),
         }
         if retention.enabled:
+            retention_base = _collect_unedited(retention, retention_base, model_key, checkpoints, len(requests))
             start = time.perf_counter()
             gen = make_generate_fn(editor.model, editor.tokenizer, editor, cfg.eval_batch_size, cfg.progress,
                                  token_budget=cfg.generation_token_budget)
