@@ -240,6 +240,22 @@ def test_table2_draws_each_editor_beside_the_unedited_model(tmp_path: Path, monk
     assert [label for label, _ in drawn["bars"][("smollm2", "counterfact")]] == ["Base (unedited)", "GRACE"]
 
 
+def test_retention_figure_keeps_each_editors_colour_across_panels(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from evaluation.reporting import figures
+    from evaluation.reporting.cells import Stat
+
+    saved: list = []
+    monkeypatch.setattr(figures, "_save", lambda fig, out: saved.append(fig) or [])
+    stat = [Stat(50.0, float("nan"), 1)]
+    # the second panel has no Defer: GRACE must not take Defer's colour there
+    figures.plot_retention({("m", "zsre"): [("Base", stat), ("Defer", stat), ("GRACE", stat)],
+                            ("m", "counterfact"): [("Base", stat), ("GRACE", stat)]}, ["Avg."], tmp_path / "f", "t")
+    colours = [{bar.get_label(): bar.patches[0].get_facecolor() for bar in ax.containers} for ax in saved[0].axes]
+    assert colours[0]["GRACE"] == colours[1]["GRACE"] != colours[0]["Defer"]
+    assert colours[0]["Base"] == colours[1]["Base"]
+
+
 def test_figure2_lists_missing_seeds_and_draws_png_and_pdf(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     for editor, params in (("elder", 1_000_000), ("grace", 2_000_000)):

@@ -94,6 +94,9 @@ def plot_retention(bars: Mapping[tuple, Sequence[tuple[str, Sequence[Any]]]], la
     """
     plt = _pyplot()
     keys = list(bars)
+    # one colour per editor across panels, so a panel missing an editor does not recolour the others
+    editors = list(dict.fromkeys(editor for series in bars.values() for editor, _ in series[1:]))
+    colours = {editor: f"C{i % 10}" for i, editor in enumerate(editors)}
     fig, axes = plt.subplots(len(keys), 1, figsize=(11, 3.8 * len(keys)), squeeze=False)
     for ax, key in zip(axes[:, 0], keys):
         model, dataset = key
@@ -105,7 +108,7 @@ def plot_retention(bars: Mapping[tuple, Sequence[tuple[str, Sequence[Any]]]], la
             errors = [0.0 if s is None or math.isnan(s.std) else s.std for s in stats]
             offset = (i - (len(series) - 1) / 2) * width
             ax.bar(xs + offset, heights, width, yerr=errors if any(errors) else None, capsize=2,
-                   color="0.6" if i == 0 else f"C{i - 1}", label=editor)
+                   color="0.6" if i == 0 else colours[editor], label=editor)
         where = f"{paper.MODEL_LABELS.get(model, model)}, {paper.DATASET_LABELS.get(dataset, dataset)}"
         ax.set(ylabel="score (%)", title=f"{title} ({where})", xticks=xs, xticklabels=list(labels))
         ax.grid(alpha=0.3, axis="y")
