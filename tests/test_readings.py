@@ -252,6 +252,12 @@ def test_table1_puts_a_reading_beside_the_default_and_reads_a_committed_frame(tm
     assert main(["table1", str(first.with_suffix(".csv")), "--out", str(second)]) == 0
     table = lambda p: [line for line in p.with_suffix(".md").read_text().splitlines() if line.startswith("|")]
     assert table(first) == table(second)
+    # the frame beside the folders it was made from: each run once, from its folder
+    _reading_run(runs, "d", "elder", None, "prompt_last", 1e-3, "zsre", 0.08)
+    third = tmp_path / "t1_with_folders"
+    assert main(["table1", str(first.with_suffix(".csv")), str(runs), "--out", str(third)]) == 0
+    assert len(third.with_suffix(".csv").read_text().splitlines()) == 1 + 4
+    assert "| ELDER | 6.00 ± 2.83 | 93.96 |" in third.with_suffix(".md").read_text()
 
 
 def test_the_model_axis_reads_each_run_at_the_asked_lengths(tmp_path: Path) -> None:

@@ -199,14 +199,18 @@ def frame_rows(path: Path) -> list[dict[str, Any]]:
 
 
 def collect_runs(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
-    """Rows for every results.json under ``paths`` and every run folder that has none."""
+    """Rows for every results.json under ``paths`` and every run folder that has none.
+
+    A run listed both in a committed frame and as a folder given here counts once, from its folder,
+    so a table can be made again from the frame it wrote and the folders it added.
+    """
     rows: dict[str, dict[str, Any]] = {}
     for root in map(Path, paths):
         if not root.exists():
             raise TablesError(f"no such file or folder: {root}")
         if root.suffix == ".csv":  # a committed per-run frame (<out>.csv): its runs' folders may be gone
             for row in frame_rows(root):
-                rows[f"{root}:{row['source']}"] = row
+                rows.setdefault(str(Path(str(row["source"])).resolve()), row)
             continue
         files = [root] if root.is_file() else sorted(root.rglob("results.json"))
         for file in files:
