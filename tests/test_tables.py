@@ -254,6 +254,12 @@ def test_retention_figure_keeps_each_editors_colour_across_panels(tmp_path: Path
     colours = [{bar.get_label(): bar.patches[0].get_facecolor() for bar in ax.containers} for ax in saved[0].axes]
     assert colours[0]["GRACE"] == colours[1]["GRACE"] != colours[0]["Defer"]
     assert colours[0]["Base"] == colours[1]["Base"]
+    # the curves of Figure 2 and the readings share the rule
+    point = (1000, Stat(50.0, float("nan"), 1), None, None)
+    figures.plot_curves({("m", "zsre"): {"defer": [point], "grace": [point]}, ("m", "counterfact"): {"grace": [point]}},
+                        "edits", tmp_path / "g", "t")
+    lines = [{bars.get_label(): bars.lines[0].get_color() for bars in ax.containers} for ax in saved[1].axes[::2]]
+    assert lines[0]["GRACE reliability"] == lines[1]["GRACE reliability"] != lines[0]["Defer reliability"]
 
 
 def test_figure2_lists_missing_seeds_and_draws_png_and_pdf(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -47,6 +47,12 @@ def _errorbar(ax: Any, xs: Sequence[float], stats: Sequence[Any], **kwargs: Any)
     ax.errorbar(xs, means, yerr=stds, capsize=3, marker="o", **kwargs)
 
 
+def _editor_colours(names: Iterable[str]) -> dict[str, str]:
+    """One colour per editor, in first-seen order: the same in every panel of a figure, so a panel that
+    lacks an editor does not recolour the others."""
+    return {name: f"C{i % 10}" for i, name in enumerate(dict.fromkeys(names))}
+
+
 def plot_curves(curves: Mapping[tuple, Mapping[str, Sequence[tuple]]], xlabel: str, out: Path, title: str) -> list[str]:
     """One row of panels per (model, dataset): reliability and generalization (%), parameters (M).
 
@@ -55,14 +61,15 @@ def plot_curves(curves: Mapping[tuple, Mapping[str, Sequence[tuple]]], xlabel: s
     """
     plt = _pyplot()
     keys = [k for k, series in curves.items() if any(series.values())] or list(curves)[:1]
+    colours = _editor_colours(sorted({editor for series in curves.values() for editor in series}))
     fig, axes = plt.subplots(max(1, len(keys)), 2, figsize=(10, 3.6 * max(1, len(keys))), squeeze=False)
     for row, key in enumerate(keys):
         model, dataset = key
         ax_rel, ax_par = axes[row]
-        for i, (editor, points) in enumerate(sorted(curves.get(key, {}).items())):
+        for editor, points in sorted(curves.get(key, {}).items()):
             if not points:
                 continue
-            color = f"C{i}"
+            color = colours[editor]
             label = paper.EDITOR_LABELS.get(editor, editor)
             xs = [p[0] for p in points]
             _errorbar(ax_rel, xs, [p[1] for p in points], color=color, label=f"{label} reliability")
@@ -94,9 +101,7 @@ def plot_retention(bars: Mapping[tuple, Sequence[tuple[str, Sequence[Any]]]], la
     """
     plt = _pyplot()
     keys = list(bars)
-    # one colour per editor across panels, so a panel missing an editor does not recolour the others
-    editors = list(dict.fromkeys(editor for series in bars.values() for editor, _ in series[1:]))
-    colours = {editor: f"C{i % 10}" for i, editor in enumerate(editors)}
+    colours = _editor_colours(editor for series in bars.values() for editor, _ in series[1:])
     fig, axes = plt.subplots(len(keys), 1, figsize=(11, 3.8 * len(keys)), squeeze=False)
     for ax, key in zip(axes[:, 0], keys):
         model, dataset = key
