@@ -69,9 +69,9 @@ def results(run_dir: Path) -> dict[str, Any]:
     return json.loads((run_dir / "results.json").read_text())
 
 
-def comparable(res: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Every metric and curve point except wall-clock time."""
-    return {k: v for k, v in res["metrics"].items() if k != "seconds_per_edit"}, res["curves"]
+def comparable(res: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Every metric, curve point and forgetting point except wall-clock time."""
+    return {k: v for k, v in res["metrics"].items() if k != "seconds_per_edit"}, res["curves"], res["forgetting"]
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     run_dir = tmp_path_factory.mktemp("uninterrupted")
     proc = run_cli(["logger=none"], run_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return results(run_dir)
+    return {**results(run_dir), "answers.jsonl": (run_dir / "answers.jsonl").read_text()}
 
 
 def test_terminated_then_killed_stream_resumes_to_exactly_the_uninterrupted_metrics(
@@ -118,6 +118,9 @@ def test_terminated_then_killed_stream_resumes_to_exactly_the_uninterrupted_metr
     assert res["timings"]["wall_seconds"] > res["timings"]["wall_seconds_this_process"]
     assert res["timings"]["wall_seconds"] > ckpt.wall_seconds > 0
     assert comparable(res) == comparable(reference)  # ==: every metric and every curve point
+    assert "reliability_generated" in res["metrics"] and res["metrics"]["at_edit_time"]
+    # the generated answers of the final evaluation, word for word
+    assert (tmp_path / "answers.jsonl").read_text() == reference["answers.jsonl"]
     assert [c["edits"] for c in res["curves"]] == [4, 8, 12, 16]
     assert res["stream"]["wandb_run_id"] == info["run_id"] == run_id
     assert len(list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))) == 3

@@ -71,20 +71,24 @@ def table1_runs(tmp_path: Path) -> Path:
             write_run(root, f"{editor}_{dataset}_s0", editor, dataset, rel, gen)
     write_run(root, "elder_zsre_s1", "elder", "zsre", 0.80, 0.70, seed=1)
     write_failed(root, "melo_counterfact_s0", "melo", "counterfact")
+    # GRACE's ZsRE run also scored the model's own answers (issue 33): its generated columns are filled
+    grace = json.loads((root / "grace_zsre_s0" / "results.json").read_text())
+    grace["metrics"].update(reliability_generated=0.25, generalization_generated=0.0)
+    (root / "grace_zsre_s0" / "results.json").write_text(json.dumps(grace))
     return root
 
 
 EXPECTED_TABLE1 = """\
 ### SmolLM2-135M (paper: LLaMA2-7B)
 
-| Editor | ZsRE Rel. | paper | Δ | ZsRE Gen. | paper | Δ | CounterFact Rel. | paper | Δ | CounterFact Gen. | paper | Δ |
-|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|
-| FT-L | 30.00 | 32.21 | -2.21 | 20.00 | 28.96 | -8.96 | 30.00 | 66.26 | -36.26 | 20.00 | 44.65 | -24.65 |
-| ROME | 50.00 | 77.60 | -27.60 | 40.00 | 74.53 | -34.53 | missing | 79.37 |  | missing | 80.30 |  |
-| Defer | 60.00 | 53.82 | +6.18 | 10.00 | 51.32 | -41.32 | 60.00 | 68.82 | -8.82 | 10.00 | 57.75 | -47.75 |
-| MELO | 70.00 | 64.57 | +5.43 | 50.00 | 42.93 | +7.07 | failed | 51.39 |  | failed | 35.71 |  |
-| GRACE | 100.00 | 89.48 | +10.52 | 0.00 | 0.46 | -0.46 | 100.00 | 77.70 | +22.30 | 0.00 | 63.35 | -63.35 |
-| ELDER | 85.00 ± 7.07 | 93.96 | -8.96 | 70.00 ± 0.00 | 90.21 | -20.21 | 90.00 | 95.07 | -5.07 | 70.00 | 90.79 | -20.79 |"""
+| Editor | ZsRE Rel. | paper | Δ | ZsRE Gen. | paper | Δ | ZsRE Rel. (generated) | ZsRE Gen. (generated) | CounterFact Rel. | paper | Δ | CounterFact Gen. | paper | Δ | CounterFact Rel. (generated) | CounterFact Gen. (generated) |
+|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|
+| FT-L | 30.00 | 32.21 | -2.21 | 20.00 | 28.96 | -8.96 | — | — | 30.00 | 66.26 | -36.26 | 20.00 | 44.65 | -24.65 | — | — |
+| ROME | 50.00 | 77.60 | -27.60 | 40.00 | 74.53 | -34.53 | — | — | missing | 79.37 |  | missing | 80.30 |  | missing | missing |
+| Defer | 60.00 | 53.82 | +6.18 | 10.00 | 51.32 | -41.32 | — | — | 60.00 | 68.82 | -8.82 | 10.00 | 57.75 | -47.75 | — | — |
+| MELO | 70.00 | 64.57 | +5.43 | 50.00 | 42.93 | +7.07 | — | — | failed | 51.39 |  | failed | 35.71 |  | failed | failed |
+| GRACE | 100.00 | 89.48 | +10.52 | 0.00 | 0.46 | -0.46 | 25.00 | 0.00 | 100.00 | 77.70 | +22.30 | 0.00 | 63.35 | -63.35 | — | — |
+| ELDER | 85.00 ± 7.07 | 93.96 | -8.96 | 70.00 ± 0.00 | 90.21 | -20.21 | — | — | 90.00 | 95.07 | -5.07 | 70.00 | 90.79 | -20.79 | — | — |"""
 
 
 def test_table1_from_fixture_runs_matches_the_expected_markdown(table1_runs: Path) -> None:
@@ -112,7 +116,8 @@ def test_a_run_stopped_after_a_checkpoint_is_unfinished_not_failed(tmp_path: Pat
     assert f"checkpoint after 610/1000 edits (signal SIGTERM): resume=true hydra.run.dir={stopped}" \
         in rows["defer_zsre"]["reason"]
     report = build("table1", list(rows.values()), Options())
-    assert "| Defer | unfinished | 53.82 |  | unfinished | 51.32 |  | failed | 68.82 |" in report.tables[0].markdown()
+    assert ("| Defer | unfinished | 53.82 |  | unfinished | 51.32 |  | unfinished | unfinished | failed | 68.82 |"
+            in report.tables[0].markdown())
     assert "Defer / smollm2 / ZsRE: unfinished" in report.missing
     assert "Defer / smollm2 / CounterFact: failed" in report.missing  # one of its two runs saved nothing
     assert sum("defer_zsre" in f and "unfinished" in f and "610/1000" in f for f in report.failed) == 1
@@ -141,7 +146,7 @@ def test_cli_writes_markdown_latex_and_csv_and_lists_what_is_missing(table1_runs
     assert "## Failed or unfinished runs" in md and "melo_counterfact_s0" in md
     assert f"Made by: `python -m evaluation.tables table1 {table1_runs} --out {out}`" in md
     tex = out.with_suffix(".tex").read_text()
-    assert "\\begin{tabular}{lrrrrrrrrrrrr}" in tex
+    assert "\\begin{tabular}{lrrrrrrrrrrrrrrrr}" in tex
     assert "ELDER & 85.00 $\\pm$ 7.07 & 93.96 & -8.96 &" in tex
     assert "% failed: `" in tex and "% missing: ROME / smollm2 / CounterFact: missing" in tex
     csv = out.with_suffix(".csv").read_text().splitlines()
@@ -154,7 +159,7 @@ def test_paper_model_override_and_unknown_model(table1_runs: Path) -> None:
     assert gpt.title == "SmolLM2-135M (paper: GPT2-XL)"
     assert gpt.rows[-1][:4] == ["ELDER", "85.00 ± 7.07", "97.47", "-12.47"]
     other = build("table1", rows, Options(models=["phi"])).tables[0]
-    assert other.rows[0] == ["FT-L"] + ["missing", "—", ""] * 4
+    assert other.rows[0] == ["FT-L"] + (["missing", "—", ""] * 2 + ["missing"] * 2) * 2
 
 
 def test_several_stream_lengths_need_a_choice(tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import IO, Any, Callable, Mapping
+from typing import IO, Any, Callable, Iterable, Mapping
 
 
 def write_json_atomic(path: str | Path, payload: Mapping[str, Any], *, indent: int = 2,
@@ -17,6 +17,12 @@ def write_json_atomic(path: str | Path, payload: Mapping[str, Any], *, indent: i
     rename their own complete file: a fixed temporary name would let one truncate another's.
     """
     write_atomic(path, lambda f: json.dump(payload, f, indent=indent, sort_keys=sort_keys, default=float))
+
+
+def write_jsonl_atomic(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> None:
+    """One JSON object per line, atomically (see :func:`write_json_atomic`); the folder is made if missing."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, lambda f: f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

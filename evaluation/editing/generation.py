@@ -14,11 +14,13 @@ generated: ``GenerationMixin.generate`` passes ``logits_to_keep=1`` to models wh
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from evaluation.editing.editor import Editor
 
@@ -49,6 +51,79 @@ def token_budget_batches(lengths: Sequence[int], budget: int | None, max_rows: i
     return batches
 
 
+@dataclass(frozen=True)
+class Continuation:
+    """One prompt's generated continuation: its text (special tokens dropped), how many tokens the model
+    produced before it stopped, and why it stopped (``eos``: its end token; ``stop``: the caller's stop
+    rule; ``budget``: ``max_new_tokens``)."""
+
+    text: str
+    tokens: int
+    stop: str
+
+
+class _StopRule(StoppingCriteria):
+    """Ends a row once ``stops(text generated so far)`` holds (the rows of a batch end one by one)."""
+
+    def __init__(self, tokenizer: Any, width: int, stops: Callable[[str], bool]) -> None:
+        self.tokenizer, self.width, self.stops = tokenizer, width, stops
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.width:], skip_special_tokens=True)
+        return torch.tensor([self.stops(t) for t in texts], dtype=torch.bool, device=input_ids.device)
+
+
+def _ended(tokens: list[int], end_ids: set[int]) -> int | None:
+    """Index of the first end token among a row's generated tokens, None where there is none."""
+    return next((k for k, t in enumerate(tokens) if t in end_ids), None)
+
+
+@torch.no_grad()
+def generate_continuations(model: nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int,
+                           scope: Editor | None = None, batch_size: int = 32, token_budget: int | None = None,
+                           stops: Callable[[str], bool] | None = None, progress: bool = False,
+                           desc: str = "") -> list[Continuation]:
+    """Greedy continuations of ``prompts`` through ``model`` (routed by ``scope``), batched and cached.
+
+    ``stops(text so far) -> bool`` ends a row early (besides its end token and ``max_new_tokens``); a
+    batch runs until its last row ends. Batches: see :func:`token_budget_batches`; continuations do not
+    depend on them."""
+    device = next(model.parameters()).device
+    encoded = [tokenizer(p).input_ids for p in prompts]
+    out: list[Continuation | None] = [None] * len(prompts)
+    pad = tokenizer.pad_token_id
+    # a row ends at its end token; the rows ended before the batch's last are padded after it (a pad token
+    # that is special is dropped from the text like the end token, so it ends a row too)
+    end_ids = {i for i in (tokenizer.eos_token_id, pad) if i is not None and i in tokenizer.all_special_ids}
+    bar = tqdm(total=len(prompts), desc=desc or "generate", disable=not progress, leave=False)
+    for idx in token_budget_batches([len(e) for e in encoded], token_budget, batch_size):
+        width = max(len(encoded[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for j, i in enumerate(idx):
+            ids[j, width - len(encoded[i]):] = torch.tensor(encoded[i])
+            mask[j, width - len(encoded[i]):] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        positions = torch.full((len(idx),), width - 1, dtype=torch.long, device=device)
+        ctx = scope.scope(positions) if scope is not None else contextlib.nullcontext()
+        criteria = StoppingCriteriaList([_StopRule(tokenizer, width, stops)]) if stops is not None else None
+        with ctx:
+            gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                 do_sample=False, pad_token_id=pad, use_cache=True, stopping_criteria=criteria)
+        for j, i in enumerate(idx):
+            tokens = gen[j, width:].tolist()
+            end = _ended(tokens, end_ids)
+            kept = tokens if end is None else tokens[:end]
+            text = tokenizer.decode(kept, skip_special_tokens=True)
+            # a row cut short by the stop rule is padded after it: no end token of its own
+            reason = ("stop" if stops is not None and stops(text) else
+                      "eos" if end is not None else "budget")
+            out[i] = Continuation(text, len(kept), reason)
+        bar.update(len(idx))
+    bar.close()
+    return out  # type: ignore[return-value]
+
+
 def make_generate_fn(model: nn.Module, tokenizer: Any, scope: Editor | None = None, batch_size: int = 32,
                      progress: bool = True, token_budget: int | None = None) -> GenerateFn:
     """``generate(prompts, max_new_tokens, desc="") -> continuations`` for ``model`` (routed by ``scope``).
@@ -57,30 +132,9 @@ def make_generate_fn(model: nn.Module, tokenizer: Any, scope: Editor | None = No
     padded prompt tokens (see :func:`token_budget_batches`). Continuations do not depend on either.
     """
 
-    @torch.no_grad()
     def generate(prompts: Sequence[str], max_new_tokens: int, desc: str = "") -> list[str]:
-        device = next(model.parameters()).device
-        encoded = [tokenizer(p).input_ids for p in prompts]
-        out: list[str] = [""] * len(prompts)
-        pad = tokenizer.pad_token_id
-        bar = tqdm(total=len(prompts), desc=desc or "generate", disable=not progress, leave=False)
-        for idx in token_budget_batches([len(e) for e in encoded], token_budget, batch_size):
-            width = max(len(encoded[i]) for i in idx)
-            ids = torch.full((len(idx), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for j, i in enumerate(idx):
-                ids[j, width - len(encoded[i]):] = torch.tensor(encoded[i])
-                mask[j, width - len(encoded[i]):] = 1
-            ids, mask = ids.to(device), mask.to(device)
-            positions = torch.full((len(idx),), width - 1, dtype=torch.long, device=device)
-            ctx = scope.scope(positions) if scope is not None else contextlib.nullcontext()
-            with ctx:
-                gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                     do_sample=False, pad_token_id=pad, use_cache=True)
-            for j, i in enumerate(idx):
-                out[i] = tokenizer.decode(gen[j, width:], skip_special_tokens=True)
-            bar.update(len(idx))
-        bar.close()
-        return out
+        found = generate_continuations(model, tokenizer, prompts, max_new_tokens, scope, batch_size, token_budget,
+                                       progress=progress, desc=desc)
+        return [c.text for c in found]
 
     return generate

@@ -2,7 +2,8 @@
 
 ``plot_curves`` draws Figures 2 and 3 (reliability/generalization and trainable parameters against the
 stream length or the number of ELDER layers, mean ± std over seeds); ``plot_retention`` draws Table 2's
-per-task scores as grouped bars (unedited beside each editor); ``plot_codes`` draws Figure 4 (a t-SNE
+per-task scores as grouped bars (unedited beside each editor); ``plot_answers`` the teacher-forced and
+generated edit scores at edit time and at the end; ``plot_codes`` draws Figure 4 (a t-SNE
 map of the allocation codes that :func:`elder.codes_dump.dump_codes` saved after a stream).
 Called by ``python -m evaluation.tables``.
 """
@@ -118,6 +119,43 @@ def plot_retention(bars: Mapping[tuple, Sequence[tuple[str, Sequence[Any]]]], la
         ax.set(ylabel="score (%)", title=f"{title} ({where})", xticks=xs, xticklabels=list(labels))
         ax.grid(alpha=0.3, axis="y")
         ax.legend(fontsize=8, ncol=min(4, len(series)))
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def plot_answers(bars: Mapping[tuple, Sequence[tuple[str, Sequence[Any]]]], ways: Sequence[str], out: Path,
+                 title: str) -> list[str]:
+    """Teacher forcing against generation: one row of panels per (model, dataset), reliability left and
+    generalization right, a group of bars per editor, one bar per way of scoring (``ways``: teacher-forced
+    and generated, at edit time and at the end; solid: teacher-forced, hatched: generated).
+
+    ``bars[(model, dataset)]`` lists ``(editor label, stats)`` with ``2 * len(ways)`` :class:`Stat` (or None):
+    the reliability ways, then the generalization ways.
+    """
+    plt = _pyplot()
+    keys = list(bars)
+    fig, axes = plt.subplots(len(keys), 2, figsize=(13, 3.6 * len(keys)), squeeze=False)
+    shades = ["#9ecae1", "#9ecae1", "#3182bd", "#3182bd"]
+    for row, key in enumerate(keys):
+        model, dataset = key
+        series = bars[key]
+        xs = np.arange(len(series))
+        width = 0.8 / len(ways)
+        for col, metric in enumerate(("reliability", "generalization")):
+            ax = axes[row, col]
+            for i, way in enumerate(ways):
+                stats = [s[col * len(ways) + i] for _, s in series]
+                heights = [s.mean if s is not None else np.nan for s in stats]
+                ax.bar(xs + (i - (len(ways) - 1) / 2) * width, heights, width, color=shades[i % len(shades)],
+                       hatch="//" if "gen" in way else None, edgecolor="black", linewidth=0.4, label=way)
+            where = f"{paper.MODEL_LABELS.get(model, model)}, {paper.DATASET_LABELS.get(dataset, dataset)}"
+            ax.set(ylabel=f"{metric} (%)", ylim=(0, 105), title=f"{metric}: {where}", xticks=xs,
+                   xticklabels=[label for label, _ in series])
+            ax.tick_params(axis="x", labelsize=8)
+            ax.grid(alpha=0.3, axis="y")
+            if row == 0 and col == 0:
+                ax.legend(fontsize=8, ncol=len(ways))
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return _save(fig, out)
 

@@ -54,8 +54,9 @@ def build_forgetting(frame: pd.DataFrame, opts: Options) -> Report:
     report = Report("forgetting", "Forgetting: how well each earlier edit batch is held as the stream goes on",
                     notes=["Each run's `forgetting` record (results.json) holds, at every curve point (`eval_every` "
                            "and the end), the exact-match reliability and generalization of each batch of "
-                           "`editor.batch_size` edits. Age = edits done since the batch was edited. \"Just after "
-                           "editing\" = the batch's value at the first curve point that holds it (age 0 when "
+                           "`editor.batch_size` edits, and (`edit_time_eval`) each batch alone right after it was "
+                           "edited. Age = edits done since the batch was edited. \"Just after editing\" = the "
+                           "batch's value at the first point that holds it (age 0 with edit-time points, or when "
                            "eval_every equals the batch size). Values in %."])
     if not frame.empty and opts.models:
         frame = frame[frame["model"].isin(opts.models) | frame["model"].isna()]

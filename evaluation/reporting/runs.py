@@ -11,8 +11,14 @@ import pandas as pd
 from evaluation.run.folder import held_by_another
 from evaluation.run.results import BadResults, read_results
 
+#: the edit metrics from the model's generated answers (evaluation.run.answer_metrics)
+GENERATED_METRICS = ("reliability_generated", "reliability_generated_contains", "generalization_generated",
+                     "generalization_generated_contains", "locality_generated")
 SCALAR_METRICS = ("reliability", "generalization", "reliability_token", "generalization_token", "locality",
-                  "seconds_per_edit", "trainable_params", "stored_params", "skipped_edits")
+                  *GENERATED_METRICS, "seconds_per_edit", "trainable_params", "stored_params", "skipped_edits")
+#: each batch scored just after it was edited (results.json metrics.at_edit_time), as frame columns
+AT_EDIT_TIME = tuple(f"at_edit_time.{m}" for m in ("reliability", "generalization", "reliability_generated",
+                                                    "generalization_generated"))
 KEY_COLUMNS = ("source", "status", "reason", "editor", "model", "dataset", "experiment", "seed", "num_edits",
                "top_k", "num_loras", "guide_lambda", "epsilon", "aux_loss", "L", "layers", "retention_limit",
                "retention_suite", "elder_reading", "key_position", "lr", "protocol", "revisit", "device",
@@ -99,7 +105,7 @@ def row_from_payload(payload: Mapping[str, Any], source: str) -> dict[str, Any]:
         row["num_edits"] = int(metrics["num_edits"])
     for key in SCALAR_METRICS:
         row[key] = num(metrics.get(key))
-    for block in ("retention", "retention_base"):
+    for block in ("at_edit_time", "retention", "retention_base"):
         for task, value in (metrics.get(block) or {}).items():
             row[f"{block}.{task}"] = num(value)
     stream = payload.get("dataset_protocol") or {}
@@ -276,7 +282,7 @@ def shared_seed_warnings(rows: Sequence[Mapping[str, Any]]) -> list[str]:
 
 def runs_frame(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
     frame = pd.DataFrame([stream_defaults(row) for row in rows])
-    for col in (*KEY_COLUMNS, *SCALAR_METRICS, *RUN_VALUES):
+    for col in (*KEY_COLUMNS, *SCALAR_METRICS, *AT_EDIT_TIME, *RUN_VALUES):
         if col not in frame.columns:
             frame[col] = None if col in KEY_COLUMNS else math.nan
     return frame

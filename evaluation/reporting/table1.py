@@ -4,7 +4,7 @@ from __future__ import annotations
 import pandas as pd
 
 from evaluation.reporting import paper
-from evaluation.reporting.cells import Cells, triple
+from evaluation.reporting.cells import Cells, fmt, triple
 from evaluation.reporting.render import Report, Table
 from evaluation.reporting.selection import (
     Options,
@@ -23,6 +23,9 @@ def build_table1(frame: pd.DataFrame, opts: Options) -> Report:
     frame, n_edits = stream_length(frame, opts, 1000)
     report = Report("table1", f"Table 1: reliability and generalization (%) after {n_edits} sequential edits",
                     notes=common_notes(frame))
+    report.notes.append("Rel./Gen. are teacher-forced exact match, as the paper scores them; \"(generated)\": exact "
+                        "match of the model's own greedy answer (README \"Teacher forcing and generation\"), — for runs "
+                        "made before it was recorded.")
     cells = Cells(frame, ("editor", "elder_reading", "model", "dataset"))
     found = [*cells.ok, *cells.failed]
     # ROME's own CounterFact records are the paper's CounterFact: a column of their own, same paper numbers
@@ -37,6 +40,8 @@ def build_table1(frame: pd.DataFrame, opts: Options) -> Report:
         for ds in datasets:
             for metric in ("Rel.", "Gen."):
                 columns += [f"{label_for(paper.DATASET_LABELS, ds)} {metric}", "paper", "Δ"]
+            # the model's own answers (issue 33): no paper number, the paper scores teacher-forced only
+            columns += [f"{label_for(paper.DATASET_LABELS, ds)} {m} (generated)" for m in ("Rel.", "Gen.")]
         readings = sorted({k[1] for k in found if k[0] == "elder" and k[2] == model and k[1] is not None},
                           key=lambda r: reading_order(("elder", r, None, None)))
         rows = []
@@ -50,6 +55,8 @@ def build_table1(frame: pd.DataFrame, opts: Options) -> Report:
                 published = paper.TABLE1.get((editor, ref, paper.PAPER_DATASET.get(ds, ds))) if ref else None
                 for i, metric in enumerate(("reliability", "generalization")):
                     row += triple(cells, key, metric, published[i] if published else None)
+                row += [fmt(cells.stat(key, f"{m}_generated", 100), cells.status(key))
+                        for m in ("reliability", "generalization")]
                 status = cells.status(key)
                 if status != "ok" and (reading is None and ds in paper.DATASETS or status != "missing"):
                     report.missing.append(f"{label} / {model} / {label_for(paper.DATASET_LABELS, ds)}: {status}")

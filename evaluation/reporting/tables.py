@@ -20,6 +20,11 @@ Names: table1 table2 table3 table4 figure2 figure3 grid figure4 (see results/REA
 a heatmap of batch x edits done and accuracy against the age of the edit, with the numbers as CSV):
 
     python -m evaluation.tables forgetting outputs/real/elder_smollm2_zsre_1000 --out results/forgetting_smollm2
+
+and ``answers`` (each editor's edits scored teacher-forced and from its generated answers, at edit time and
+after the stream; README "Teacher forcing and generation"):
+
+    python -m evaluation.tables answers outputs/multirun/answers_smollm2_n100 --out results/answers_smollm2_n100
 """
 from __future__ import annotations
 
@@ -34,6 +39,7 @@ import pandas as pd
 
 from data.protocol import PROTOCOLS
 from evaluation.reporting import paper
+from evaluation.reporting.answers_report import build_answers
 from evaluation.reporting.cells import (
     DASH,
     Cells,
@@ -81,6 +87,7 @@ BUILDERS: Mapping[str, Callable[[pd.DataFrame, Options], Report]] = MappingProxy
     "table1": build_table1, "table2": build_table2, "table3": build_table3, "table4": build_table4,
     "figure2": build_figure2, "figure3": build_figure3, "grid": build_grid, "figure4": build_figure4,
     "forgetting": build_forgetting, "readings": build_readings, "model_axis": build_model_axis,
+    "answers": build_answers,
 })
 NAMES = tuple(BUILDERS)
 

@@ -16,11 +16,10 @@ Each line is one prompt row of a task, in the order of ``task.prompts(examples)`
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from evaluation.common.atomic import write_atomic
+from evaluation.common.atomic import write_jsonl_atomic
 from evaluation.retention.base import RetentionTask
 from evaluation.retention.suite import Gu2024Suite, RetentionReport
 
@@ -61,8 +60,7 @@ def task_file(folder: str | Path, pass_name: str, task: str) -> Path:
 
 def write_items(path: str | Path, rows: Sequence[dict[str, Any]]) -> None:
     """Write the rows as JSON lines, atomically (a kill mid-write leaves the previous file or none)."""
-    os.makedirs(os.path.dirname(str(path)), exist_ok=True)
-    write_atomic(path, lambda f: f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    write_jsonl_atomic(path, rows)
 
 
 def read_items(path: str | Path) -> list[dict[str, Any]]:

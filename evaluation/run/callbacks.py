@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from data.requests import EditRequest
 from evaluation.common.errors import ConfigError
 from evaluation.editing.editor import EditStats
+from evaluation.run.answer_metrics import AnswerScorer, BaseAnswers
 from evaluation.run.checkpoint import (
     CheckpointManager,
     EditOutOfMemory,
@@ -218,12 +219,20 @@ Evaluate = Callable[..., dict[str, float]]  # evaluation.run.metrics.evaluate_ed
 class CurvePoints(Callback):
     """Evaluates the first ``position`` edits every ``every`` edits (at the batch boundary that crosses a
     multiple) and all of them at the end: curve points with the parameter counts (Figure 2 plots them
-    against the stream length) and, from the same pass, the forgetting record."""
+    against the stream length) and, from the same pass, the forgetting record.
+
+    ``edit_time``: also evaluate each batch right after it is edited, before the next one (reliability and
+    generalization, teacher-forced and, with a ``scorer``, generated), where no curve point is taken: a
+    forgetting point that holds that batch alone (``first_batch``; evaluation.run.forgetting), through the
+    same evaluation. ``scorer``/``base_answers``: the generated-answer metrics (evaluation.run.answer_metrics);
+    the answers of the edit-time points and of the final evaluation are kept in ``StreamResult.answers``."""
 
     def __init__(self, base_locality: Sequence[RowPredictions], every: int = 0, eval_batch_size: int = 32,
-                 progress: bool = True, evaluate: Evaluate = evaluate_edits) -> None:
+                 progress: bool = True, evaluate: Evaluate = evaluate_edits, *, scorer: AnswerScorer | None = None,
+                 base_answers: BaseAnswers | None = None, edit_time: bool = False) -> None:
         self.base_locality, self.every, self.eval_batch_size = base_locality, every, eval_batch_size
         self.progress, self.evaluate = progress, evaluate
+        self.scorer, self.base_answers, self.edit_time = scorer, base_answers, edit_time
 
     def on_stream_start(self, state: StreamState) -> None:
         if state.curve_due and self.every and state.position < state.n:  # owed by the run that saved the checkpoint
@@ -235,9 +244,12 @@ class CurvePoints(Callback):
         if state.curve_due and state.position < state.n:  # at the end, the final evaluation is the point
             state.commit()  # a failure while evaluating saves the edits done, their curve point owed
             self._curve_point(state)
+        elif self.edit_time and state.position < state.n and state.batch_start % state.batch_size == 0:
+            # not committed first: a failure here resumes before the batch, which is edited again, exactly
+            self._edit_time_point(state)
 
     def on_stream_end(self, state: StreamState) -> None:
-        state.result.metrics = self.evaluate_upto(state, state.n, progress=self.progress)
+        state.result.metrics = self.evaluate_upto(state, state.n, progress=self.progress, kind="final")
         state.result.curves.append({"edits": state.n, **state.result.metrics, **self._sizes(state)})
         state.curve_due = False
 
@@ -246,17 +258,37 @@ class CurvePoints(Callback):
         state.result.curves.append({"edits": state.position, **point, **self._sizes(state)})
         state.curve_due = False
 
-    def evaluate_upto(self, state: StreamState, upto: int, progress: bool = False) -> dict[str, float]:
-        """The metrics of the first ``upto`` edits; also appends their per-batch scores to the forgetting record."""
+    def _edit_time_point(self, state: StreamState) -> None:
+        self.evaluate_upto(state, state.position, kind="edit_time", start=state.batch_start)
+
+    def evaluate_upto(self, state: StreamState, upto: int, progress: bool = False, kind: str = "curve",
+                      start: int = 0) -> dict[str, float]:
+        """The metrics of edits ``start+1..upto`` (``start`` a batch boundary); also appends their per-batch
+        scores to the forgetting record. ``kind``: curve | final | edit_time (no locality: the batch alone)."""
+        state.evaluating = kind
         state.hooks.on_evaluation_start(state, upto)
-        start = time.perf_counter()
+        began = time.perf_counter()
         per_request: dict[str, list[float]] = {}
-        point = self.evaluate(state.editor, state.requests[:upto], self.base_locality[:upto], self.eval_batch_size,
-                              progress=progress, per_request_out=per_request)
-        state.result.eval_seconds += time.perf_counter() - start
-        state.result.forgetting.append(batch_point(upto, state.batch_size, per_request))
+        rows: list[dict[str, Any]] | None = [] if kind != "curve" and self.scorer is not None else None
+        point = self.evaluate(state.editor, state.requests[start:upto], self.base_locality[start:upto],
+                              self.eval_batch_size, progress=progress, per_request_out=per_request,
+                              **self._generated(start, upto, kind == "edit_time", rows))
+        state.result.eval_seconds += time.perf_counter() - began
+        state.result.forgetting.append(batch_point(upto, state.batch_size, per_request,
+                                                   first_batch=start // state.batch_size if kind == "edit_time" else None))
+        if rows:
+            state.result.answers += [{"at": kind, "edits": upto, **row} for row in rows]
         state.hooks.on_evaluation_end(state, upto, point)
+        state.evaluating = None
         return point
+
+    def _generated(self, start: int, upto: int, edit_time: bool, rows: list[dict[str, Any]] | None) -> dict[str, Any]:
+        """The keyword arguments of ``evaluate`` beyond the teacher-forced metrics' (none where both are off)."""
+        kwargs: dict[str, Any] = {"locality": False} if edit_time else {}
+        if self.scorer is not None:
+            kwargs.update(scorer=self.scorer, answers_out=rows,
+                          base_answers=self.base_answers[start:upto] if self.base_answers is not None else None)
+        return kwargs
 
     @staticmethod
     def _sizes(state: StreamState) -> dict[str, int]:
@@ -279,8 +311,8 @@ class LogMetrics(Callback):
                              "edit/seconds_per_edit": result.edit_seconds / done}, step=done)
 
     def on_evaluation_end(self, state: StreamState, upto: int, point: dict[str, float]) -> None:
-        if upto < state.n:
-            self.logger.log({f"curve/{k}": v for k, v in point.items()}, step=upto)
+        if state.evaluating in ("curve", "edit_time"):
+            self.logger.log({f"{state.evaluating}/{k}": v for k, v in point.items()}, step=upto)
 
 
 class ProgressBar(Callback):

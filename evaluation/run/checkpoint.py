@@ -84,6 +84,8 @@ class StreamCheckpoint:
     final_metrics: dict[str, float] | None = None
     # one entry per curve point: per-batch reliability and generalization (evaluation.run.forgetting)
     forgetting: list[dict[str, Any]] = field(default_factory=list)
+    # the generated answers so far (StreamResult.answers)
+    answers: list[dict[str, Any]] = field(default_factory=list)
     # the run's wall seconds up to this point, over all its processes (None: saved before this record)
     wall_seconds: float | None = None
     path: Path | None = None  # where it was loaded from / saved to (not stored)
@@ -94,7 +96,7 @@ class StreamCheckpoint:
                 "eval_seconds": self.eval_seconds, "skipped": self.skipped, "data_hash": self.data_hash,
                 "run_id": self.run_id, "fingerprint": self.fingerprint, "reason": self.reason,
                 "curve_due": self.curve_due, "final_metrics": self.final_metrics, "forgetting": self.forgetting,
-                "wall_seconds": self.wall_seconds}
+                "answers": self.answers, "wall_seconds": self.wall_seconds}
 
     @classmethod
     def from_payload(cls, payload: Mapping[str, Any], path: Path | None = None) -> "StreamCheckpoint":
@@ -106,7 +108,8 @@ class StreamCheckpoint:
         keys = ("position", "editor_state", "rng", "curves", "edit_seconds", "eval_seconds", "skipped",
                 "data_hash", "run_id", "fingerprint", "reason", "curve_due")
         return cls(**{k: payload[k] for k in keys}, final_metrics=payload.get("final_metrics"),
-                   forgetting=list(payload.get("forgetting") or []), wall_seconds=payload.get("wall_seconds"),
+                   forgetting=list(payload.get("forgetting") or []), answers=list(payload.get("answers") or []),
+                   wall_seconds=payload.get("wall_seconds"),
                    path=path)
 
 

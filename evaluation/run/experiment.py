@@ -17,7 +17,9 @@ from transformers import set_seed
 
 from data.lengths import model_context
 from data.protocol import describe_stream
+from evaluation.common.atomic import write_jsonl_atomic
 from evaluation.common.errors import ConfigError, HarnessError
+from evaluation.editing.answers import AnswerReading
 from evaluation.editing.compilation import compile_blocks
 from evaluation.editing.editor import Editor
 from evaluation.editing.generation import make_generate_fn
@@ -25,8 +27,14 @@ from evaluation.editing.unedited import Unedited
 from evaluation.retention.outputs import write_report_items
 from evaluation.retention.query_store import QueryStore
 from evaluation.retention.suite import PendingTaskLost
+from evaluation.run.answer_metrics import (
+    AnswerCache,
+    AnswerScorer,
+    base_locality_answers,
+)
 from evaluation.run.checkpoint import CheckpointManager, StreamCheckpoint, state_digest
-from evaluation.run.folder import RunFolder
+from evaluation.run.folder import ANSWERS, RunFolder
+from evaluation.run.forgetting import at_edit_time
 from evaluation.run.interrupts import stop_on_signals
 from evaluation.run.metrics import base_locality_predictions
 from evaluation.run.results import (
@@ -86,8 +94,8 @@ def _leaves(node: Any, prefix: str, skip: tuple[str, ...]) -> dict[str, Any]:
 def run_fingerprint(cfg: DictConfig) -> dict[str, Any]:
     """The config values a checkpoint must share with the run that resumes it (flat, dotted keys)."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    flat: dict[str, Any] = {"seed": resolved["seed"]}
-    for group in ("model", "editor", "dataset"):
+    flat: dict[str, Any] = {"seed": resolved["seed"], "edit_time_eval": resolved.get("edit_time_eval")}
+    for group in ("model", "editor", "dataset", "answers"):
         flat.update(_leaves(resolved[group], group, _MAY_CHANGE_ON_RESUME))
     return flat
 
@@ -262,6 +270,7 @@ def _run(cfg: DictConfig, run_dir: Path, choices: Mapping[str, str], checkpoints
 
     dataset = build(cfg.dataset)
     requests = dataset.load()  # before the model: bad data fails in seconds
+    reading: AnswerReading = build(cfg.answers)  # and a bad answer reading
     start = time.perf_counter()
     loaded = build(cfg.model)
     timings["model_load_seconds"] = time.perf_counter() - start
@@ -273,13 +282,19 @@ def _run(cfg: DictConfig, run_dir: Path, choices: Mapping[str, str], checkpoints
     compile_blocks(loaded, **cfg.compile)  # before the editors wrap anything: they are traced with the blocks
     retention = build(cfg.retention)
 
-    # the unedited model's view: locality reference and retention baseline
+    # names the unedited model and how it generates; the edited model's key adds the editor and its state
+    model_key = f"{choices.get('model', 'model')}-{_config_key(cfg.model)}" + (f"-{cfg.autocast}" if cfg.autocast else "")
+    # the unedited model's view: locality reference (teacher-forced and generated) and retention baseline
     unedited = Unedited(loaded)
     base_locality = base_locality_predictions(unedited, requests, batch_size=cfg.eval_batch_size,
                                               desc="unedited locality" if cfg.progress else None)
+    scorer = AnswerScorer(reading, cfg.eval_batch_size, cfg.generation_token_budget) if reading.enabled else None
+    base_answers = None
+    if scorer is not None:
+        cache = AnswerCache(reading.cache_dir, f"{model_key}-{_config_key(cfg.compile)}") if reading.cache_dir else None
+        base_answers = base_locality_answers(unedited, requests, scorer, cache,
+                                             desc="unedited locality answers" if cfg.progress else None)
     retention_base = None
-    # names the unedited model and how it generates; the edited model's key adds the editor and its state
-    model_key = f"{choices.get('model', 'model')}-{_config_key(cfg.model)}" + (f"-{cfg.autocast}" if cfg.autocast else "")
     if retention.enabled:
         start = time.perf_counter()
         gen = make_generate_fn(loaded.model, loaded.tokenizer, unedited, cfg.eval_batch_size, cfg.progress,
@@ -304,7 +319,7 @@ def _run(cfg: DictConfig, run_dir: Path, choices: Mapping[str, str], checkpoints
     try:
         stream = run_stream(editor, requests, base_locality, logger, cfg.eval_every, cfg.eval_batch_size,
                             cfg.progress, checkpoints=checkpoints, resume=resume_from, on_nan=cfg.on_nan,
-                            started=wall)
+                            started=wall, scorer=scorer, base_answers=base_answers, edit_time=cfg.edit_time_eval)
         timings["edit_seconds"] = stream.edit_seconds
         timings["eval_seconds"] = stream.eval_seconds
         metrics: dict[str, Any] = {
@@ -314,6 +329,8 @@ def _run(cfg: DictConfig, run_dir: Path, choices: Mapping[str, str], checkpoints
             "stored_params": editor.stored_params(),
             "num_edits": len(requests),
             "skipped_edits": sum(len(s["uids"]) for s in stream.skipped),
+            # each batch scored right after it was edited (evaluation.run.forgetting.at_edit_time)
+            "at_edit_time": at_edit_time(stream.forgetting),
         }
         if retention.enabled:
             retention_base = _collect_unedited(retention, retention_base, model_key, checkpoints, len(requests))
@@ -361,7 +378,7 @@ def _run(cfg: DictConfig, run_dir: Path, choices: Mapping[str, str], checkpoints
         timings["wall_seconds"] = stream.wall_seconds()
         timings["wall_seconds_this_process"] = time.perf_counter() - wall
         flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-        for group in ("retention", "retention_base", "retention_ratio"):  # each task, the average, the ratio
+        for group in ("at_edit_time", "retention", "retention_base", "retention_ratio"):  # e.g. each task, the ratio
             flat.update({f"{group}/{k}": v for k, v in metrics.get(group, {}).items() if v is not None})
         logger.summary(flat)
         stream_info = {"resumed_from": stream.resumed_from, "skipped": stream.skipped,
@@ -373,6 +390,9 @@ def _run(cfg: DictConfig, run_dir: Path, choices: Mapping[str, str], checkpoints
         extra["dataset_protocol"] = describe_stream(requests, dataset.protocol, dataset.revisit)
         if retention.enabled:
             extra["retention_tasks"] = retention_tasks
+        if stream.answers:  # the generated answers of the edit-time points and the final evaluation
+            write_jsonl_atomic(run_dir / ANSWERS, stream.answers)
+            logger.table("answers", stream.answers)
         try:
             path = write_results(run_dir, resolved, metrics, stream.curves, timings, extra, commit=commit)
         except OSError as err:

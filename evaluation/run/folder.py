@@ -28,8 +28,10 @@ log = logging.getLogger(__name__)
 
 LOCK = ".run.lock"
 HOLDER = ".run.holder.json"
+#: the generated answers of a run's edit metrics, one JSON line per prompt (evaluation.run.answer_metrics)
+ANSWERS = "answers.jsonl"
 #: files a finished run leaves that a fresh run in the same folder replaces
-RUN_OUTPUTS = (RESULTS, "codes.npz")
+RUN_OUTPUTS = (RESULTS, "codes.npz", ANSWERS)
 HYDRA_RECORD = ".hydra"
 
 

@@ -15,13 +15,19 @@ Averaged with the batch sizes as weights, a point's lists give the curve point's
 ``generalization`` where every stream entry is its own fact (the default). Under ``dataset.protocol=grouped``
 or ``dataset.revisit>1`` a batch's values are over its stream entries (a revisited phrasing counts in every
 batch that holds it, with its score at that point), while the curve point counts each distinct phrasing or
-fact once (evaluation.run.metrics), so the two averages can differ. Batches are counted from the start of the stream in groups of ``batch_size`` (the
-editor's ``batch_size``): the stream's own batches unless ``editor.batch_size`` changed on a resume.
+fact once (evaluation.run.metrics), so the two averages can differ. Batches are counted from the start of the
+stream in groups of ``batch_size`` (the editor's ``batch_size``): the stream's own batches unless
+``editor.batch_size`` changed on a resume. A run that scored generated answers adds ``reliability_generated``
+and ``generalization_generated`` lists beside them.
+
+**Edit-time points** (``edit_time_eval``): right after a batch is edited, where no curve point is due, the
+stream evaluates that batch alone; its entry carries ``"first_batch": b`` and its lists hold batch b only.
+:func:`at_edit_time` reads every batch at the first entry that holds it.
 
 From these records this module derives what ``python -m evaluation.tables forgetting`` draws: every
 (batch, curve point) pair as a :class:`Cell` with the batch's **age** (edits done since the batch was
-edited: ``edits`` minus the batch's last edit), its accuracy **just after editing** (at the first curve
-point that holds it; age 0 when ``eval_every`` is the batch size), and averages over batches of the
+edited: ``edits`` minus the batch's last edit), its accuracy **just after editing** (at the first point
+that holds it: its edit-time point, or age 0 when ``eval_every`` is the batch size), and averages over batches of the
 same age (:func:`age_table`). No torch here: tables and figures read results.json files only.
 """
 from __future__ import annotations
@@ -31,6 +37,8 @@ from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
 METRICS = ("reliability", "generalization")
+#: the same from the model's generated answers (evaluation.run.answer_metrics), where the run scored them
+GENERATED = ("reliability_generated", "generalization_generated")
 
 
 def batch_means(values: Sequence[float], batch_size: int) -> list[float]:
@@ -39,15 +47,31 @@ def batch_means(values: Sequence[float], batch_size: int) -> list[float]:
     return [sum(values[i:i + bs]) / len(values[i:i + bs]) for i in range(0, len(values), bs)]
 
 
-def batch_point(edits: int, batch_size: int, per_request: Mapping[str, Sequence[float]]) -> dict[str, Any]:
-    """One entry of the forgetting record from ``evaluate_edits``' ``per_request_out`` after ``edits`` edits."""
+def batch_point(edits: int, batch_size: int, per_request: Mapping[str, Sequence[float]],
+                first_batch: int | None = None) -> dict[str, Any]:
+    """One entry of the forgetting record from ``evaluate_edits``' ``per_request_out`` after ``edits`` edits.
+
+    ``first_batch``: an edit-time point, whose ``per_request`` covers the batches from that one on (the
+    batch just edited) rather than every edit so far."""
     point: dict[str, Any] = {"edits": int(edits), "batch_size": max(1, int(batch_size))}
-    for metric in METRICS:
+    if first_batch is not None:
+        point["first_batch"] = int(first_batch)
+    covered = edits - (first_batch or 0) * point["batch_size"]
+    for metric in (*METRICS, *GENERATED):
+        if metric not in per_request:
+            continue
         values = list(per_request[metric])
-        if len(values) != edits:
-            raise ValueError(f"per-request {metric} has {len(values)} entries after {edits} edits")
+        if len(values) != covered:
+            raise ValueError(f"per-request {metric} has {len(values)} entries for the {covered} edits of the point "
+                             f"after {edits} edits")
         point[metric] = batch_means(values, point["batch_size"])
     return point
+
+
+def point_ranges(point: Mapping[str, Any]) -> list[tuple[int, int]]:
+    """(first, last) edit of each batch a forgetting point holds: every batch so far, or from its
+    ``first_batch`` on (an edit-time point)."""
+    return batch_ranges(point["edits"], point["batch_size"])[int(point.get("first_batch", 0)):]
 
 
 def batch_ranges(edits: int, batch_size: int) -> list[tuple[int, int]]:
@@ -58,7 +82,7 @@ def batch_ranges(edits: int, batch_size: int) -> list[tuple[int, int]]:
 
 def weighted_mean(point: Mapping[str, Any], metric: str) -> float:
     """A point's per-batch ``metric`` averaged with the batch sizes: the curve point's value."""
-    sizes = [last - first + 1 for first, last in batch_ranges(point["edits"], point["batch_size"])]
+    sizes = [last - first + 1 for first, last in point_ranges(point)]
     values = point[metric]
     return sum(v * n for v, n in zip(values, sizes)) / sum(sizes) if sizes else math.nan
 
@@ -88,14 +112,15 @@ def cells(points: Iterable[Mapping[str, Any]]) -> list[Cell]:
     raw: list[tuple[int, int, int, int, float, float]] = []
     first_seen: dict[tuple[int, int], tuple[float, float, int]] = {}
     for point in sorted(points, key=lambda p: p["edits"]):
-        ranges = batch_ranges(point["edits"], point["batch_size"])
+        ranges = point_ranges(point)
+        offset = int(point.get("first_batch", 0))
         if len(ranges) != len(point["reliability"]) or len(ranges) != len(point["generalization"]):
             raise ValueError(f"the forgetting point after {point['edits']} edits has {len(point['reliability'])} "
                              f"batch values for {len(ranges)} batches of {point['batch_size']}")
-        for b, (first, last) in enumerate(ranges):
-            rel, gen = float(point["reliability"][b]), float(point["generalization"][b])
+        for k, (first, last) in enumerate(ranges):
+            rel, gen = float(point["reliability"][k]), float(point["generalization"][k])
             first_seen.setdefault((first, last), (rel, gen, point["edits"]))
-            raw.append((b, first, last, point["edits"], rel, gen))
+            raw.append((offset + k, first, last, point["edits"], rel, gen))
     out = []
     for b, first, last, edits, rel, gen in raw:
         rel0, gen0, at = first_seen[(first, last)]
@@ -107,10 +132,10 @@ def heatmap(points: Sequence[Mapping[str, Any]], metric: str = "reliability"
             ) -> tuple[list[int], list[tuple[int, int]], list[list[float]]]:
     """(curve points' edits, batch ranges, matrix[batch][point]) with NaN where a batch was not yet edited.
 
-    Batches are those of the last point (the longest); a batch cut short at an earlier point (a final
+    Only the curve points (every batch so far) are columns: edit-time points hold one batch each. Batches are those of the last point (the longest); a batch cut short at an earlier point (a final
     partial batch) is matched by its first edit.
     """
-    ordered = sorted(points, key=lambda p: p["edits"])
+    ordered = sorted((p for p in points if "first_batch" not in p), key=lambda p: p["edits"])
     if not ordered:
         return [], [], []
     xs = [int(p["edits"]) for p in ordered]
@@ -118,10 +143,30 @@ def heatmap(points: Sequence[Mapping[str, Any]], metric: str = "reliability"
     row_of = {first: i for i, (first, _) in enumerate(ranges)}
     matrix = [[math.nan] * len(xs) for _ in ranges]
     for j, point in enumerate(ordered):
-        for (first, _), value in zip(batch_ranges(point["edits"], point["batch_size"]), point[metric]):
+        for (first, _), value in zip(point_ranges(point), point[metric]):
             if first in row_of:
                 matrix[row_of[first]][j] = float(value)
     return xs, ranges, matrix
+
+
+def at_edit_time(points: Iterable[Mapping[str, Any]]) -> dict[str, float]:
+    """Each metric as the batches scored it just after they were edited: per batch its value at the first
+    point that holds it (its edit-time point, or the curve point or final evaluation right after it), the
+    mean over batches weighted by their sizes. Metrics that not every such value has are left out."""
+    first: dict[tuple[int, int], Mapping[str, Any]] = {}
+    values: dict[tuple[int, int], dict[str, float]] = {}
+    for point in sorted(points, key=lambda p: p["edits"]):
+        for k, batch in enumerate(point_ranges(point)):
+            if batch not in first:
+                first[batch] = point
+                values[batch] = {m: float(point[m][k]) for m in (*METRICS, *GENERATED) if m in point}
+    if not values:
+        return {}
+    shared = set.intersection(*(set(v) for v in values.values()))
+    weights = {b: b[1] - b[0] + 1 for b in values}
+    total = sum(weights.values())
+    return {m: sum(values[b][m] * weights[b] for b in values) / total
+            for m in (*METRICS, *GENERATED) if m in shared}
 
 
 def nice_bin(raw: float, unit: int = 1) -> int:

@@ -19,7 +19,7 @@ class NullLogger:
         pass
 
     def table(self, key: str, rows: Sequence[Mapping[str, Any]]) -> None:
-        """Log rows (dicts with the same keys) as one table (W&B: a ``wandb.Table``)."""
+        """Log rows (dicts; a key a row lacks is empty there) as one table (W&B: a ``wandb.Table``)."""
 
     def finish(self) -> None:
         pass
@@ -99,7 +99,7 @@ class WandbLogger(NullLogger):
             try:
                 import wandb
 
-                columns = list(rows[0])
+                columns = list(dict.fromkeys(c for r in rows for c in r))  # rows of several kinds: every key
                 data = [[r.get(c) for c in columns] for r in rows]
                 self.run.log({key: wandb.Table(columns=columns, data=data, allow_mixed_types=True)})
             except Exception as err:  # noqa: BLE001

@@ -1,4 +1,4 @@
-"""Edit metrics under teacher forcing, batched (spec section 6).
+"""Edit metrics under teacher forcing, batched (spec section 6), and from the model's own answers.
 
 Per request: reliability on the edit prompt, generalization on the held-out paraphrases (mean over
 them), each as sequence-level exact match (every target token is the argmax: the headline) and token
@@ -9,11 +9,15 @@ Where several requests phrase one fact (``dataset.protocol=grouped``, ``dataset.
 each distinct trained phrasing (fact, prompt) counts once for reliability and each fact once for generalization
 and locality (its held-out phrasings and probes, shared by all its requests): the means are over those, and
 only those rows are predicted. By default every request is its own fact, so these are the means over requests.
+
+With an :class:`~evaluation.run.answer_metrics.AnswerScorer`, :func:`evaluate_edits` also generates the model's
+answer to every prompt and scores it (``*_generated``, ``*_generated_contains``, ``locality_generated``;
+docs/answers.md).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Hashable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Hashable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -22,6 +26,9 @@ from data.requests import EditRequest
 from evaluation.editing.editor import Editor
 from evaluation.editing.encoding import encode_pairs
 from evaluation.editing.forward import target_logits
+
+if TYPE_CHECKING:  # answer_metrics uses this module's helpers
+    from evaluation.run.answer_metrics import Answer, AnswerScorer, BaseAnswers
 
 Scorer = Callable[[torch.Tensor, torch.Tensor, int], Any]
 
@@ -92,7 +99,7 @@ def first_occurrences(keys: Sequence[Hashable]) -> tuple[list[int], list[int]]:
     return firsts, where
 
 
-def _split(rows: Sequence[Any], counts: Sequence[int]) -> list[Sequence[Any]]:
+def split_rows(rows: Sequence[Any], counts: Sequence[int]) -> list[Sequence[Any]]:
     """Cut a flat list of rows into consecutive groups of ``counts`` rows."""
     out, start = [], 0
     for n in counts:
@@ -115,7 +122,7 @@ def base_locality_predictions(editor: Editor, requests: Sequence[EditRequest], b
     facts, at_fact = first_occurrences([r.fact for r in requests])
     held = [requests[i] for i in facts]
     flat = predict(editor, *locality_inputs(held), batch_size=batch_size, desc=desc)
-    groups = [tuple(group) for group in _split(flat, [len(r.locality) for r in held])]
+    groups = [tuple(group) for group in split_rows(flat, [len(r.locality) for r in held])]
     return [groups[j] for j in at_fact]
 
 
@@ -126,7 +133,7 @@ def group_base_locality(base_locality: BaseLocality, requests: Sequence[EditRequ
         if len(base_locality) != sum(counts):
             raise ValueError(f"base_locality holds {len(base_locality)} predictions but the {len(requests)} "
                              f"requests have {sum(counts)} locality probes")
-        return _split(list(base_locality), counts)
+        return split_rows(list(base_locality), counts)
     if len(base_locality) != len(requests):
         raise ValueError(f"base_locality has {len(base_locality)} entries for {len(requests)} requests")
     groups = [(b,) if isinstance(b, RowPredictions) else tuple(b) for b in base_locality]
@@ -138,17 +145,26 @@ def group_base_locality(base_locality: BaseLocality, requests: Sequence[EditRequ
 
 def evaluate_edits(editor: Editor, requests: Sequence[EditRequest], base_locality: BaseLocality,
                    batch_size: int = 32, progress: bool = True,
-                   per_request_out: dict[str, list[float]] | None = None) -> dict[str, float]:
+                   per_request_out: dict[str, list[float]] | None = None, *,
+                   scorer: AnswerScorer | None = None, base_answers: BaseAnswers | None = None,
+                   locality: bool = True, answers_out: list[dict[str, Any]] | None = None) -> dict[str, float]:
     """All edit metrics for ``requests`` on the editor's current model.
 
     Per request, generalization (and its token accuracy) is the mean over the request's paraphrases
     and locality the mean agreement over its probes; each metric is then the mean over requests, a
     trained phrasing (reliability) or fact (generalization, locality) repeated in ``requests`` counting once.
     ``per_request_out``, when given, receives "reliability", "generalization" (exact match) and
-    "locality", each a list of per-request scores in request order (a repeat has its first occurrence's).
+    "locality", each a list of per-request scores in request order (a repeat has its first occurrence's),
+    and with a ``scorer`` "reliability_generated" and "generalization_generated" too.
+
+    ``scorer``: also score the model's own answers (:mod:`evaluation.run.answer_metrics`): ``*_generated``
+    (normalised exact match), ``*_generated_contains`` (the target stands in the answer) and
+    ``locality_generated`` (share of locality prompts whose answer equals ``base_answers``, the unedited
+    model's); each prompt's answer is appended to ``answers_out`` as a row. ``locality=False``: reliability
+    and generalization only (the edit-time points).
     """
     tag = (lambda s: s) if progress else (lambda s: None)
-    base = group_base_locality(base_locality, requests)
+    base = group_base_locality(base_locality, requests) if locality else []
     phrasings, at_phrasing = first_occurrences([(r.fact, r.prompt) for r in requests])
     facts, at_fact = first_occurrences([r.fact for r in requests])
     trained, held = [requests[i] for i in phrasings], [requests[i] for i in facts]
@@ -156,20 +172,73 @@ def evaluate_edits(editor: Editor, requests: Sequence[EditRequest], base_localit
     # all rows of all facts in one batched pass each, then cut back per fact
     gen_flat = predict(editor, [p for r in held for p in r.paraphrases],
                        [r.target for r in held for _ in r.paraphrases], batch_size, tag("eval generalization"))
-    loc_flat = predict(editor, *locality_inputs(held), batch_size=batch_size, desc=tag("eval locality"))
-    gen = _split(gen_flat, [len(r.paraphrases) for r in held])
-    loc = _split(loc_flat, [len(r.locality) for r in held])
+    gen = split_rows(gen_flat, [len(r.paraphrases) for r in held])
     reliability = [p.exact for p in rel]
     generalization = [mean([p.exact for p in g]) for g in gen]
-    locality = [locality_agreement(base[i], es) for i, es in zip(facts, loc)]
-    if per_request_out is not None:
-        per_request_out.update({"reliability": [reliability[j] for j in at_phrasing],
-                                "generalization": [generalization[j] for j in at_fact],
-                                "locality": [locality[j] for j in at_fact]})
-    return {
+    out = {
         "reliability": mean(reliability),
         "generalization": mean(generalization),
         "reliability_token": mean([p.token_accuracy for p in rel]),
         "generalization_token": mean([mean([p.token_accuracy for p in g]) for g in gen]),
-        "locality": mean(locality),
     }
+    per_request = {"reliability": [reliability[j] for j in at_phrasing],
+                   "generalization": [generalization[j] for j in at_fact]}
+    if locality:
+        loc_flat = predict(editor, *locality_inputs(held), batch_size=batch_size, desc=tag("eval locality"))
+        loc = split_rows(loc_flat, [len(r.locality) for r in held])
+        locality_scores = [locality_agreement(base[i], es) for i, es in zip(facts, loc)]
+        out["locality"] = mean(locality_scores)
+        per_request["locality"] = [locality_scores[j] for j in at_fact]
+    if scorer is not None:
+        generated, per_fact = _generated(editor, scorer, trained, held, [base_answers[i] for i in facts]
+                                         if locality and base_answers is not None else None,
+                                         tag("eval generated answers"), answers_out)
+        out.update(generated)
+        per_request["reliability_generated"] = [per_fact["reliability"][j] for j in at_phrasing]
+        per_request["generalization_generated"] = [per_fact["generalization"][j] for j in at_fact]
+    if per_request_out is not None:
+        per_request_out.update(per_request)
+    return out
+
+
+def _generated(editor: Editor, scorer: AnswerScorer, trained: Sequence[EditRequest], held: Sequence[EditRequest],
+               base_answers: BaseAnswers | None, desc: str | None,
+               rows_out: list[dict[str, Any]] | None) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """The generated-answer metrics of the trained phrasings and held facts: the means, and per phrasing
+    (reliability) and per fact (generalization) the exact match. Every prompt is generated in one call."""
+    reading = scorer.reading
+    paraphrases = [p for r in held for p in r.paraphrases]
+    probes = locality_inputs(held)[0] if base_answers is not None else []
+    found = scorer.answers(editor, [r.prompt for r in trained] + paraphrases + probes, desc)
+    rel_ans, found = found[:len(trained)], found[len(trained):]
+    gen_ans, loc_ans = found[:len(paraphrases)], found[len(paraphrases):]
+
+    def scored(kind: str, r: EditRequest, prompt: str, a: Answer) -> tuple[float, float]:
+        exact, contains = reading.exact(a.answer, r.target), reading.contains(a.answer, r.target)
+        if rows_out is not None:
+            rows_out.append({"kind": kind, "uid": r.uid, "prompt": prompt, "target": r.target, "answer": a.answer,
+                             "continuation": a.continuation.text, "stop": a.continuation.stop,
+                             "tokens": a.continuation.tokens, "exact": exact, "contains": contains})
+        return float(exact), float(contains)
+
+    rel = [scored("reliability", r, r.prompt, a) for r, a in zip(trained, rel_ans)]
+    gen_rows = [scored("generalization", r, p, a) for r, a, p in
+                zip([r for r in held for _ in r.paraphrases], gen_ans, paraphrases)]
+    gen = split_rows(gen_rows, [len(r.paraphrases) for r in held])
+    out = {"reliability_generated": mean([e for e, _ in rel]),
+           "reliability_generated_contains": mean([c for _, c in rel]),
+           "generalization_generated": mean([mean([e for e, _ in g]) for g in gen]),
+           "generalization_generated_contains": mean([mean([c for _, c in g]) for g in gen])}
+    per = {"reliability": [e for e, _ in rel], "generalization": [mean([e for e, _ in g]) for g in gen]}
+    if base_answers is not None:
+        same: list[list[float]] = []
+        loc_groups = split_rows(loc_ans, [len(r.locality) for r in held])
+        for r, answers, before in zip(held, loc_groups, base_answers):
+            same.append([float(a.answer == b) for a, b in zip(answers, before)])
+            if rows_out is not None:
+                for (prompt, _), a, b in zip(r.locality, answers, before):
+                    rows_out.append({"kind": "locality", "uid": r.uid, "prompt": prompt, "answer": a.answer,
+                                     "continuation": a.continuation.text, "stop": a.continuation.stop,
+                                     "tokens": a.continuation.tokens, "unedited": b, "same": a.answer == b})
+        out["locality_generated"] = mean([mean(s) for s in same])
+    return out, per

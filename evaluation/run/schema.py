@@ -17,6 +17,7 @@ from hydra.utils import get_class
 from omegaconf import II, MISSING, DictConfig, OmegaConf
 
 from evaluation.common.errors import ConfigError
+from evaluation.editing.answers import AnswerReading
 
 log = logging.getLogger(__name__)
 
@@ -125,10 +126,12 @@ class RunConf:
     dataset: Any = MISSING
     retention: Any = MISSING
     logger: Any = MISSING
+    answers: Any = MISSING  # the generated-answer metrics (conf/answers/, evaluation.editing.answers.AnswerReading)
     paths: PathsConf = field(default_factory=PathsConf)
     seed: int = 0
     eval_every: int = 0
     eval_batch_size: int = 32
+    edit_time_eval: bool = True  # score each batch right after it is edited (evaluation.run.callbacks.CurvePoints)
     generation_token_budget: Optional[int] = 1536  # padded prompt tokens per generation batch; None: eval_batch_size rows
     progress: bool = True
     threads: Optional[int] = None  # torch intra-op threads (None: torch's default)
@@ -185,6 +188,9 @@ def register(*extra_conf_dirs: Path) -> None:
     cs.store(name="pypi_gguf_schema", node=PyPIGGUFModelConf)
     cs.store(name="random_schema", node=RandomModelConf)
     cs.store(name="dataset_schema", node=DatasetConf)
+    cs.store(name="answers_schema", node=make_dataclass(
+        "AnswerReadingSchema", [("_target_", str, field(default="evaluation.editing.answers.AnswerReading"))],
+        bases=(AnswerReading,)))
     for path in sorted(p for d in (CONF_DIR, *extra_conf_dirs) for p in (Path(d) / "editor").glob("*.yaml")):
         target = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("_target_")
         try:

@@ -29,6 +29,7 @@ from typing import Any, Sequence
 from data.requests import EditRequest
 from evaluation.common.errors import ConfigError
 from evaluation.editing.editor import Editor
+from evaluation.run.answer_metrics import AnswerScorer, BaseAnswers
 from evaluation.run.callbacks import (
     ON_NAN,
     Checkpointing,
@@ -108,12 +109,15 @@ def run_stream(editor: Editor, requests: Sequence[EditRequest], base_locality: S
                logger: NullLogger, eval_every: int = 0, eval_batch_size: int = 32,
                progress: bool = True, *, checkpoints: CheckpointManager | None = None,
                resume: StreamCheckpoint | None = None, on_nan: str = "stop",
-               handle_signals: bool = True, started: float | None = None) -> StreamResult:
+               handle_signals: bool = True, started: float | None = None, scorer: AnswerScorer | None = None,
+               base_answers: BaseAnswers | None = None, edit_time: bool = False) -> StreamResult:
     """Edit ``requests`` in batches of ``editor.batch_size``; evaluate every ``eval_every`` edits and at the end.
 
     ``checkpoints``: where and how often to save (None: never, not even on a signal).
     ``resume``: a checkpoint of this stream to continue from. ``on_nan``: ``stop`` or ``skip``.
     ``started``: ``time.perf_counter()`` when the run began (checkpoints keep its wall time so far).
+    ``scorer``/``base_answers``: also score generated answers; ``edit_time``: score each batch right after it
+    is edited (:class:`~evaluation.run.callbacks.CurvePoints`).
     """
     saver = Saver(checkpoints, requests)
     nan_guard = NonFiniteGuard(saver, on_nan)  # refuses a bad on_nan first
@@ -131,7 +135,8 @@ def run_stream(editor: Editor, requests: Sequence[EditRequest], base_locality: S
     # the order is part of the behaviour: e.g. the guards judge a batch before it is logged or evaluated,
     # and the end checkpoint is written before the final evaluation's signal handlers are set
     callbacks = [OutOfMemoryGuard(saver, eval_batch_size), ProgressBar(progress), nan_guard, LogMetrics(logger),
-                 CurvePoints(base_locality, eval_every, eval_batch_size, progress, evaluate=_evaluate_edits),
+                 CurvePoints(base_locality, eval_every, eval_batch_size, progress, evaluate=_evaluate_edits,
+                             scorer=scorer, base_answers=base_answers, edit_time=edit_time),
                  StopOnSignals(saver, handle_signals), Checkpointing(saver)]
     return Stream(state, callbacks).run()
 
@@ -149,6 +154,7 @@ def _restore(state: StreamState, ckpt: StreamCheckpoint) -> None:
     restore_rng(ckpt.rng)
     result.curves = list(ckpt.curves)
     result.forgetting = list(ckpt.forgetting)
+    result.answers = list(ckpt.answers)
     if len(result.forgetting) != len(result.curves):  # a checkpoint made before the record existed
         log.warning("the checkpoint %s holds %d curve points but %d forgetting points: the forgetting record of "
                     "this run starts after it", ckpt.path, len(result.curves), len(result.forgetting))

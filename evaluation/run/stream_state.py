@@ -23,6 +23,9 @@ class StreamResult:
     curves: list[dict[str, Any]] = field(default_factory=list)
     #: one entry per curve point: each batch's reliability and generalization (evaluation.run.forgetting)
     forgetting: list[dict[str, Any]] = field(default_factory=list)
+    #: the generated answers of the edit-time points and the final evaluation, one row per prompt
+    #: (evaluation.run.metrics.evaluate_edits' ``answers_out`` rows, with "at" and "edits")
+    answers: list[dict[str, Any]] = field(default_factory=list)
     edit_seconds: float = 0.0
     eval_seconds: float = 0.0
     #: batches skipped under ``on_nan=skip``: their uids, prompts, edit range, loss and what was wrong
@@ -136,6 +139,7 @@ class StreamState:
     problem: str | None = None  # what was wrong with the batch just edited (set by the NaN/inf guard)
     stop: str | None = None  # set by a callback: stop at the next batch boundary (the callback ends the stream)
     evaluated: dict[str, float] | None = None  # final metrics of a resumed stream that was evaluated before
+    evaluating: str | None = None  # the evaluation under way: curve | edit_time | final (None: none)
     #: every callback of the stream: lets a callback announce an evaluation to the others
     hooks: Callback = field(default_factory=Callback)
 
@@ -163,7 +167,8 @@ class StreamState:
         return StreamCheckpoint(position=self.position, editor_state=self.keep(), rng=rng_states(),
                                 curves=list(r.curves), edit_seconds=r.edit_seconds, eval_seconds=r.eval_seconds,
                                 skipped=list(r.skipped), curve_due=self.curve_due, final_metrics=final_metrics,
-                                forgetting=list(r.forgetting), wall_seconds=r.wall_seconds())
+                                forgetting=list(r.forgetting), answers=list(r.answers),
+                                wall_seconds=r.wall_seconds())
 
     def commit(self) -> None:
         """Make the stream now the last good point."""

@@ -1,0 +1,112 @@
+"""Edit metrics from the model's own answers: generated, cut by the stop rule, compared with the target.
+
+:class:`AnswerScorer` generates answers through an editor (routed at the last prompt token, as every
+generation here is) with the settings of an :class:`~evaluation.editing.answers.AnswerReading`, batched
+like the retention generator. :func:`base_locality_answers` gives the unedited model's answers to the
+locality prompts (the reference the edited answers must equal), kept across runs by
+:class:`AnswerCache`. The metrics themselves are computed beside the teacher-forced ones in
+:func:`evaluation.run.metrics.evaluate_edits`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from data.requests import EditRequest
+from evaluation.common.atomic import write_json_atomic
+from evaluation.common.integrity import CorruptFile, check_seal, seal
+from evaluation.editing.answers import AnswerReading
+from evaluation.editing.editor import Editor
+from evaluation.editing.generation import Continuation, generate_continuations
+from evaluation.run.metrics import first_occurrences, locality_inputs, split_rows
+
+log = logging.getLogger(__name__)
+
+#: the unedited model's locality answers: one tuple per request, one answer per locality probe
+BaseAnswers = Sequence[tuple[str, ...]]
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One prompt's generated answer: the continuation and the answer the stop rule cut from it."""
+
+    continuation: Continuation
+    answer: str
+
+
+class AnswerScorer:
+    """Generates answers through an editor's model under ``reading``, in batches of at most ``batch_size``
+    rows and ``token_budget`` padded prompt tokens."""
+
+    def __init__(self, reading: AnswerReading, batch_size: int = 32, token_budget: int | None = None) -> None:
+        self.reading, self.batch_size, self.token_budget = reading, batch_size, token_budget
+
+    def answers(self, editor: Editor, prompts: Sequence[str], desc: str | None = None) -> list[Answer]:
+        """Each prompt's answer (the prompt put in the reading's context first)."""
+        found = generate_continuations(editor.model, editor.tokenizer, [self.reading.prompt(p) for p in prompts],
+                                       self.reading.max_new_tokens, editor, self.batch_size, self.token_budget,
+                                       stops=self.reading.stops, progress=desc is not None, desc=desc or "")
+        return [Answer(c, self.reading.answer(c.text)) for c in found]
+
+
+class AnswerCache:
+    """The unedited model's locality answers per (model, reading, prompt list), one sealed JSON file each in
+    ``directory``. ``model_key`` names the unedited model and what changes its numbers (as the retention
+    cache's key does). A file of another key, or whose content changed, is not used."""
+
+    def __init__(self, directory: str | Path, model_key: str) -> None:
+        self.dir, self.model_key = Path(directory), model_key
+
+    def _key(self, reading: AnswerReading, prompts: Sequence[str]) -> list[Any]:
+        return [self.model_key, list(reading.generation_key()),
+                hashlib.sha256(json.dumps(list(prompts)).encode()).hexdigest()]
+
+    def path(self, reading: AnswerReading, prompts: Sequence[str]) -> Path:
+        digest = hashlib.sha256(json.dumps(self._key(reading, prompts)).encode()).hexdigest()[:20]
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", self.model_key)[:80].strip("_") or "model"
+        return self.dir / f"{stem}-locality-answers-{digest}.json"
+
+    def load(self, reading: AnswerReading, prompts: Sequence[str]) -> list[str] | None:
+        path = self.path(reading, prompts)
+        try:
+            blob = json.loads(path.read_text(encoding="utf-8"))
+            sealed = check_seal(blob, path)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, CorruptFile) as err:  # a torn or changed file: generate again
+            log.warning("ignoring the cached unedited answers %s (%s); generating them again", path, err)
+            return None
+        answers = blob.get("answers")
+        if (not sealed or blob.get("key") != self._key(reading, prompts) or not isinstance(answers, list)
+                or len(answers) != len(prompts)):
+            return None
+        return [str(a) for a in answers]
+
+    def save(self, reading: AnswerReading, prompts: Sequence[str], answers: Sequence[str]) -> None:
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.path(reading, prompts),
+                              seal({"key": self._key(reading, prompts), "answers": list(answers)}))
+        except OSError as err:  # a cache that cannot be written costs time, not results
+            log.warning("could not cache the unedited locality answers in %s (%s)", self.dir, err.strerror)
+
+
+def base_locality_answers(unedited: Editor, requests: Sequence[EditRequest], scorer: AnswerScorer,
+                          cache: AnswerCache | None = None, desc: str | None = None) -> list[tuple[str, ...]]:
+    """The unedited model's answers to each request's locality prompts (one tuple per request; each fact's
+    prompts generated once and shared by its requests), read from ``cache`` where it holds them."""
+    facts, at_fact = first_occurrences([r.fact for r in requests])
+    held = [requests[i] for i in facts]
+    prompts, _ = locality_inputs(held)
+    flat = cache.load(scorer.reading, prompts) if cache is not None else None
+    if flat is None:
+        flat = [a.answer for a in scorer.answers(unedited, prompts, desc)]
+        if cache is not None:
+            cache.save(scorer.reading, prompts, flat)
+    groups = [tuple(group) for group in split_rows(flat, [len(r.locality) for r in held])]
+    return [groups[j] for j in at_fact]
