@@ -35,7 +35,7 @@ def _curve_table(report: Report, frame: pd.DataFrame, opts: Options, x: str, x_l
     for model in models_for(frame, opts):
         for ds in datasets_for(frame, opts):
             xs = sorted(set(expected_x) | {v for v in cells.values(x)})
-            columns = ["Editor", x_label, "Rel.", "Gen.", "params (M)", "seeds"]
+            columns = ["Editor", x_label, "Rel.", "Gen.", "Rel. (generated)", "params (M)", "seeds"]
             rows = []
             for editor in editors:
                 series = curves.setdefault((model, ds), {}).setdefault(editor, [])
@@ -45,9 +45,11 @@ def _curve_table(report: Report, frame: pd.DataFrame, opts: Options, x: str, x_l
                         continue
                     rel, gen = cells.stat(key, "reliability", 100), cells.stat(key, "generalization", 100)
                     params = cells.stat(key, "trainable_params", 1e-6)
+                    generated = cells.stat(key, "reliability_generated", 100)  # the model's own answers (issue 33)
                     seeds = cells.seeds(key)
                     rows.append([label_for(paper.EDITOR_LABELS, editor), f"{value:g}", fmt(rel, cells.status(key)),
-                                 fmt(gen, cells.status(key)), fmt(params, cells.status(key)), str(len(seeds))])
+                                 fmt(gen, cells.status(key)), fmt(generated, cells.status(key)),
+                                 fmt(params, cells.status(key)), str(len(seeds))])
                     failed, unfinished = set(cells.seeds(key, "failed")), set(cells.seeds(key, "unfinished"))
                     lacking = [s for s in expected_seeds if s not in seeds]
                     parts = [f"seed(s) {', '.join(map(str, group))} {what}"
@@ -60,7 +62,7 @@ def _curve_table(report: Report, frame: pd.DataFrame, opts: Options, x: str, x_l
                                               f"{label_for(paper.DATASET_LABELS, ds)} / {x_label}={value:g}: "
                                               f"{'; '.join(parts)}")
                     if rel is not None:
-                        series.append((value, rel, gen, params))
+                        series.append((value, rel, gen, params, generated))
             report.tables.append(Table(f"{label_for(paper.MODEL_LABELS, model)}, {label_for(paper.DATASET_LABELS, ds)}",
                                        columns, rows))
     return curves
@@ -83,6 +85,7 @@ def curve_rows(frame: pd.DataFrame) -> pd.DataFrame:
                                else math.nan)
             rows.append({**run, "num_edits": int(point["edits"]), "reliability": num(point.get("reliability")),
                          "generalization": num(point.get("generalization")), "trainable_params": num(params),
+                         "reliability_generated": num(point.get("reliability_generated")),
                          "stored_params": num(point.get("stored_params"))})
     out = pd.DataFrame(rows, columns=frame.columns)
     ok = out["status"] == "ok"

@@ -58,7 +58,8 @@ def plot_curves(curves: Mapping[tuple, Mapping[str, Sequence[tuple]]], xlabel: s
     """One row of panels per (model, dataset): reliability and generalization (%), parameters (M).
 
     ``curves[(model, dataset)][editor]`` is a list of ``(x, reliability, generalization, params)`` with
-    :class:`evaluation.reporting.tables.Stat` values (mean, std, n).
+    :class:`evaluation.reporting.tables.Stat` values (mean, std, n), and optionally a fifth, the reliability
+    from the model's generated answers (drawn dotted).
     """
     plt = _pyplot()
     keys = [k for k, series in curves.items() if any(series.values())] or list(curves)[:1]
@@ -78,6 +79,10 @@ def plot_curves(curves: Mapping[tuple, Mapping[str, Sequence[tuple]]], xlabel: s
             if gens:
                 _errorbar(ax_rel, [g[0] for g in gens], [g[1] for g in gens], color=color, linestyle="--",
                           label=f"{label} generalization")
+            generated = [(p[0], p[4]) for p in points if len(p) > 4 and p[4] is not None]
+            if generated:
+                _errorbar(ax_rel, [g[0] for g in generated], [g[1] for g in generated], color=color, linestyle=":",
+                          label=f"{label} reliability (generated)")
             params = [(p[0], p[3]) for p in points if p[3] is not None]
             if params:
                 _errorbar(ax_par, [q[0] for q in params], [q[1] for q in params], color=color, label=label)
@@ -153,10 +158,10 @@ def plot_answers(bars: Mapping[tuple, Sequence[tuple[str, Sequence[Any]]]], ways
                    xticklabels=[label for label, _ in series])
             ax.tick_params(axis="x", labelsize=8)
             ax.grid(alpha=0.3, axis="y")
-            if row == 0 and col == 0:
-                ax.legend(fontsize=8, ncol=len(ways))
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
+    handles, labels = axes[0, 0].get_legend_handles_labels()  # one legend for all panels, under them
+    fig.legend(handles, labels, loc="upper center", ncol=len(ways), fontsize=8, bbox_to_anchor=(0.5, 0.0))
     return _save(fig, out)
 
 
