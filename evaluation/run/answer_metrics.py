@@ -110,3 +110,16 @@ def base_locality_answers(unedited: Editor, requests: Sequence[EditRequest], sco
             cache.save(scorer.reading, prompts, flat)
     groups = [tuple(group) for group in split_rows(flat, [len(r.locality) for r in held])]
     return [groups[j] for j in at_fact]
+
+
+def answer_scoring(reading: AnswerReading, unedited: Editor, requests: Sequence[EditRequest], batch_size: int,
+                   token_budget: int | None, model_key: str, progress: bool = True
+                   ) -> tuple[AnswerScorer | None, list[tuple[str, ...]] | None]:
+    """A run's scorer and the unedited model's locality answers (cached under ``reading.cache_dir`` for
+    ``model_key``); (None, None) where ``reading`` is switched off."""
+    if not reading.enabled:
+        return None, None
+    scorer = AnswerScorer(reading, batch_size, token_budget)
+    cache = AnswerCache(reading.cache_dir, model_key) if reading.cache_dir else None
+    return scorer, base_locality_answers(unedited, requests, scorer, cache,
+                                         desc="unedited locality answers" if progress else None)

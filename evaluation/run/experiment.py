@@ -27,11 +27,7 @@ from evaluation.editing.unedited import Unedited
 from evaluation.retention.outputs import write_report_items
 from evaluation.retention.query_store import QueryStore
 from evaluation.retention.suite import PendingTaskLost
-from evaluation.run.answer_metrics import (
-    AnswerCache,
-    AnswerScorer,
-    base_locality_answers,
-)
+from evaluation.run.answer_metrics import answer_scoring
 from evaluation.run.checkpoint import CheckpointManager, StreamCheckpoint, state_digest
 from evaluation.run.folder import ANSWERS, RunFolder
 from evaluation.run.forgetting import at_edit_time
@@ -288,12 +284,8 @@ def _run(cfg: DictConfig, run_dir: Path, choices: Mapping[str, str], checkpoints
     unedited = Unedited(loaded)
     base_locality = base_locality_predictions(unedited, requests, batch_size=cfg.eval_batch_size,
                                               desc="unedited locality" if cfg.progress else None)
-    scorer = AnswerScorer(reading, cfg.eval_batch_size, cfg.generation_token_budget) if reading.enabled else None
-    base_answers = None
-    if scorer is not None:
-        cache = AnswerCache(reading.cache_dir, f"{model_key}-{_config_key(cfg.compile)}") if reading.cache_dir else None
-        base_answers = base_locality_answers(unedited, requests, scorer, cache,
-                                             desc="unedited locality answers" if cfg.progress else None)
+    scorer, base_answers = answer_scoring(reading, unedited, requests, cfg.eval_batch_size, cfg.generation_token_budget,
+                                          f"{model_key}-{_config_key(cfg.compile)}", cfg.progress)
     retention_base = None
     if retention.enabled:
         start = time.perf_counter()
