@@ -282,8 +282,8 @@ def test_figure2_lists_missing_seeds_and_draws_png_and_pdf(tmp_path: Path) -> No
     assert main(["figure2", str(runs), "--out", str(out)]) == 0
     assert out.with_suffix(".png").stat().st_size > 0 and out.with_suffix(".pdf").stat().st_size > 0
     md = out.with_suffix(".md").read_text()
-    assert "| ELDER | 1000 | 88.00 ± 1.58 | 50.00 ± 0.00 | 1.00 ± 0.00 | 5 |" in md
-    assert "| GRACE | 2000 | 88.50 ± 1.29 | 50.00 ± 0.00 | 4.00 ± 0.00 | 4 |" in md
+    assert "| ELDER | 1000 | 88.00 ± 1.58 | 50.00 ± 0.00 | — | 1.00 ± 0.00 | 5 |" in md
+    assert "| GRACE | 2000 | 88.50 ± 1.29 | 50.00 ± 0.00 | — | 4.00 ± 0.00 | 4 |" in md
     assert "- GRACE / smollm2 / CounterFact / edits=2000: seed(s) 4 failed\n" in md
     assert "- ELDER / smollm2 / CounterFact / edits=2000: seed(s) 3 unfinished\n" in md
     assert "- ELDER / smollm2 / CounterFact / edits=3000: seed(s) 0, 1, 2, 3, 4 missing\n" in md
@@ -293,24 +293,25 @@ def test_figure2_lists_missing_seeds_and_draws_png_and_pdf(tmp_path: Path) -> No
 def test_figure2_from_curve_points_keeps_each_point_once(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
 
-    def point(n: int, rel: float, params: int) -> dict[str, Any]:
-        return {"edits": n, "reliability": rel, "generalization": rel / 2, "trainable_params": params}
+    def point(n: int, rel: float, params: int, **generated: float) -> dict[str, Any]:
+        return {"edits": n, "reliability": rel, "generalization": rel / 2, "trainable_params": params, **generated}
 
     write_run(runs, "elder_20", "elder", "zsre", 0.6, 0.3, num_edits=20, params=500,
               curves=[point(10, 0.8, 500), point(20, 0.6, 500)])
     write_run(runs, "elder_30", "elder", "zsre", 0.5, 0.25, num_edits=30, params=500,  # shares 20
               curves=[point(12, 0.7, 500), point(20, 0.6, 500), point(30, 0.5, 500)])
     write_run(runs, "grace_20", "grace", "zsre", 1.0, 0.5, num_edits=20, params=2_000_000,
-              curves=[point(10, 1.0, 1_000_000), point(20, 1.0, 2_000_000)])  # GRACE grows per key
+              curves=[point(10, 1.0, 1_000_000, reliability_generated=0.25),  # GRACE grows per key
+                      point(20, 1.0, 2_000_000, reliability_generated=0.2)])
     write_failed(runs, "grace_30", "grace", "zsre", num_edits=30)
     out = tmp_path / "out" / "figure2"
     assert main(["figure2", str(runs), "--from-curves", "--out", str(out)]) == 0
     md = out.with_suffix(".md").read_text()
-    assert "| ELDER | 10 | 80.00 | 40.00 | 0.00 | 1 |" in md  # one seed, not the same point twice
-    assert "| ELDER | 30 | 50.00 | 25.00 | 0.00 | 1 |" in md
-    assert "| GRACE | 10 | 100.00 | 50.00 | 1.00 | 1 |" in md
-    assert "| GRACE | 20 | 100.00 | 50.00 | 2.00 | 1 |" in md
-    assert "| GRACE | 30 | failed | failed | failed | 0 |" in md
+    assert "| ELDER | 10 | 80.00 | 40.00 | — | 0.00 | 1 |" in md  # one seed, not the same point twice
+    assert "| ELDER | 30 | 50.00 | 25.00 | — | 0.00 | 1 |" in md
+    assert "| GRACE | 10 | 100.00 | 50.00 | 25.00 | 1.00 | 1 |" in md  # its generated reliability, per point
+    assert "| GRACE | 20 | 100.00 | 50.00 | 20.00 | 2.00 | 1 |" in md
+    assert "| GRACE | 30 | failed | failed | failed | failed | 0 |" in md
     assert "edits=1000" not in md  # the paper's lengths are not expected from curves
     assert "| ELDER | 12 | 70.00 |" in md and "| GRACE | 12 |" not in md  # each editor's own points only
     assert out.with_suffix(".png").stat().st_size > 0
@@ -416,8 +417,8 @@ def test_figure3_groups_elder_runs_by_number_of_layers(tmp_path: Path) -> None:
     out = tmp_path / "out" / "figure3"
     assert main(["figure3", str(runs), "--out", str(out)]) == 0
     md = out.with_suffix(".md").read_text()
-    assert "| ELDER | 1 | 55.00 ± 0.00 | 40.00 ± 0.00 | 0.00 ± 0.00 | 5 |" in md
-    assert "| ELDER | 6 | 80.00 ± 0.00 | 40.00 ± 0.00 | 0.01 ± 0.00 | 5 |" in md
+    assert "| ELDER | 1 | 55.00 ± 0.00 | 40.00 ± 0.00 | — | 0.00 ± 0.00 | 5 |" in md
+    assert "| ELDER | 6 | 80.00 ± 0.00 | 40.00 ± 0.00 | — | 0.01 ± 0.00 | 5 |" in md
     assert "- ELDER / smollm2 / ZsRE / L=4: seed(s) 0, 1, 2, 3, 4 missing" in md
     assert "L=2: 20,21" in md
     assert out.with_suffix(".png").exists() and out.with_suffix(".pdf").exists()
