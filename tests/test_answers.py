@@ -161,11 +161,9 @@ def test_generation_stops_by_its_rule_never_at_the_targets_length() -> None:
 
 
 def test_context_template_is_what_the_model_is_given() -> None:
-    loaded = bigram_model({":": " ", " ": "a", "a": "b", "b": "."})
     out = scores({":": " ", " ": "a", "a": "b", "b": "."}, request("Q", "ab"), AnswerReading(context="{prompt}:"))
     assert out["reliability_generated"] == 1.0  # "Q:" -> " ab."
     assert scores({":": " ", " ": "a", "a": "b", "b": "."}, request("Q", "ab"))["reliability_generated"] == 0.0
-    assert loaded is not None
 
 
 # --- routed editors and the unedited answers ------------------------------------------------------------

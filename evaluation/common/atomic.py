@@ -4,9 +4,16 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import IO, Any, Callable, Iterable, Mapping
+
+
+def file_stem(key: str) -> str:
+    """``key`` as the start of a cache file's name: characters other than letters, digits, ".", "_" and "-"
+    replaced, at most 80 long."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", key)[:80].strip("_") or "model"
 
 
 def write_json_atomic(path: str | Path, payload: Mapping[str, Any], *, indent: int = 2,

@@ -17,13 +17,12 @@ import hashlib
 import io
 import json
 import logging
-import re
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from evaluation.common.atomic import write_atomic
+from evaluation.common.atomic import file_stem, write_atomic
 from evaluation.retention.suite import InScopeFn
 
 log = logging.getLogger(__name__)
@@ -45,7 +44,7 @@ class QueryStore:
 
     def path(self, site: str, prompts: Sequence[str]) -> Path:
         digest = hashlib.sha256(json.dumps([self.model_key, site, list(prompts)]).encode()).hexdigest()[:20]
-        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", self.model_key)[:80].strip("_") or "model"
+        stem = file_stem(self.model_key)
         return self.dir / f"{stem}-queries-{digest}.pt"
 
     def load(self, site: str, prompts: Sequence[str]) -> torch.Tensor | None:

@@ -17,14 +17,13 @@ import hashlib
 import json
 import logging
 import os
-import re
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 from filelock import FileLock, Timeout
 
-from evaluation.common.atomic import write_json_atomic
+from evaluation.common.atomic import file_stem, write_json_atomic
 from evaluation.common.errors import ConfigError, HarnessError
 from evaluation.common.integrity import CorruptFile, check_seal, file_sha256, seal
 from evaluation.retention.base import RetentionTask, data_path
@@ -164,7 +163,7 @@ class Gu2024Suite:
     def cache_path(self, cache_dir: str, cache_key: str, name: str) -> str:
         blob = json.dumps({"key": cache_key, "settings": self.task_settings(name)}, sort_keys=True)
         digest = hashlib.sha256(blob.encode()).hexdigest()[:16]
-        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", cache_key)[:80].strip("_") or "model"
+        stem = file_stem(cache_key)
         return os.path.join(cache_dir, f"{stem}-{name}-{digest}.json")
 
     def _load_cached(self, path: str, cache_key: str, name: str) -> dict[str, Any] | None:

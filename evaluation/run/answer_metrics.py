@@ -12,13 +12,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 from data.requests import EditRequest
-from evaluation.common.atomic import write_json_atomic
+from evaluation.common.atomic import file_stem, write_json_atomic
 from evaluation.common.integrity import CorruptFile, check_seal, seal
 from evaluation.editing.answers import AnswerReading
 from evaluation.editing.editor import Editor
@@ -68,7 +67,7 @@ class AnswerCache:
 
     def path(self, reading: AnswerReading, prompts: Sequence[str]) -> Path:
         digest = hashlib.sha256(json.dumps(self._key(reading, prompts)).encode()).hexdigest()[:20]
-        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", self.model_key)[:80].strip("_") or "model"
+        stem = file_stem(self.model_key)
         return self.dir / f"{stem}-locality-answers-{digest}.json"
 
     def load(self, reading: AnswerReading, prompts: Sequence[str]) -> list[str] | None:
