@@ -18,8 +18,9 @@ From the authors' code (hparams/WilKE/gpt2-xl.json, EleutherAI_gpt-j-6B.json; wi
   (7 of 28). conf/editor/wilke.yaml takes GPT2-XL's rule (the first half) on every model;
 - the update at a layer is ROME's, with ROME's GPT2-XL value settings (20 steps, lr 0.5, weight decay 0.5,
   clamp 4, KL 0.0625, the loss on the last layer) and the covariance adjustment on (Wikipedia statistics of
-  every candidate layer). Off here by default, as for ROME (no Wikipedia copy ships with the harness):
-  ``editor.mom2_adjustment=true editor.mom2_corpus=FILE``;
+  every candidate layer): on for GPT2-XL here (conf/editor_model/wilke_gpt2xl.yaml), from ``editor.mom2_corpus``
+  (by default texts the model writes itself; covariance.py); off on the LLaMA-architecture models, as ROME's
+  LLaMA file;
 - the authors apply each candidate's update, measure it, restore the weights, then recompute the chosen
   layer's update and apply it. Here the scan's update is kept and applied: the same computation on the
   same weights.
@@ -40,13 +41,16 @@ import torch
 from omegaconf import MISSING
 from torch import nn
 
+from baselines.rome.compute_key import key_reprs_at
+from baselines.rome.covariance import inverse
 from baselines.rome.editor import (
+    LocateEditor,
     RankOneConfig,
-    RankOneEditor,
     apply_rank_one,
     check_rank_one,
-    load_inverse_second_moment,
+    load_second_moments,
     rank_one_update,
+    value_batch,
 )
 from data.requests import EditRequest
 from evaluation.common.errors import ConfigError
@@ -73,7 +77,7 @@ class WilKEConfig(RankOneConfig):
     selection: str = "relative"
 
 
-class WilKEEditor(RankOneEditor):
+class WilKEEditor(LocateEditor):
     """ROME at the candidate layer whose update is smallest, chosen per edit, one request at a time.
 
     Its state: the rewritten matrix of every candidate layer, registered as the model's own parameters
@@ -111,9 +115,9 @@ class WilKEEditor(RankOneEditor):
         self.inv_mom2: list[torch.Tensor | None] = [None] * len(self.layers)
         self.mom2_paths: list[str] | None = None
         if c.mom2_adjustment:
-            loaded = [load_inverse_second_moment(model, m, name, c) for m, name in zip(self._held, self.module_names)]
-            self.inv_mom2 = [inv for inv, _ in loaded]
-            self.mom2_paths = [path for _, path in loaded]
+            stats = load_second_moments(model, self._held, self.module_names, c)
+            self.inv_mom2 = [inverse(s).to(m.weight.device) for s, m in zip(stats, self._held)]
+            self.mom2_paths = [str(s.path) for s in stats]
         # the blocks below the highest candidate are wrapped once; each candidate replays those below it
         prefix = frozen_prefix(model, c.prefix_cache, max(self.layers))
         self.replays = [prefix.below(layer) if prefix is not None and layer > 0 else None for layer in self.layers]
@@ -122,6 +126,9 @@ class WilKEEditor(RankOneEditor):
     def candidate_modules(self) -> list[nn.Module]:
         """The rewritten module of every candidate layer (order of ``layers``)."""
         return list(self._held)
+
+    def value_sites(self) -> list[tuple[nn.Module, Any, int | None]]:
+        return [(module, replay, None) for module, replay in zip(self._held, self.replays)]
 
     @property
     def num_edits(self) -> int:
@@ -144,9 +151,13 @@ class WilKEEditor(RankOneEditor):
         c = self.config
         prefixes = self.context_prefixes()
         best, best_score, scores, iterations = None, float("inf"), [], 0
+        # every candidate is scanned on the same weights: one key pass and one value batch serve them all
+        reprs = key_reprs_at(self.model, self.tokenizer, self._held, prefixes, request.prompt, request.subject,
+                             c.fact_token)
+        batch = value_batch(self.model, self.tokenizer, prefixes, request, c)
         for i, module in enumerate(self._held):
-            upd = rank_one_update(self.model, self.tokenizer, module, prefixes, request, c,
-                                  frozen=self.replays[i], inv_mom2=self.inv_mom2[i])
+            upd = rank_one_update(self.model, self.tokenizer, module, prefixes, request, c, frozen=self.replays[i],
+                                  inv_mom2=self.inv_mom2[i], reprs=reprs[i], batch=batch)
             iterations += upd.iterations
             scores.append(self.score(i, upd.u, upd.right))
             if best is None or scores[-1] < best_score:  # strict: a tie keeps the lower layer

@@ -13,7 +13,11 @@ For each editor, in one invocation on one machine, it measures:
   with the frozen blocks below replayed, divided by the batch size, over one sequence per request and
   ``FloorSpec().prompt_prefixes`` entry (ROME: the bare prompt and its 20 prefixed copies). Each figure
   is also printed as a ratio to this floor. Early stopping (FT-L, ROME) can make an editor beat its floor.
-Editors with a ``prefix_cache`` switch are measured with it off ("before") and on ("after");
+Editors with a ``prefix_cache`` switch are measured with it off ("before") and on ("after"); the
+locate-then-edit editors (ROME, WilKE, MEMIT, AlphaEdit) also with their value loop over whole rows
+("whole_rows", ``editor.v_from_subject=false``: the original code path), and beside a second floor, the
+value loop's own: the measured seconds of one of its steps (forward+backward, as "after" runs it) times the
+steps each variant took (``step_floor_seconds_per_edit``; WilKE: summed over its candidates).
 ``--compile`` adds a "compiled" variant (``compile.enabled=true``; its s/edit includes compilation,
 so it pays off only over streams long enough to amortise it).
 Results are written to ``<out>/bench.json`` and ``<out>/bench.md``; ``--merge`` re-measures the given
@@ -92,6 +96,37 @@ def measure_floor(overrides: list[str], batches: int = 3) -> dict[str, float]:
             "floor_first_layer": spec.first_layer, "floor_rows_per_edit": len(spec.prompt_prefixes)}
 
 
+def measure_value_step(overrides: list[str], requests_measured: int = 3, steps: int = 5) -> dict[str, float]:
+    """Locate-then-edit editors: the seconds of one step (forward+backward) of their value loop, as the editor
+    runs it (``value_sites``: every module whose delta an edit optimises, with its replay), on the unedited model:
+    the difference of ``compute_value`` over ``steps + 1`` and over 1 iteration, without early stopping."""
+    import torch
+    from hydra.utils import instantiate
+
+    from baselines.rome.compute_value import compute_value
+    from baselines.rome.editor import value_batch
+
+    cfg = _compose(overrides)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    editor = instantiate(cfg.editor, _partial_=True)(model=instantiate(cfg.model))
+    c = editor.config
+    prefixes = editor.context_prefixes()
+    per_step = []
+    for r in instantiate(cfg.dataset).load()[:requests_measured]:
+        batch = value_batch(editor.model, editor.tokenizer, prefixes, r, c)
+        for module, replay, width in editor.value_sites():
+            times = []
+            for n in (1, steps + 1):
+                start = time.perf_counter()
+                compute_value(editor.model, module, batch, frozen=replay, width=width, v_num_grad_steps=n, v_lr=c.v_lr,
+                              v_weight_decay=c.v_weight_decay, clamp_norm_factor=c.clamp_norm_factor,
+                              kl_factor=c.kl_factor, early_stop_loss=float("-inf"))
+                times.append(time.perf_counter() - start)
+            per_step.append((times[1] - times[0]) / steps)
+    return {"step_seconds": sum(per_step) / len(per_step)}
+
+
 def measure_stream(overrides: list[str]) -> dict[str, float]:
     import torch
     from hydra.utils import instantiate
@@ -113,9 +148,20 @@ def measure_stream(overrides: list[str]) -> dict[str, float]:
     with autocast_context(cfg.autocast, str(cfg.model.get("device", "cpu"))):
         base = predict(Unedited(loaded), *locality_inputs(requests), batch_size=cfg.eval_batch_size)
         editor = instantiate(cfg.editor, _partial_=True)(model=loaded)
+        iterations = 0
+        edit = editor.edit
+
+        def counted(batch: Any) -> Any:  # the value-loop (or training) iterations the stream takes
+            nonlocal iterations
+            stats = edit(batch)
+            iterations += stats.iterations
+            return stats
+
+        editor.edit = counted
         result = run_stream(editor, requests, base, NullLogger(), eval_batch_size=cfg.eval_batch_size, progress=False)
     return {"seconds_per_edit": result.edit_seconds / len(requests), "eval_seconds": result.eval_seconds,
-            "peak_rss_mb": _peak_rss_mb(), **{k: result.metrics[k] for k in ("reliability", "generalization")}}
+            "peak_rss_mb": _peak_rss_mb(), "iterations_per_edit": iterations / len(requests),
+            **{k: result.metrics[k] for k in ("reliability", "generalization")}}
 
 
 def _child(mode: str, overrides: list[str]) -> dict[str, float]:
@@ -126,8 +172,18 @@ def _child(mode: str, overrides: list[str]) -> dict[str, float]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _has_prefix_cache(overrides: list[str]) -> bool:
-    return "prefix_cache" in _compose(overrides).editor
+def variants(overrides: list[str], compiled: bool) -> list[tuple[str, list[str]]]:
+    """The settings each editor is measured under: "before" without the frozen-prefix replay, "whole_rows"
+    (locate-then-edit editors) with the value loop over whole rows (the original code path), "after" as
+    configured, and "compiled" with torch.compile of the blocks (compilation time included)."""
+    editor = _compose(overrides).editor
+    out = [("before", ["editor.prefix_cache=false"])] if "prefix_cache" in editor else []
+    if "v_from_subject" in editor:
+        out.append(("whole_rows", ["editor.v_from_subject=false"]))
+    out.append(("after", []))
+    if compiled:
+        out.append(("compiled", ["compile.enabled=true"]))
+    return out
 
 
 def _write(rows: list[dict[str, Any]], base: list[str], out: Path) -> None:
@@ -146,10 +202,12 @@ def _write(rows: list[dict[str, Any]], base: list[str], out: Path) -> None:
             "overrides": base}
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps({"meta": meta, "editors": by_editor}, indent=2))
-    lines = ["| editor | variant | s/edit | floor s/edit | ratio to floor | eval s | peak RSS MB | rel | gen |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| editor | variant | s/edit | floor s/edit | step floor s/edit | ratio to floor | eval s | peak RSS MB | "
+             "rel | gen |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
+        step_floor = r.get("step_floor_seconds_per_edit", float("nan"))
         lines.append(f"| {r['editor']} | {r['variant']} | {r['seconds_per_edit']:.3f} | {r['floor_seconds_per_edit']:.3f} | "
+                     f"{step_floor:.3f} | "
                      f"{r['ratio_to_floor']:.2f} | {r['eval_seconds']:.1f} | {r['peak_rss_mb']:.0f} | "
                      f"{r['reliability']:.2f} | {r['generalization']:.2f} |")
     (out / "bench.md").write_text("\n".join(lines) + f"\n\n{json.dumps(meta)}\n")
@@ -169,17 +227,18 @@ def run(editors: list[str], base: list[str], out: Path, keep: list[dict[str, Any
     rows: list[dict[str, Any]] = list(keep or [])
     for editor in editors:
         overrides = [f"editor={editor}", *base]
-        variants = [("before", ["editor.prefix_cache=false"]), ("after", [])] if _has_prefix_cache(overrides) \
-            else [("after", [])]
-        if compiled:  # "after" plus torch.compile of the blocks (compilation time included)
-            variants.append(("compiled", ["compile.enabled=true"]))
         floor = _child("floor", overrides)
-        for label, extra in variants:
+        if "v_from_subject" in _compose(overrides).editor:
+            floor.update(_child("steps", overrides))
+        for label, extra in variants(overrides, compiled):
             row = {"editor": editor, "variant": label, **_child("stream", overrides + extra), **floor}
             row["ratio_to_floor"] = row["seconds_per_edit"] / row["floor_seconds_per_edit"]
+            # the value loop's floor: its measured step (as "after" runs it) x the steps this variant took
+            row["step_floor_seconds_per_edit"] = row.get("step_seconds", float("nan")) * row["iterations_per_edit"]
             rows.append(row)
             _write(rows, base, out)  # a stopped benchmark keeps what it measured
-            print(f"{editor:6s} {label:6s} {row['seconds_per_edit']:.3f} s/edit  floor {row['floor_seconds_per_edit']:.3f}"
+            print(f"{editor:6s} {label:10s} {row['seconds_per_edit']:.3f} s/edit  floor {row['floor_seconds_per_edit']:.3f}"
+                  f"  step floor {row['step_floor_seconds_per_edit']:.3f}"
                   f"  x{row['ratio_to_floor']:.2f}  peak {row['peak_rss_mb']:.0f} MB  rel {row['reliability']:.2f}"
                   f"  gen {row['generalization']:.2f}", flush=True)
     print((out / "bench.md").read_text())
@@ -197,11 +256,12 @@ def main() -> None:
                         help="keep the rows of the other editors already in <out>/bench.json (re-measure a few)")
     parser.add_argument("--compile", action="store_true",
                         help="also measure each editor with compile.enabled=true (variant 'compiled')")
-    parser.add_argument("--child", choices=("floor", "stream"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=("floor", "stream", "steps"), help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides, e.g. threads=2 model.device=cuda")
     args = parser.parse_args()
     if args.child:
-        result = measure_floor(args.overrides) if args.child == "floor" else measure_stream(args.overrides)
+        measure = {"floor": measure_floor, "stream": measure_stream, "steps": measure_value_step}[args.child]
+        result = measure(args.overrides)
         print(json.dumps(result))
         return
     base = [f"model={args.model}", f"dataset={args.dataset}", f"dataset.num_edits={args.num_edits}",

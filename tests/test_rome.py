@@ -205,8 +205,11 @@ def test_bad_settings_are_config_errors():
     model = tiny("gpt2")
     with pytest.raises(ConfigError, match=r"editor\.layer=48 .*0\.\.7"):
         ROMEEditor(model, layer=48, module_template=TEMPLATES["gpt2"])
-    with pytest.raises(ConfigError, match="mom2_corpus"):
+    with pytest.raises(ConfigError, match="cache_dir"):
         ROMEEditor(model, layer=3, module_template=TEMPLATES["gpt2"], mom2_adjustment=True)
+    with pytest.raises(ConfigError, match="mom2_corpus=/no/such.txt is neither 'model'"):
+        ROMEEditor(model, layer=3, module_template=TEMPLATES["gpt2"], mom2_adjustment=True, cache_dir="/tmp",
+                   mom2_corpus="/no/such.txt")
     with pytest.raises(ConfigError, match="fact_token"):
         ROMEEditor(model, layer=3, module_template=TEMPLATES["gpt2"], fact_token="subject_first")
     with pytest.raises(ConfigError, match="cannot edit a"):
@@ -219,7 +222,9 @@ def test_every_model_has_a_layer_choice(model):
     assert 0 <= cfg.editor.layer < cfg.model.num_layers
     assert cfg.editor.module_template.endswith(("mlp.c_proj", "mlp.down_proj"))
     assert cfg.editor.v_lr == 0.5 and cfg.editor.clamp_norm_factor == 4.0 and cfg.editor.kl_factor == 0.0625
-    assert cfg.editor.mom2_adjustment is False and cfg.editor.cache_dir.endswith("rome_stats")
+    # the original's covariance adjustment is on for GPT2-XL (kmeng01/rome), off on LLaMA (EasyEdit's llama-7b)
+    assert cfg.editor.mom2_adjustment is model.startswith("gpt2xl") and cfg.editor.cache_dir.endswith("rome_stats")
+    assert cfg.editor.mom2_corpus == "model"
 
 
 def test_composed_config_instantiates_on_a_tiny_model():
@@ -228,6 +233,22 @@ def test_composed_config_instantiates_on_a_tiny_model():
     assert isinstance(ed, ROMEEditor)
     assert ed.module_name == "transformer.h.3.mlp.c_proj" and ed.transposed and ed.batch_size == 1
     assert ed.length_params == [[5, 10], [10, 10]]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_stepping_from_the_subject_gives_the_same_edits_as_whole_rows(arch):
+    """v_from_subject computes the tokens before each row's subject once per edit: three sequential ZsRE edits end
+    with the same weights as the original whole-row loop up to float rounding, in the same iterations."""
+    results = {}
+    for from_subject in (False, True):
+        ed = editor(arch, tiny(arch), v_from_subject=from_subject)
+        before = ed.module.weight.detach().clone()
+        iterations = [ed.edit([r]).iterations for r in zsre_requests(3)]
+        results[from_subject] = (ed.module.weight.detach() - before, iterations)
+    (whole, its_whole), (stepped, its_stepped) = results[False], results[True]
+    assert its_whole == its_stepped
+    assert whole.abs().max() > 0.1  # real edits
+    assert (stepped - whole).abs().max() < 1e-3 * whole.abs().max()
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])

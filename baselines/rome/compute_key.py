@@ -67,23 +67,33 @@ class _Stop(Exception):
 
 
 @contextlib.contextmanager
-def capture(module: nn.Module, stop: bool = False) -> Iterator[dict[str, torch.Tensor]]:
-    """Record ``module``'s input ("in") and output ("out") of the forwards run inside the block.
+def capture_all(modules: Sequence[nn.Module], stop: bool = False) -> Iterator[list[dict[str, torch.Tensor]]]:
+    """Record each module's input ("in") and output ("out") of the forwards run inside the block.
 
-    With ``stop`` the forward ends right after the module (run it through :func:`run_until`).
+    With ``stop`` the forward ends once every module has run (run it through :func:`run_until`).
     """
-    seen: dict[str, torch.Tensor] = {}
+    seen: list[dict[str, torch.Tensor]] = [{} for _ in modules]
 
-    def hook(_: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        seen["in"], seen["out"] = args[0], output
-        if stop:
-            raise _Stop
+    def recorder(record: dict[str, torch.Tensor]):
+        def hook(_: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            record["in"], record["out"] = args[0], output
+            if stop and all(seen):
+                raise _Stop
+        return hook
 
-    handle = module.register_forward_hook(hook)
+    handles = [module.register_forward_hook(recorder(record)) for module, record in zip(modules, seen)]
     try:
         yield seen
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def capture(module: nn.Module, stop: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+    """``capture_all`` of one module."""
+    with capture_all([module], stop) as seen:
+        yield seen[0]
 
 
 def run_until(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> None:
@@ -139,14 +149,20 @@ class KeyReprs:
 
 
 @torch.no_grad()
-def key_reprs(model: nn.Module, tokenizer: Any, module: nn.Module, prefixes: Sequence[str], prompt: str,
-              subject: str, fact_token: str = "subject_last") -> KeyReprs:
+def key_reprs_at(model: nn.Module, tokenizer: Any, modules: Sequence[nn.Module], prefixes: Sequence[str], prompt: str,
+                 subject: str, fact_token: str = "subject_last") -> list[KeyReprs]:
+    """Each module's ``KeyReprs``, from one forward (cut short after the last of them)."""
     device = next(model.parameters()).device
     located = [locate(tokenizer, p, prompt, subject, fact_token) for p in prefixes]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids, mask = pad([l.ids for l in located], pad_id, device)
-    with capture(module, stop=True) as seen:
+    with capture_all(modules, stop=True) as seen:
         run_until(model, ids, mask)
     rows = torch.arange(len(located), device=device)
     index = torch.tensor([l.index for l in located], device=device)
-    return KeyReprs(seen["in"][rows, index].float(), seen["out"][rows, index].float(), located[0].found)
+    return [KeyReprs(s["in"][rows, index].float(), s["out"][rows, index].float(), located[0].found) for s in seen]
+
+
+def key_reprs(model: nn.Module, tokenizer: Any, module: nn.Module, prefixes: Sequence[str], prompt: str,
+              subject: str, fact_token: str = "subject_last") -> KeyReprs:
+    return key_reprs_at(model, tokenizer, [module], prefixes, prompt, subject, fact_token)[0]

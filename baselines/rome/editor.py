@@ -23,9 +23,26 @@ import torch
 from omegaconf import MISSING
 from torch import nn
 
-from baselines.rome.compute_key import SEED_WORDS, generate_prefixes, key_reprs
-from baselines.rome.compute_value import compute_value
-from baselines.rome.covariance import inverse, second_moment
+from baselines.rome.compute_key import (
+    SEED_WORDS,
+    KeyReprs,
+    generate_prefixes,
+    key_reprs,
+)
+from baselines.rome.compute_value import (
+    StepBatch,
+    ValueResult,
+    compute_value,
+    step_batch,
+    value_rows,
+)
+from baselines.rome.covariance import (
+    MODEL_CORPUS,
+    Corpus,
+    SecondMoment,
+    inverse,
+    second_moments,
+)
 from data.requests import EditRequest
 from evaluation.common.errors import ConfigError
 from evaluation.editing.checks import resolve_rewrite_module
@@ -51,22 +68,38 @@ class RankOneUpdate:
     delta_norm: float  # ||v* - v_0||
 
 
+def value_batch(model: nn.Module, tokenizer: Any, prefixes: Sequence[str], request: EditRequest, c: Any) -> StepBatch:
+    """The value loop's batch for ``request`` (``c``: fact_token, v_from_subject); it holds for every module
+    rewritten on the current weights."""
+    rows = value_rows(tokenizer, prefixes, request.prompt, request.subject, request.target, c.fact_token)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return step_batch(model, rows, pad_id, c.v_from_subject)
+
+
+def optimise_value(model: nn.Module, module: nn.Module, batch: StepBatch, c: Any, frozen: Any = None,
+                   width: int | None = None) -> ValueResult:
+    """``compute_value`` with the settings of ``c`` (v_num_grad_steps, v_lr, v_weight_decay, clamp_norm_factor,
+    kl_factor, early_stop_loss)."""
+    return compute_value(model, module, batch, frozen=frozen, width=width, v_num_grad_steps=c.v_num_grad_steps,
+                         v_lr=c.v_lr, v_weight_decay=c.v_weight_decay, clamp_norm_factor=c.clamp_norm_factor,
+                         kl_factor=c.kl_factor, early_stop_loss=c.early_stop_loss)
+
+
 def rank_one_update(model: nn.Module, tokenizer: Any, module: nn.Module, prefixes: list[str], request: EditRequest,
-                    c: Any, *, frozen: Any = None, inv_mom2: torch.Tensor | None = None) -> RankOneUpdate:
+                    c: Any, *, frozen: Any = None, inv_mom2: torch.Tensor | None = None,
+                    reprs: KeyReprs | None = None, batch: StepBatch | None = None) -> RankOneUpdate:
     """ROME's steps 1-3 for ``module`` on the current weights: key, value, and the closed-form update.
 
-    ``c``: a config with ROME's value fields (fact_token, v_num_grad_steps, v_lr, v_weight_decay,
-    clamp_norm_factor, kl_factor, early_stop_loss). ``inv_mom2``: C^-1 (None: no covariance adjustment).
-    ``frozen``: the prefix replay for the value loop (``compute_value``)."""
-    reprs = key_reprs(model, tokenizer, module, prefixes, request.prompt, request.subject, c.fact_token)
+    ``c``: a config with ROME's key and value fields (``RankOneConfig``). ``inv_mom2``: C^-1 (None: no covariance
+    adjustment). ``frozen``: the prefix replay for the value loop. ``reprs`` and ``batch``: the key
+    representations and the value batch, when the caller has them already (WilKE shares them across layers)."""
+    if reprs is None:
+        reprs = key_reprs(model, tokenizer, module, prefixes, request.prompt, request.subject, c.fact_token)
     u = reprs.key
     if inv_mom2 is not None:
         u = inv_mom2 @ u
     u = u / u.norm()
-    value = compute_value(model, tokenizer, module, prefixes, request.prompt, request.subject, request.target,
-                          frozen=frozen, fact_token=c.fact_token, v_num_grad_steps=c.v_num_grad_steps, v_lr=c.v_lr,
-                          v_weight_decay=c.v_weight_decay, clamp_norm_factor=c.clamp_norm_factor,
-                          kl_factor=c.kl_factor, early_stop_loss=c.early_stop_loss)
+    value = optimise_value(model, module, batch or value_batch(model, tokenizer, prefixes, request, c), c, frozen)
     cur_input, cur_output = reprs.inputs[0], reprs.outputs[0]  # the bare prompt (prefix "")
     right = (value.target - cur_output) / torch.dot(cur_input, u)
     return RankOneUpdate(u, right, reprs.found, value.nll, value.kl, value.iterations,
@@ -80,29 +113,39 @@ def apply_rank_one(weight: torch.Tensor, u: torch.Tensor, right: torch.Tensor, t
         weight.add_(update.to(weight.dtype))
 
 
-def load_inverse_second_moment(loaded: LoadedModel, module: nn.Module, module_name: str,
-                               c: Any) -> tuple[torch.Tensor, str]:
-    """C^-1 of ``module``'s input (covariance.py; loaded from ``c.cache_dir`` or computed), and its cache file.
+def corpus_of(c: LocateConfig) -> Corpus:
+    """The statistics' corpus named by ``c``'s mom2_* fields."""
+    return Corpus(c.mom2_corpus, n_samples=c.mom2_n_samples, text_field=c.mom2_text_field,
+                  generated_texts=c.mom2_generated_texts, generated_length=c.mom2_generated_length, seed=c.seed)
 
-    ``c``: a config with ROME's mom2_* fields and cache_dir."""
+
+def load_second_moments(loaded: LoadedModel, modules: Sequence[nn.Module], module_names: Sequence[str],
+                        c: LocateConfig) -> list[SecondMoment]:
+    """The input statistics of each of ``modules`` (covariance.py; from ``c.cache_dir`` or computed)."""
+    if not c.cache_dir:
+        raise ConfigError("editor.cache_dir must be set: the second-moment statistics are kept there")
     max_length = c.mom2_max_length
     if max_length is None:
         cfg = loaded.model.config
         max_length = getattr(cfg, "n_positions", None) or cfg.max_position_embeddings
-    stats = second_moment(loaded.model, loaded.tokenizer, module, model_name=loaded.name, module_name=module_name,
-                          corpus=c.mom2_corpus, n_samples=c.mom2_n_samples, dtype=c.mom2_dtype,
-                          text_field=c.mom2_text_field, batch_size=c.mom2_batch_size, cache_dir=c.cache_dir,
-                          max_length=max_length)
+    return second_moments(loaded.model, loaded.tokenizer, modules, model_name=loaded.name, module_names=module_names,
+                          corpus=corpus_of(c), max_length=max_length, dtype=c.mom2_dtype, batch_size=c.mom2_batch_size,
+                          cache_dir=c.cache_dir)
+
+
+def load_inverse_second_moment(loaded: LoadedModel, module: nn.Module, module_name: str,
+                               c: LocateConfig) -> tuple[torch.Tensor, str]:
+    """C^-1 of ``module``'s input, and its cache file."""
+    stats = load_second_moments(loaded, [module], [module_name], c)[0]
     return inverse(stats).to(module.weight.device), str(stats.path)
 
 
 @dataclass
-class RankOneConfig:
-    """The settings of ROME's rank-one update, shared by every editor that makes one (ROME, WilKE). Defaults:
-    EasyEdit hparams/ROME/gpt2-xl.json and kmeng01/rome hparams/ROME/gpt2-xl.json (identical; the WilKE
-    authors' hparams use the same values); LLaMA's 25 steps and weight decay 1e-3 (EasyEdit
-    hparams/ROME/llama-7b.yaml) in conf/editor_model/<editor>_<model>.yaml."""
-
+class LocateConfig:
+    """The key, value and statistics settings shared by the locate-then-edit editors (ROME, WilKE, MEMIT,
+    AlphaEdit). Defaults: ROME's (EasyEdit hparams/ROME/gpt2-xl.json and kmeng01/rome hparams/ROME/gpt2-xl.json,
+    identical; the WilKE authors' hparams use the same values); each editor's own YAML and
+    conf/editor_model/<editor>_<model>.yaml set its authors' values."""
 
     module_template: str = MISSING  # the rewritten module's name, {i} for the layer (e.g. transformer.h.{i}.mlp.c_proj)
     fact_token: str = "subject_last"  # key/value at the subject's last token (last: the last prompt token)
@@ -115,24 +158,36 @@ class RankOneConfig:
     # [tokens, how many] random prefixes (EasyEdit)
     context_template_length_params: List[List[int]] = field(default_factory=lambda: [[5, 10], [10, 10]])
     context_template_top_k: int = 5  # ROME's generate_fast samples prefixes with top-k 5
-    # Second-moment (covariance) adjustment u = C^-1 k. kmeng01/rome and EasyEdit's gpt2-xl files turn it
-    # on with Wikipedia (100k texts); EasyEdit's llama-7b file turns it off. Off here because no Wikipedia
-    # copy ships with the harness; to turn it on give a local corpus:
-    #   editor.mom2_adjustment=true editor.mom2_corpus=/path/texts.jsonl
-    mom2_adjustment: bool = False
-    mom2_corpus: Optional[str] = None  # .txt (one text per line) or .jsonl (field mom2_text_field)
+    # The second-moment statistics' corpus (covariance.py): "model" = texts the unedited model writes itself
+    # (no download; mom2_generated_texts x mom2_generated_length tokens), or a local .txt (one text per line) /
+    # .jsonl (field mom2_text_field) file, of which the first mom2_n_samples texts are used. The authors use
+    # 100,000 Wikipedia texts, which are not here.
+    mom2_corpus: str = MODEL_CORPUS
     mom2_text_field: str = "text"
     mom2_n_samples: int = 100000
+    mom2_generated_texts: int = 1000
+    mom2_generated_length: int = 128
     mom2_max_length: Optional[int] = None  # tokens per text; None = the model's context length (as ROME)
     mom2_dtype: str = "float32"
     mom2_batch_size: int = 16
-    # where the second-moment statistics are cached (conf/editor/rome.yaml: under paths.cache_dir);
-    # needed with mom2_adjustment
+    # where the statistics (and the model's sampled texts) are cached (the editor YAML: under paths.cache_dir)
     cache_dir: Optional[str] = None
     batch_size: int = 1
     # replay the frozen blocks below the edited layer in the value loop (bit-identical, faster)
     prefix_cache: bool = True
-    seed: int = 0  # the sampling of the context prefixes
+    # the value loop runs the tokens before each row's subject token once per edit and steps only the rest
+    # (compute_value.py; the same numbers up to float rounding). false: every step runs whole rows, as ROME's code
+    v_from_subject: bool = True
+    seed: int = 0  # the sampling of the context prefixes and of the model's texts
+
+
+@dataclass
+class RankOneConfig(LocateConfig):
+    """The settings of ROME's rank-one update, shared by every editor that makes one (ROME, WilKE)."""
+
+    # Second-moment (covariance) adjustment u = C^-1 k. kmeng01/rome and EasyEdit's gpt2-xl files turn it on
+    # (Wikipedia statistics; here mom2_corpus's), EasyEdit's llama-7b file turns it off: conf/editor_model/.
+    mom2_adjustment: bool = False
 
 
 @dataclass
@@ -142,8 +197,8 @@ class ROMEConfig(RankOneConfig):
     layer: int = MISSING  # the layer of the rewritten matrix (conf/editor/rome.yaml; gpt2xl: conf/editor_model/)
 
 
-def check_rank_one(c: RankOneConfig) -> None:
-    """The rank-one update's settings, each named with what it may be."""
+def check_locate(c: LocateConfig) -> None:
+    """The shared settings, each named with what it may be."""
     if c.fact_token not in FACT_TOKENS:
         raise ConfigError(f"editor.fact_token must be one of {FACT_TOKENS}, got {c.fact_token!r}")
     if c.v_num_grad_steps < 1:
@@ -153,21 +208,31 @@ def check_rank_one(c: RankOneConfig) -> None:
     lengths = [list(p) for p in c.context_template_length_params]
     if any(len(p) != 2 or p[0] < 1 or p[1] < 0 for p in lengths):
         raise ConfigError(f"editor.context_template_length_params must be [tokens, count] pairs, got {lengths}")
-    if c.mom2_adjustment and (not c.mom2_corpus or not c.cache_dir):
-        raise ConfigError("editor.mom2_adjustment=true needs editor.mom2_corpus (a local .txt/.jsonl file) "
-                         "and editor.cache_dir")
 
 
-class RankOneEditor(Editor):
-    """What every editor making ROME's rank-one updates shares: the context prefixes, generated once."""
+def check_rank_one(c: RankOneConfig) -> None:
+    check_locate(c)
+    if c.mom2_adjustment:
+        if not c.cache_dir:
+            raise ConfigError("editor.mom2_adjustment=true needs editor.cache_dir (where the statistics are kept)")
+        corpus_of(c).check()
 
-    config: RankOneConfig
+
+class LocateEditor(Editor):
+    """What every locate-then-edit editor shares: the context prefixes, generated once."""
+
+    config: LocateConfig
     prefixes: list[str] | None = None
 
     @property
     def length_params(self) -> list[list[int]]:
         """``context_template_length_params`` as lists: [tokens, how many] per group of prefixes."""
         return [list(p) for p in self.config.context_template_length_params]
+
+    def value_sites(self) -> list[tuple[nn.Module, Any, int | None]]:
+        """Where the value loops of one edit add their delta: (module, its frozen-prefix replay, width or None
+        for a matrix's output size), one per value loop an edit runs (the speed benchmark times their steps)."""
+        raise NotImplementedError
 
     def context_prefixes(self) -> list[str]:
         if self.prefixes is None:
@@ -177,7 +242,7 @@ class RankOneEditor(Editor):
         return self.prefixes
 
 
-class ROMEEditor(RankOneEditor):
+class ROMEEditor(LocateEditor):
     """Rank-one model editing of ``module_template.format(i=layer)``, one request at a time.
 
     Its state: the rewritten matrix, registered as the model's own parameter (``weight``), and the
@@ -214,6 +279,9 @@ class ROMEEditor(RankOneEditor):
         return self._module[0]
 
     # --- pieces ------------------------------------------------------------------------------
+
+    def value_sites(self) -> list[tuple[nn.Module, Any, int | None]]:
+        return [(self.module, self.prefix, None)]
 
     def inverse_second_moment(self) -> torch.Tensor:
         if self.inv_mom2 is None:

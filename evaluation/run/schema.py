@@ -165,6 +165,12 @@ def at_depth(numerator: int, denominator: int, *, _root_: DictConfig) -> int:
     return math.floor(numerator / denominator * int(_root_.model.num_layers) + 0.5)
 
 
+def layers_at_depth(first: int, last: int, denominator: int, *, _root_: DictConfig) -> list[int]:
+    """``${layers_at_depth:4,8,32}``: the distinct layers at relative depths first/32 .. last/32 of the composed
+    model (each as ``at_depth``): LLaMA2-7B's layers 4..8 on a model of another depth."""
+    return sorted({at_depth(i, denominator, _root_=_root_) for i in range(int(first), int(last) + 1)})
+
+
 def layers_after(layer: int, count: int) -> list[int]:
     """``${layers_after:${.query_layer},6}``: the ``count`` layers right after ``layer``."""
     return list(range(int(layer) + 1, int(layer) + 1 + int(count)))
@@ -182,6 +188,7 @@ def register(*extra_conf_dirs: Path) -> None:
     OmegaConf.register_new_resolver("repo", lambda: str(CONF_DIR.parent), replace=True)
     OmegaConf.register_new_resolver("at_depth", at_depth, replace=True)
     OmegaConf.register_new_resolver("layers_after", layers_after, replace=True)
+    OmegaConf.register_new_resolver("layers_at_depth", layers_at_depth, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConf)
     cs.store(name="pretrained_schema", node=PretrainedModelConf)
