@@ -28,6 +28,7 @@ from typing import Any, List, Sequence
 import torch
 from omegaconf import MISSING
 from torch import nn
+from tqdm.auto import tqdm
 
 from baselines.rome.compute_key import SEED_WORDS, key_reprs_at
 from baselines.rome.covariance import SecondMoment
@@ -164,7 +165,7 @@ class MEMITEditor(LocateEditor):
         c = self.config
         prefixes = self.context_prefixes()
         targets, nll, kl, norms, iterations = [], [], [], [], 0
-        for r in requests:  # every target on the weights before this batch
+        for r in tqdm(requests, desc="targets", unit="edit", leave=False):  # all on the weights before this batch
             value = optimise_value(self.model, self.block, value_batch(self.model, self.tokenizer, prefixes, r, c), c,
                                    self.replay, width=self.width)
             targets.append(value.target)

@@ -208,3 +208,32 @@ def test_bad_settings_are_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="nullspace_threshold"):
         AlphaEditEditor(model, layers=[1], module_template=TEMPLATES["gpt2"], cache_dir=str(tmp_path),
                         nullspace_threshold=0.0, **{k: v for k, v in SMALL.items() if k.startswith("mom2")})
+
+
+def test_the_retention_suite_is_refused_as_the_statistics_corpus():
+    from evaluation.run.settings import check_run_settings
+
+    cfg = compose_config(["editor=alphaedit", "model=tiny_llama"])
+    scored = f"{cfg.paths.data_dir}/retention/test-NER.txt"
+    with pytest.raises(ConfigError, match="retention suite's data"):
+        check_run_settings(compose_config(["editor=alphaedit", "model=tiny_llama", f"editor.mom2_corpus={scored}"]))
+    check_run_settings(compose_config(["editor=alphaedit", "model=tiny_llama", "editor.mom2_corpus=/tmp/x.txt"]))
+
+
+def test_the_model_sampled_corpus_is_seeded_cached_and_tied_to_the_weights(tmp_path, monkeypatch):
+    import baselines.rome.covariance as covariance
+
+    corpus = covariance.Corpus("model", generated_texts=6, generated_length=8, seed=3)
+    model = tiny_with_tokenizer("llama")
+    first = covariance.corpus_ids(model.model, model.tokenizer, corpus, model_name="tiny", cache_dir=tmp_path)
+    assert len(first) == 6 and all(0 < len(r) <= 9 for r in first)
+    assert covariance.sample_texts(model.model, model.tokenizer, corpus) == first  # the seed fixes the texts
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("the cached texts should have been read")
+
+    monkeypatch.setattr(covariance, "sample_texts", no_sampling)
+    assert covariance.corpus_ids(model.model, model.tokenizer, corpus, model_name="tiny", cache_dir=tmp_path) == first
+    other = tiny_with_tokenizer("llama", seed=1)  # same name, other weights: another file
+    with pytest.raises(AssertionError, match="cached texts"):
+        covariance.corpus_ids(other.model, other.tokenizer, corpus, model_name="tiny", cache_dir=tmp_path)

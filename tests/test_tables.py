@@ -439,3 +439,16 @@ def test_a_run_over_all_of_a_shorter_dataset_stands_in_for_the_paper_length(tmp_
         assert "30.00" in elder and "50.00" in elder  # both datasets' ELDER cells
         grace = next(line for line in text.splitlines() if line.startswith("| GRACE |"))
         assert "90.00" not in grace
+
+
+def test_the_ablation_table_labels_each_run_by_the_settings_it_differs_in(tmp_path: Path) -> None:
+    for name, corpus, rel in (("a", "model", 0.2), ("b", "/data/facts.txt", 0.6)):
+        run = write_run(tmp_path, name, "alphaedit", "zsre", rel, 0.1, num_edits=100)
+        payload = json.loads((run / "results.json").read_text())
+        payload["config"]["editor"] = {"mom2_corpus": corpus, "L2": 10.0, "cache_dir": f"/cache/{name}"}
+        (run / "results.json").write_text(json.dumps(payload))
+    report = build("ablation", collect_runs([tmp_path]), Options())
+    (table,) = report.tables
+    assert table.title == "AlphaEdit, SmolLM2-135M, ZsRE"
+    assert [(row[0], row[3]) for row in table.rows] == [('mom2_corpus="model"', "20.0"),
+                                                        ('mom2_corpus="/data/facts.txt"', "60.0")]

@@ -122,6 +122,7 @@ def row_from_payload(payload: Mapping[str, Any], source: str) -> dict[str, Any]:
     row["device"] = cuda if cuda and cuda != "none" else versions.get("processor")
     row["git_commit"] = payload.get("git_commit")
     row["curve"] = json.dumps(payload.get("curves") or [])  # for --from-curves
+    row["editor_config"] = json.dumps(cfg.get("editor") or {}, sort_keys=True)  # for the ablation table
     return row
 
 
@@ -270,14 +271,21 @@ _PROVENANCE = ("source", "status", "reason", "device", "git_commit")
 def shared_seed_warnings(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     """Finished runs with the same settings and the same seed: a table would average them as if they
     were seeds (a rerun, or the same run read twice through a folder and a frame)."""
-    groups: dict[tuple, list[str]] = {}
+    groups: dict[tuple, list[tuple[str, Any]]] = {}
     for row in map(stream_defaults, rows):
         if row.get("status") == "ok":
             key = tuple((c, str(key_value(row.get(c)))) for c in KEY_COLUMNS if c not in _PROVENANCE)
-            groups.setdefault(key, []).append(str(row.get("source")))
-    return [f"{len(sources)} finished runs share seed {dict(key).get('seed')} and every setting; a cell averages "
-            f"them as if they were different seeds: {', '.join(sources)}"
-            for key, sources in groups.items() if len(sources) > 1]
+            groups.setdefault(key, []).append((str(row.get("source")), row.get("editor_config")))
+    out = []
+    for key, runs in groups.items():
+        if len(runs) < 2:
+            continue
+        sources = ", ".join(source for source, _ in runs)
+        what = ("every setting" if len({config for _, config in runs}) == 1 else
+                "every setting the tables key on (their editor settings differ: the ablation table tells them apart)")
+        out.append(f"{len(runs)} finished runs share seed {dict(key).get('seed')} and {what}; a cell averages them "
+                   f"as if they were different seeds: {sources}")
+    return out
 
 
 def runs_frame(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:

@@ -39,6 +39,7 @@ import pandas as pd
 
 from data.protocol import PROTOCOLS
 from evaluation.reporting import paper
+from evaluation.reporting.ablation import build_ablation
 from evaluation.reporting.answers_report import build_answers
 from evaluation.reporting.cells import (
     DASH,
@@ -87,7 +88,7 @@ BUILDERS: Mapping[str, Callable[[pd.DataFrame, Options], Report]] = MappingProxy
     "table1": build_table1, "table2": build_table2, "table3": build_table3, "table4": build_table4,
     "figure2": build_figure2, "figure3": build_figure3, "grid": build_grid, "figure4": build_figure4,
     "forgetting": build_forgetting, "readings": build_readings, "model_axis": build_model_axis,
-    "answers": build_answers,
+    "answers": build_answers, "ablation": build_ablation,
 })
 NAMES = tuple(BUILDERS)
 

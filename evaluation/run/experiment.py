@@ -40,6 +40,7 @@ from evaluation.run.results import (
     read_results,
     write_results,
 )
+from evaluation.run.settings import check_run_settings
 from evaluation.run.stream import ON_NAN, run_stream
 
 log = logging.getLogger(__name__)
@@ -218,27 +219,6 @@ def same_result(cfg: DictConfig, payload: Mapping[str, Any]) -> bool:
         return _leaves({k: v for k, v in config.items() if k not in _NOT_THE_RESULT}, "", _WHERE_FILES_LIVE)
 
     return settings(payload["config"]) == settings(OmegaConf.to_container(cfg, resolve=True))
-
-
-#: run settings that count something and must be at least 1, checked before any work (the stream checks
-#: editor.batch_size again where it uses it; the loader checks dataset.num_edits)
-_POSITIVE = ("eval_batch_size", "generation_token_budget", "editor.batch_size", "checkpoint.keep")
-
-
-def check_run_settings(cfg: DictConfig) -> None:
-    """Counts that would otherwise fail deep inside, or be quietly replaced and recorded as given."""
-    for key in _POSITIVE:
-        value = OmegaConf.select(cfg, key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ConfigError(f"{key} must be a positive integer, got {value!r}")
-    for key in ("eval_every", "checkpoint.every"):
-        value = OmegaConf.select(cfg, key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ConfigError(f"{key} must be an integer >= 0 (0: off), got {value!r}")
-    if not (isinstance(cfg.resume, bool) or cfg.resume == "auto"):
-        raise ConfigError(f"resume must be true, false or auto, got {cfg.resume!r}")
-    if cfg.threads is not None and (not isinstance(cfg.threads, int) or cfg.threads < 1):
-        raise ConfigError(f"threads must be null or a positive integer, got {cfg.threads!r}")
 
 
 def _collect_unedited(retention: Any, report: Any, model_key: str, checkpoints: CheckpointManager,

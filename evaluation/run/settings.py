@@ -1,0 +1,34 @@
+"""The run's own settings, checked before any work: one line naming the key and what it may be."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from evaluation.common.errors import ConfigError
+
+#: run settings that count something and must be at least 1, checked before any work (the stream checks
+#: editor.batch_size again where it uses it; the loader checks dataset.num_edits)
+_POSITIVE = ("eval_batch_size", "generation_token_budget", "editor.batch_size", "checkpoint.keep")
+
+
+def check_run_settings(cfg: DictConfig) -> None:
+    """Counts that would otherwise fail deep inside, or be quietly replaced and recorded as given."""
+    for key in _POSITIVE:
+        value = OmegaConf.select(cfg, key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+    for key in ("eval_every", "checkpoint.every"):
+        value = OmegaConf.select(cfg, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(f"{key} must be an integer >= 0 (0: off), got {value!r}")
+    if not (isinstance(cfg.resume, bool) or cfg.resume == "auto"):
+        raise ConfigError(f"resume must be true, false or auto, got {cfg.resume!r}")
+    if cfg.threads is not None and (not isinstance(cfg.threads, int) or cfg.threads < 1):
+        raise ConfigError(f"threads must be null or a positive integer, got {cfg.threads!r}")
+    corpus = OmegaConf.select(cfg, "editor.mom2_corpus")
+    if corpus and corpus != "model":  # statistics of what retention scores would protect exactly what it measures
+        scored = Path(str(OmegaConf.select(cfg, "paths.data_dir"))).expanduser().resolve() / "retention"
+        if scored in Path(corpus).expanduser().resolve().parents:
+            raise ConfigError(f"editor.mom2_corpus={corpus} is the retention suite's data: the statistics would "
+                              f"protect what retention measures; give another text file or 'model'")
