@@ -23,6 +23,7 @@ and checked against it (the cache's fingerprint), never loaded from a file made 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -78,7 +79,7 @@ class AlphaEditEditor(MEMITEditor):
 
     def setup_statistics(self, stats: Sequence[SecondMoment]) -> None:
         c = self.config
-        if c.nullspace_threshold <= 0 or c.L2 < 0:
+        if not (math.isfinite(c.nullspace_threshold) and math.isfinite(c.L2)) or c.nullspace_threshold <= 0 or c.L2 < 0:
             raise ConfigError(f"editor.nullspace_threshold must be positive and editor.L2 at least 0, got "
                               f"{c.nullspace_threshold} and {c.L2}")
         device = self.weights[0].device

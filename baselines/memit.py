@@ -22,6 +22,7 @@ use 100,000 Wikipedia texts). AlphaEdit (baselines/alphaedit.py) is this editor 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any, List, Sequence
 
@@ -121,7 +122,10 @@ class MEMITEditor(LocateEditor):
 
     # --- the two places MEMIT and AlphaEdit differ -----------------------------------------------
     def setup_statistics(self, stats: Sequence[SecondMoment]) -> None:
-        """Keep what ``layer_update`` needs of the statistics (MEMIT: C_l as it is)."""
+        """Check the update's settings and keep what ``layer_update`` needs of the statistics (MEMIT: C_l as it is)."""
+        weight = self.config.mom2_update_weight
+        if not math.isfinite(weight) or weight < 0:
+            raise ConfigError(f"editor.mom2_update_weight must be a number >= 0, got {weight}")
         self.mom2 = [s.mom2 for s in stats]
 
     def layer_update(self, index: int, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:

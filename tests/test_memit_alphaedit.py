@@ -205,6 +205,10 @@ def test_bad_settings_are_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="mom2_corpus=/no/such.txt is neither 'model'"):
         MEMITEditor(model, layers=[1], module_template=TEMPLATES["gpt2"], cache_dir=str(tmp_path),
                     mom2_corpus="/no/such.txt")
+    for key, value in (("v_lr", float("nan")), ("clamp_norm_factor", 0.0), ("kl_factor", -1.0),
+                       ("mom2_update_weight", float("nan"))):
+        with pytest.raises(ConfigError, match=f"editor.{key} must be"):
+            MEMITEditor(model, layers=[1], module_template=TEMPLATES["gpt2"], cache_dir=str(tmp_path), **{key: value})
     with pytest.raises(ConfigError, match="nullspace_threshold"):
         AlphaEditEditor(model, layers=[1], module_template=TEMPLATES["gpt2"], cache_dir=str(tmp_path),
                         nullspace_threshold=0.0, **{k: v for k, v in SMALL.items() if k.startswith("mom2")})

@@ -16,6 +16,7 @@ EasyEdit also generate them once, on the unedited model, and cache them), and ar
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any, List, Optional, Sequence
 
@@ -208,6 +209,14 @@ def check_locate(c: LocateConfig) -> None:
     lengths = [list(p) for p in c.context_template_length_params]
     if any(len(p) != 2 or p[0] < 1 or p[1] < 0 for p in lengths):
         raise ConfigError(f"editor.context_template_length_params must be [tokens, count] pairs, got {lengths}")
+    for key in ("v_lr", "clamp_norm_factor"):
+        value = getattr(c, key)
+        if not math.isfinite(value) or value <= 0:
+            raise ConfigError(f"editor.{key} must be a positive number, got {value}")
+    for key in ("v_weight_decay", "kl_factor"):
+        value = getattr(c, key)
+        if not math.isfinite(value) or value < 0:
+            raise ConfigError(f"editor.{key} must be a number >= 0, got {value}")
 
 
 def check_rank_one(c: RankOneConfig) -> None:
