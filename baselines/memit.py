@@ -37,6 +37,7 @@ from baselines.rome.editor import (
     LocateConfig,
     LocateEditor,
     check_locate,
+    checked_layers,
     load_second_moments,
     optimise_value,
     value_batch,
@@ -87,22 +88,17 @@ class MEMITEditor(LocateEditor):
         super().__init__(model, config, **fields)
         c = self.config
         check_locate(c)
-        layers = [int(layer) for layer in c.layers]
-        n = model.num_layers
-        if not layers or len(set(layers)) != len(layers) or not all(0 <= layer < n for layer in layers):
-            raise ConfigError(f"editor.layers must be distinct layers of model '{model.name}' (0..{n - 1}), "
-                              f"at least one, got {list(c.layers)}")
         if not model.block_template:
             raise ConfigError(f"{type(self).__name__} sets its targets at a block's output: model '{model.name}' "
                               f"needs block_template in its config")
-        self.layers = sorted(layers)
+        self.layers = checked_layers(model, c.layers)
         resolved = [resolve_rewrite_module(model, layer, c.module_template) for layer in self.layers]
         self.module_names = [name for name, _ in resolved]
         self._held = [module for _, module in resolved]  # the model's own modules: held, not registered
         self.transposed = [not isinstance(module, nn.Linear) for module in self._held]
         self.weights = nn.ParameterList([module.weight for module in self._held])
         # the targets' site: the output of the last edited layer's block (MEMIT's layer_module_tmp)
-        self._block = [get_module(model.model, model.block_template.format(i=self.layers[-1]), n)]
+        self._block = [get_module(model.model, model.block_template.format(i=self.layers[-1]), model.num_layers)]
         self.width = int(model.model.config.hidden_size)
         self.prefixes: list[str] | None = None
         self.num_edits = 0

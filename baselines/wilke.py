@@ -48,6 +48,7 @@ from baselines.rome.editor import (
     RankOneConfig,
     apply_rank_one,
     check_rank_one,
+    checked_layers,
     load_second_moments,
     rank_one_update,
     value_batch,
@@ -92,12 +93,7 @@ class WilKEEditor(LocateEditor):
         check_rank_one(c)
         if c.selection not in SELECTIONS:
             raise ConfigError(f"editor.selection must be one of {SELECTIONS}, got {c.selection!r}")
-        layers = [int(layer) for layer in c.layers]
-        n = model.num_layers
-        if not layers or len(set(layers)) != len(layers) or not all(0 <= layer < n for layer in layers):
-            raise ConfigError(f"editor.layers must be distinct layers of model '{model.name}' (0..{n - 1}), "
-                             f"at least one, got {list(c.layers)}")
-        self.layers = sorted(layers)  # scanned in this order: a tie goes to the lowest layer
+        self.layers = checked_layers(model, c.layers)  # scanned in this order: a tie goes to the lowest layer
         resolved = [resolve_rewrite_module(model, layer, c.module_template) for layer in self.layers]
         self.module_names = [name for name, _ in resolved]
         self._held = [module for _, module in resolved]  # the model's own modules: held, not registered

@@ -219,6 +219,16 @@ def check_locate(c: LocateConfig) -> None:
             raise ConfigError(f"editor.{key} must be a number >= 0, got {value}")
 
 
+def checked_layers(model: LoadedModel, layers: Sequence[int]) -> list[int]:
+    """``editor.layers`` sorted, or a ConfigError unless they are distinct layers of ``model`` (at least one)."""
+    chosen = [int(layer) for layer in layers]
+    n = model.num_layers
+    if not chosen or len(set(chosen)) != len(chosen) or not all(0 <= layer < n for layer in chosen):
+        raise ConfigError(f"editor.layers must be distinct layers of model '{model.name}' (0..{n - 1}), "
+                          f"at least one, got {list(layers)}")
+    return sorted(chosen)
+
+
 def check_rank_one(c: RankOneConfig) -> None:
     check_locate(c)
     if c.mom2_adjustment:
