@@ -31,6 +31,7 @@ import resource
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -103,8 +104,7 @@ def measure_value_step(overrides: list[str], requests_measured: int = 3, steps: 
     import torch
     from hydra.utils import instantiate
 
-    from baselines.rome.compute_value import compute_value
-    from baselines.rome.editor import value_batch
+    from baselines.rome.editor import optimise_value, value_batch
 
     cfg = _compose(overrides)
     if cfg.threads:
@@ -119,9 +119,8 @@ def measure_value_step(overrides: list[str], requests_measured: int = 3, steps: 
             times = []
             for n in (1, steps + 1):
                 start = time.perf_counter()
-                compute_value(editor.model, module, batch, frozen=replay, width=width, v_num_grad_steps=n, v_lr=c.v_lr,
-                              v_weight_decay=c.v_weight_decay, clamp_norm_factor=c.clamp_norm_factor,
-                              kl_factor=c.kl_factor, early_stop_loss=float("-inf"))
+                optimise_value(editor.model, module, batch, replace(c, v_num_grad_steps=n, early_stop_loss=float("-inf")),
+                               replay, width)
                 times.append(time.perf_counter() - start)
             per_step.append((times[1] - times[0]) / steps)
     return {"step_seconds": sum(per_step) / len(per_step)}
