@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
@@ -39,6 +40,7 @@ from evaluation.common.errors import ConfigError
 from evaluation.editing.checks import check_choice, check_layer, check_positive
 from evaluation.editing.editor import Editor, EditStats, FloorSpec, optimise
 from evaluation.editing.encoding import encode_pairs
+from evaluation.editing.forward import target_logits
 from evaluation.editing.models import (
     LoadedModel,
     get_module,
@@ -47,6 +49,8 @@ from evaluation.editing.models import (
 )
 from evaluation.editing.prefix_cache import frozen_prefix, replaying
 from evaluation.editing.query import RouteTaken, SequenceQuery
+
+log = logging.getLogger(__name__)
 
 EXPERTS = ("ffn", "lora")
 EXPERT_INITS = ("zero_out", "copy")
@@ -76,7 +80,10 @@ class LEMoEConfig:
     scale: float = 1.0  # lambda, the experts' weight (paper: 1)
     lr: float = 2e-4  # AdamW (paper)
     weight_decay: float = 0.01  # AdamW's (open: torch's default)
-    iterations: int = 50  # optimiser steps per batch, whole batch each (open)
+    iterations: int = 50  # the most optimiser steps per batch, whole batch each (open)
+    # stop a batch's training once its loss is below this: the batch fits (open; null: always `iterations` steps).
+    # The final loss and the batch's exact-match share after training are in each batch's EditStats.extra
+    stop_below: Optional[float] = None
     prefix_cache: bool = True  # replay the frozen blocks below the layer during an edit (exact, faster)
     seed: int = 0  # the LoRA experts' and routers' initialisation
 
@@ -187,6 +194,12 @@ class LEMoEEditor(Editor):
 
     Config = LEMoEConfig
 
+    @property
+    def inference_settings(self) -> tuple[str, ...]:  # type: ignore[override]
+        # anchor routing sends each training row to its own anchor, so to the new expert, whatever the threshold;
+        # a learned router's threshold also decides which training rows reach the expert
+        return ("threshold",) if self.config.routing == "anchor" else ()
+
     def __init__(self, model: LoadedModel, config: LEMoEConfig | None = None, **fields: Any) -> None:
         super().__init__(model, config, **fields)
         c = self.config
@@ -226,6 +239,12 @@ class LEMoEEditor(Editor):
             check_positive(key, getattr(c, key))
         if c.projection_dim is not None:
             check_positive("projection_dim", c.projection_dim)
+        if c.stop_below is not None:
+            check_positive("stop_below", c.stop_below)
+        if c.routing == "learned":
+            log.warning("LEMoE routing=learned does not keep earlier routes: each new expert's router can take "
+                        "inputs of earlier edits (measured on SmolLM2: batch 1 from 1.0 to 0.0 once batch 2 trains); "
+                        "routing=anchor keeps them")
         if c.weight_decay < 0:
             raise ConfigError(f"editor.weight_decay must be >= 0, got {c.weight_decay}")
         if not 1 <= c.top_k <= c.max_experts:
@@ -314,15 +333,22 @@ class LEMoEEditor(Editor):
         self._training, self.train_route = True, None
         try:
             with replaying(self.prefix):
-                losses = optimise(optimizer, c.iterations, lambda: self.batch_loss(batch))
+                losses = optimise(optimizer, c.iterations, lambda: self.batch_loss(batch), stop_below=c.stop_below)
+                self._training = False
+                with torch.no_grad(), self.batch_scope(batch):  # the batch as inference sees it after training
+                    fitted = target_logits(self.model, batch)
         finally:
             self._training = False
             for p in params:
                 p.requires_grad_(False)
         r = self.train_route
         on_new = float(((r.experts[:, 0] == t) & r.active).float().mean()) if r is not None else float("nan")
-        return EditStats(loss=losses[-1] if losses else 0.0, iterations=c.iterations,
-                         extra={"experts_used": float(self.num_experts), "train_rows_on_new_expert": on_new})
+        final_loss = float(fitted.loss())
+        steps = len(losses) - (1 if c.stop_below is not None and losses and losses[-1] < c.stop_below else 0)
+        return EditStats(loss=final_loss, iterations=steps,
+                         extra={"experts_used": float(self.num_experts), "train_rows_on_new_expert": on_new,
+                                "final_loss": final_loss, "first_loss": losses[0] if losses else float("nan"),
+                                "batch_exact": float(fitted.row_exact(len(requests)).float().mean())})
 
     # --- accounting and state ------------------------------------------------------------------
     def expert_params(self) -> int:

@@ -227,6 +227,7 @@ def test_tables_warn_when_runs_sharing_a_seed_would_be_averaged(tmp_path: Path,
     ("editor.batch_size=0", "editor.batch_size must be a positive integer, got 0"),
     ("editor.batch_size=-3", "editor.batch_size must be a positive integer, got -3"),
     ("retention=gu2024", "retention.limit must be null or a positive integer, got 'abc'"),
+    ("eval_at=[1000,0]", r"eval_at must be a list of positive edit counts, got \[1000, 0\]"),
 ])
 def test_bad_counts_are_refused_before_any_work(tmp_path: Path, override: str, message: str) -> None:
     extra = ["retention.limit=abc"] if override.startswith("retention") else []

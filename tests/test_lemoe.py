@@ -11,7 +11,7 @@ from hydra.utils import instantiate
 
 from baselines.lemoe import LEMoEEditor, pooled_embedding
 from data.order import cluster_order, kmeans, plan_order
-from evaluation.common.errors import ConfigError
+from evaluation.common.errors import ConfigError, HarnessError
 from evaluation.editing.encoding import encode_pairs
 from evaluation.editing.forward import target_logits
 from evaluation.run.experiment import build, run_experiment
@@ -84,6 +84,43 @@ def test_routing_at_inference_equals_routing_in_training() -> None:
     assert far.in_scope([r.prompt for r in requests]).tolist() == [True] * 4 + [False] * 8
     base = logits(LEMoEEditor(tiny_model(), layer=5), requests[4:])  # no expert inserted yet: the base model
     assert torch.equal(logits(far, requests[4:]), base)
+
+
+# --- training until the batch fits ------------------------------------------------------------------
+def test_a_batch_trains_until_its_loss_is_below_the_stop_and_reports_its_fit() -> None:
+    from evaluation.run.metrics import predict
+
+    requests = short_requests()
+    capped = editor(iterations=300, stop_below=0.05)
+    stats = capped.edit(requests[:4])
+    assert 0 < stats.iterations < 300  # stopped well before the cap
+    assert stats.extra["final_loss"] == stats.loss < 0.05 < stats.extra["first_loss"]
+    # the in-batch exact share is what the metrics' teacher-forced exact match says after training
+    exact = [p.exact for p in predict(capped, [r.prompt for r in requests[:4]], [r.target for r in requests[:4]])]
+    assert stats.extra["batch_exact"] == sum(exact) / 4 == 1.0
+    fixed = editor(iterations=7).edit(requests[:4])  # no stop: every step is taken
+    assert fixed.iterations == 7 and fixed.extra["batch_exact"] < 1.0
+    with pytest.raises(ConfigError, match="editor.stop_below must be positive"):
+        editor(stop_below=0.0)
+
+
+def test_the_threshold_sweep_of_a_finished_run(tmp_path: Path) -> None:
+    """scope_report --sweep: the trained experts seen through other anchor thresholds, without retraining."""
+    from evaluation.reporting.scope_report import sweep
+
+    overrides = ["editor=lemoe", "model=tiny_llama", "dataset.num_edits=8", "editor.batch_size=4",
+                 "editor.iterations=30", "retention=none", "logger=none", "progress=false", "checkpoint.every=4"]
+    run_experiment(compose_config(overrides), tmp_path, {"editor": "lemoe", "model": "tiny_llama", "dataset": "zsre"})
+    out = sweep(tmp_path, "threshold", [None, 1e-6], metrics=True)
+    (wide, narrow) = out["rows"]
+    assert out["trained_with"] is None and json.loads((tmp_path / "scope_sweep_threshold.json").read_text()) == out
+    assert all(g["in_scope"] == 1.0 for g in wide["groups"].values())  # no threshold: every input to an expert
+    assert narrow["groups"]["edit prompts"]["in_scope"] == 1.0  # each prompt finds its own anchor
+    assert narrow["groups"]["locality prompts"]["in_scope"] == 0.0
+    assert narrow["metrics"]["locality"] == 1.0  # out of scope: the unedited model's predictions exactly
+    assert narrow["metrics"]["reliability"] == wide["metrics"]["reliability"]
+    with pytest.raises(HarnessError, match="editor.lr is not read only at inference"):
+        sweep(tmp_path, "lr", [0.1])
 
 
 # --- learning through the real run, with the planned order ------------------------------------------
@@ -171,3 +208,20 @@ def test_file_order_is_kept_and_cluster_order_groups_similar_edits() -> None:
     loaded = tiny_model()
     planned = plan_order(requests, "lemoe_cluster", loaded.tokenizer, loaded.model.get_input_embeddings(), batch_size=2)
     assert sorted(r.uid for r in planned) == list(range(6))  # uids keep the file positions
+
+
+@pytest.mark.slow  # SmolLM2 (real weights): about 10 minutes of one thread
+def test_smollm2_learns_each_of_its_first_batches_and_keeps_the_earlier_expert() -> None:
+    cfg = compose_config(["editor=lemoe", "model=smollm2", "editor.batch_size=50"])  # the model's own settings
+    requests = build(cfg.dataset).load()[:100]
+    ed = build(cfg.editor, model=instantiate(cfg.model))
+    first = ed.edit(requests[:50])
+    kept = snapshot(ed.experts[0])
+    second = ed.edit(requests[50:])
+    for stats in (first, second):
+        assert stats.extra["batch_exact"] >= 0.95 and stats.iterations <= ed.config.iterations
+    assert all(torch.equal(kept[k], v) for k, v in snapshot(ed.experts[0]).items())
+    from evaluation.run.metrics import predict
+
+    rows = predict(ed, [r.prompt for r in requests[:50]], [r.target for r in requests[:50]])
+    assert sum(p.exact for p in rows) / 50 >= 0.95  # the first batch, still learned after the second

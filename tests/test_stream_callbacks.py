@@ -189,6 +189,16 @@ def test_curve_points_are_evaluated_where_a_batch_crosses_every_and_once_at_the_
     assert [step for metrics, step in logger.calls if "curve/reliability" in metrics] == [6, 9]
 
 
+def test_curve_points_at_given_edit_counts_fall_on_the_batch_boundary_that_reaches_each() -> None:
+    evaluations = Evaluations()
+    state = run(FakeEditor(batch_size=3), 20, [CurvePoints([None] * 20, at=[2, 9, 10, 20], evaluate=evaluations)])
+    assert evaluations.upto == [3, 9, 12, 20]  # 2 -> the batch ending at 3, 9 on a boundary, 10 -> 12, 20: the end
+    assert [c["edits"] for c in state.result.curves] == [3, 9, 12, 20]
+    both = Evaluations()
+    run(FakeEditor(batch_size=3), 20, [CurvePoints([None] * 20, every=6, at=[10], evaluate=both)])
+    assert both.upto == [6, 12, 18, 20]  # 10 falls in the batch that also crosses 12: one point
+
+
 def test_a_point_due_at_the_end_is_the_final_evaluation_and_is_owed_until_it_is_done() -> None:
     evaluations = Evaluations()
     owed: list[bool] = []

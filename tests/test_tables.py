@@ -452,3 +452,28 @@ def test_the_ablation_table_labels_each_run_by_the_settings_it_differs_in(tmp_pa
     assert table.title == "AlphaEdit, SmolLM2-135M, ZsRE"
     assert [(row[0], row[3]) for row in table.rows] == [('mom2_corpus="model"', "20.0"),
                                                         ('mom2_corpus="/data/facts.txt"', "60.0")]
+
+
+def test_the_scale_report_reads_each_editors_longest_run_at_its_curve_points(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+
+    def point(n: int, rel: float) -> dict[str, Any]:
+        return {"edits": n, "reliability": rel, "generalization": rel / 2, "locality": 0.9, "reliability_generated":
+                rel / 4, "trainable_params": 2_000_000, "stored_params": n * 1000}
+
+    long_run = write_run(runs, "ultra_10k", "ultraedit", "counterfact", 0.5, 0.25, num_edits=10_000,
+                         curves=[point(1000, 0.8), point(10_000, 0.5)])
+    payload = json.loads((long_run / "results.json").read_text())
+    payload["costs"] = [{"edits": 1000, "edit_seconds": 500.0, "eval_seconds": 9.0},
+                        {"edits": 10_000, "edit_seconds": 6000.0, "eval_seconds": 99.0}]
+    (long_run / "results.json").write_text(json.dumps(payload))
+    write_run(runs, "ultra_1k", "ultraedit", "counterfact", 0.9, 0.4, num_edits=1000, curves=[point(1000, 0.9)])
+    write_run(runs, "grace_1k", "grace", "counterfact", 1.0, 0.0, num_edits=1000, curves=[point(1000, 1.0)])
+    out = tmp_path / "out" / "scale"
+    assert main(["scale", str(runs), "--out", str(out)]) == 0
+    md = out.with_suffix(".md").read_text()
+    # the longest run's points; s/edit from its cost record (editing only), absent for a run without one
+    assert "| UltraEdit | 1000 | 80.0 | 40.0 | 90.0 | 20.0 | — | — | 0.5 | 2 | 1 |" in md
+    assert "| UltraEdit | 10000 | 50.0 | 25.0 | 90.0 | 12.5 | — | — | 0.6 | 2 | 10 |" in md
+    assert "| GRACE | 1000 | 100.0 | 50.0 | 90.0 | 25.0 | — | — | — | 2 | 1 |" in md
+    assert out.with_suffix(".png").stat().st_size > 0 and out.with_suffix(".pdf").is_file()

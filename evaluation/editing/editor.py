@@ -110,6 +110,9 @@ class Editor(nn.Module, ABC):
     Config: ClassVar[type]
     #: the sequence-level router's query hook (ELDER, GRACE, MELO, Defer); None: the edit is in the weights
     query: SequenceQuery | None = None
+    #: settings read only when inputs are routed, never while editing: a trained editor may take other values
+    #: of them (``python -m evaluation.scope_report RUN --sweep threshold=...`` measures their trade-off)
+    inference_settings: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, model: LoadedModel, config: Any = None, **fields: Any) -> None:
         super().__init__()

@@ -24,6 +24,12 @@ class TargetLogits:
         """Mean token-level cross entropy over all target tokens of the batch."""
         return F.cross_entropy(self.logits.float(), self.targets)
 
+    def row_exact(self, num_rows: int) -> torch.Tensor:
+        """(num_rows,) bool: whether every target token of each row is the argmax (rows without targets: True)."""
+        hit = (self.logits.argmax(-1) == self.targets).float()
+        ones = torch.ones(num_rows, device=hit.device)
+        return ones.scatter_reduce(0, self.rows, hit, reduce="amin").bool()
+
 
 def target_logits(model: nn.Module, batch: EncodedBatch) -> TargetLogits:
     hidden = model.base_model(

@@ -337,3 +337,38 @@ def plot_forgetting_by_age(series: Sequence[tuple[str, Sequence[Mapping[str, Any
     fig.suptitle(f"Forgetting by age: {what} of an edit batch, averaged over batches of the same age", fontsize=10)
     fig.tight_layout()
     return _save(fig, out)
+
+
+def plot_scale(series: Mapping[tuple, Mapping[str, Sequence[Mapping[str, float]]]], out: Path) -> list[str]:
+    """One row of five panels per (model, dataset), against the number of edits (log x): reliability,
+    generalization and locality (%; teacher-forced solid, generated dotted), editing seconds per edit, and the
+    parameters written (solid) and kept beside the model (dotted). ``series[(model, dataset)][editor]``: the
+    points of :func:`evaluation.reporting.scale.scale_points`."""
+    plt = _pyplot()
+    keys = list(series)
+    colours = _editor_colours(sorted({editor for by_editor in series.values() for editor in by_editor}))
+    fig, axes = plt.subplots(len(keys), 5, figsize=(22, 3.8 * len(keys)), squeeze=False)
+    panels = (("reliability", "%"), ("generalization", "%"), ("locality", "%"), ("seconds_per_edit", "s per edit"),
+              ("trainable_params", "parameters (M)"))
+    for row, key in enumerate(keys):
+        model, dataset = key
+        where = f"{paper.MODEL_LABELS.get(model, model)}, {paper.DATASET_LABELS.get(dataset, dataset)}"
+        for ax, (metric, unit) in zip(axes[row], panels):
+            for editor, points in sorted(series[key].items()):
+                label, color = paper.EDITOR_LABELS.get(editor, editor), colours[editor]
+                xs = [p["edits"] for p in points]
+                scale = 100.0 if unit == "%" else (1e-6 if metric.endswith("params") else 1.0)
+                ax.plot(xs, [p[metric] * scale for p in points], marker="o", color=color, label=label)
+                dotted = {"reliability": "reliability_generated", "generalization": "generalization_generated",
+                          "locality": "locality_generated", "trainable_params": "stored_params"}.get(metric)
+                if dotted and any(not math.isnan(p[dotted]) for p in points):
+                    ax.plot(xs, [p[dotted] * scale for p in points], marker=".", linestyle=":", color=color)
+            ax.set_xscale("log")
+            ax.set(xlabel="number of edits (log)", ylabel=unit, title=f"{metric.replace('_', ' ')} ({where})")
+            if unit == "%":
+                ax.set_ylim(-2, 102)
+            ax.grid(alpha=0.3, which="both")
+        axes[row][0].legend(fontsize=8, title="solid: teacher-forced, dotted: generated", title_fontsize=7)
+        axes[row][4].set_title(f"parameters: written (solid), kept (dotted) ({where})", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, out)

@@ -17,7 +17,8 @@ EDITORS = ("ft_l", "rome", "defer", "melo", "grace", "elder")
 #: how tables spell an editor's name; one not listed is shown as its config name
 EDITOR_LABELS: Mapping[str, str] = {
     "ft_l": "FT-L", "rome": "ROME", "defer": "Defer", "melo": "MELO", "grace": "GRACE", "elder": "ELDER",
-    "lemoe": "LEMoE", "wilke": "WilKE", "memit": "MEMIT", "alphaedit": "AlphaEdit", "none": "Base",
+    "lemoe": "LEMoE", "wilke": "WilKE", "memit": "MEMIT", "alphaedit": "AlphaEdit", "wise": "WISE",
+    "memoir": "MEMOIR", "ultraedit": "UltraEdit", "none": "Base",
 }
 DATASET_LABELS: Mapping[str, str] = {"zsre": "ZsRE", "counterfact": "CounterFact",
                                      "counterfact_rome": "CounterFact (ROME's records)"}

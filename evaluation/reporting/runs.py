@@ -122,6 +122,7 @@ def row_from_payload(payload: Mapping[str, Any], source: str) -> dict[str, Any]:
     row["device"] = cuda if cuda and cuda != "none" else versions.get("processor")
     row["git_commit"] = payload.get("git_commit")
     row["curve"] = json.dumps(payload.get("curves") or [])  # for --from-curves
+    row["costs"] = json.dumps(payload.get("costs") or [])  # seconds editing up to each curve point (scale)
     row["editor_config"] = json.dumps(cfg.get("editor") or {}, sort_keys=True)  # for the ablation table
     return row
 

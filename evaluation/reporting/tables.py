@@ -69,6 +69,7 @@ from evaluation.reporting.runs import (
     runs_frame,
     shared_seed_warnings,
 )
+from evaluation.reporting.scale import build_scale
 from evaluation.reporting.selection import Options
 from evaluation.reporting.table1 import build_table1
 from evaluation.reporting.table2 import build_table2
@@ -88,7 +89,7 @@ BUILDERS: Mapping[str, Callable[[pd.DataFrame, Options], Report]] = MappingProxy
     "table1": build_table1, "table2": build_table2, "table3": build_table3, "table4": build_table4,
     "figure2": build_figure2, "figure3": build_figure3, "grid": build_grid, "figure4": build_figure4,
     "forgetting": build_forgetting, "readings": build_readings, "model_axis": build_model_axis,
-    "answers": build_answers, "ablation": build_ablation,
+    "answers": build_answers, "ablation": build_ablation, "scale": build_scale,
 })
 NAMES = tuple(BUILDERS)
 

@@ -218,7 +218,7 @@ Evaluate = Callable[..., dict[str, float]]  # evaluation.run.metrics.evaluate_ed
 
 class CurvePoints(Callback):
     """Evaluates the first ``position`` edits every ``every`` edits (at the batch boundary that crosses a
-    multiple) and all of them at the end: curve points with the parameter counts (Figure 2 plots them
+    multiple), after each edit count in ``at`` (at the boundary that reaches it) and all of them at the end: curve points with the parameter counts (Figure 2 plots them
     against the stream length) and, from the same pass, the forgetting record.
 
     ``edit_time``: also evaluate each batch right after it is edited, before the next one (reliability and
@@ -229,18 +229,19 @@ class CurvePoints(Callback):
 
     def __init__(self, base_locality: Sequence[RowPredictions], every: int = 0, eval_batch_size: int = 32,
                  progress: bool = True, evaluate: Evaluate = evaluate_edits, *, scorer: AnswerScorer | None = None,
-                 base_answers: BaseAnswers | None = None, edit_time: bool = False) -> None:
+                 base_answers: BaseAnswers | None = None, edit_time: bool = False, at: Sequence[int] = ()) -> None:
         self.base_locality, self.every, self.eval_batch_size = base_locality, every, eval_batch_size
+        self.at = tuple(sorted(set(at)))
         self.progress, self.evaluate = progress, evaluate
         self.scorer, self.base_answers, self.edit_time = scorer, base_answers, edit_time
 
     def on_stream_start(self, state: StreamState) -> None:
-        if state.curve_due and self.every and state.position < state.n:  # owed by the run that saved the checkpoint
+        if state.curve_due and state.position < state.n:  # owed by the run that saved the checkpoint
             self._curve_point(state)
             state.commit()
 
     def on_batch_end(self, state: StreamState, stats: EditStats) -> None:
-        state.curve_due = bool(self.every) and state.position // self.every > state.batch_start // self.every
+        state.curve_due = self._due(state.batch_start, state.position)
         if state.curve_due and state.position < state.n:  # at the end, the final evaluation is the point
             state.commit()  # a failure while evaluating saves the edits done, their curve point owed
             self._curve_point(state)
@@ -251,12 +252,24 @@ class CurvePoints(Callback):
     def on_stream_end(self, state: StreamState) -> None:
         state.result.metrics = self.evaluate_upto(state, state.n, progress=self.progress, kind="final")
         state.result.curves.append({"edits": state.n, **state.result.metrics, **self._sizes(state)})
+        self._cost(state, state.n)
         state.curve_due = False
+
+    def _due(self, before: int, after: int) -> bool:
+        """Whether a batch that took the stream from ``before`` to ``after`` edits ends at a curve point."""
+        crossed = bool(self.every) and after // self.every > before // self.every
+        return crossed or any(before < n <= after for n in self.at)
 
     def _curve_point(self, state: StreamState) -> None:
         point = self.evaluate_upto(state, state.position)
         state.result.curves.append({"edits": state.position, **point, **self._sizes(state)})
+        self._cost(state, state.position)
         state.curve_due = False
+
+    @staticmethod
+    def _cost(state: StreamState, edits: int) -> None:
+        r = state.result
+        r.costs.append({"edits": edits, "edit_seconds": r.edit_seconds, "eval_seconds": r.eval_seconds})
 
     def _edit_time_point(self, state: StreamState) -> None:
         self.evaluate_upto(state, state.position, kind="edit_time", start=state.batch_start)
@@ -309,6 +322,9 @@ class LogMetrics(Callback):
         else:
             self.logger.log({"edit/loss": stats.loss, **{f"edit/{k}": v for k, v in stats.extra.items()},
                              "edit/seconds_per_edit": result.edit_seconds / done}, step=done)
+            # run.log keeps them too: W&B's offline files need a tool to read
+            log.info("edits %d-%d: loss %.4g, %d iterations%s", state.batch_start + 1, done, stats.loss,
+                     stats.iterations, "".join(f", {k} {v:.4g}" for k, v in stats.extra.items()))
 
     def on_evaluation_end(self, state: StreamState, upto: int, point: dict[str, float]) -> None:
         if state.evaluating in ("curve", "edit_time"):

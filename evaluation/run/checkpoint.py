@@ -88,6 +88,7 @@ class StreamCheckpoint:
     answers: list[dict[str, Any]] = field(default_factory=list)
     # the run's wall seconds up to this point, over all its processes (None: saved before this record)
     wall_seconds: float | None = None
+    costs: list[dict[str, float]] = field(default_factory=list)  # StreamResult.costs
     path: Path | None = None  # where it was loaded from / saved to (not stored)
 
     def to_payload(self) -> dict[str, Any]:
@@ -96,7 +97,7 @@ class StreamCheckpoint:
                 "eval_seconds": self.eval_seconds, "skipped": self.skipped, "data_hash": self.data_hash,
                 "run_id": self.run_id, "fingerprint": self.fingerprint, "reason": self.reason,
                 "curve_due": self.curve_due, "final_metrics": self.final_metrics, "forgetting": self.forgetting,
-                "answers": self.answers, "wall_seconds": self.wall_seconds}
+                "answers": self.answers, "wall_seconds": self.wall_seconds, "costs": self.costs}
 
     @classmethod
     def from_payload(cls, payload: Mapping[str, Any], path: Path | None = None) -> "StreamCheckpoint":
@@ -109,7 +110,7 @@ class StreamCheckpoint:
                 "data_hash", "run_id", "fingerprint", "reason", "curve_due")
         return cls(**{k: payload[k] for k in keys}, final_metrics=payload.get("final_metrics"),
                    forgetting=list(payload.get("forgetting") or []), answers=list(payload.get("answers") or []),
-                   wall_seconds=payload.get("wall_seconds"),
+                   wall_seconds=payload.get("wall_seconds"), costs=list(payload.get("costs") or []),
                    path=path)
 
 

@@ -291,7 +291,8 @@ def _run(cfg: DictConfig, run_dir: Path, choices: Mapping[str, str], checkpoints
     try:
         stream = run_stream(editor, requests, base_locality, logger, cfg.eval_every, cfg.eval_batch_size,
                             cfg.progress, checkpoints=checkpoints, resume=resume_from, on_nan=cfg.on_nan,
-                            started=wall, scorer=scorer, base_answers=base_answers, edit_time=cfg.edit_time_eval)
+                            started=wall, scorer=scorer, base_answers=base_answers, edit_time=cfg.edit_time_eval,
+                            eval_at=cfg.eval_at)
         timings["edit_seconds"] = stream.edit_seconds
         timings["eval_seconds"] = stream.eval_seconds
         metrics: dict[str, Any] = {
@@ -357,6 +358,7 @@ def _run(cfg: DictConfig, run_dir: Path, choices: Mapping[str, str], checkpoints
                        "checkpoints": str(checkpoints.directory), "wandb_run_id": run_id}
         # per curve point, each edit batch's reliability and generalization (evaluation/run/forgetting.py)
         extra: dict[str, Any] = {"choices": dict(choices), "stream": stream_info, "forgetting": stream.forgetting,
+                                 "costs": stream.costs,  # seconds editing and evaluating up to each curve point
                                  "dataset_order": [r.uid for r in requests]}  # the edits' uids in stream order
         # dataset.protocol/revisit, the stream's entries, distinct facts and trained phrasings (data/protocol.py)
         extra["dataset_protocol"] = describe_stream(requests, dataset.protocol, dataset.revisit)

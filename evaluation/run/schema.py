@@ -130,6 +130,7 @@ class RunConf:
     paths: PathsConf = field(default_factory=PathsConf)
     seed: int = 0
     eval_every: int = 0
+    eval_at: List[int] = field(default_factory=list)  # also evaluate after these edit counts
     eval_batch_size: int = 32
     edit_time_eval: bool = True  # score each batch right after it is edited (evaluation.run.callbacks.CurvePoints)
     generation_token_budget: Optional[int] = 1536  # padded prompt tokens per generation batch; None: eval_batch_size rows

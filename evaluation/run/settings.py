@@ -22,6 +22,9 @@ def check_run_settings(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ConfigError(f"{key} must be an integer >= 0 (0: off), got {value!r}")
+    eval_at = OmegaConf.select(cfg, "eval_at") or []
+    if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in eval_at):
+        raise ConfigError(f"eval_at must be a list of positive edit counts, got {list(eval_at)!r}")
     if not (isinstance(cfg.resume, bool) or cfg.resume == "auto"):
         raise ConfigError(f"resume must be true, false or auto, got {cfg.resume!r}")
     if cfg.threads is not None and (not isinstance(cfg.threads, int) or cfg.threads < 1):

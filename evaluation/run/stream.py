@@ -110,8 +110,10 @@ def run_stream(editor: Editor, requests: Sequence[EditRequest], base_locality: S
                progress: bool = True, *, checkpoints: CheckpointManager | None = None,
                resume: StreamCheckpoint | None = None, on_nan: str = "stop",
                handle_signals: bool = True, started: float | None = None, scorer: AnswerScorer | None = None,
-               base_answers: BaseAnswers | None = None, edit_time: bool = False) -> StreamResult:
-    """Edit ``requests`` in batches of ``editor.batch_size``; evaluate every ``eval_every`` edits and at the end.
+               base_answers: BaseAnswers | None = None, edit_time: bool = False,
+               eval_at: Sequence[int] = ()) -> StreamResult:
+    """Edit ``requests`` in batches of ``editor.batch_size``; evaluate every ``eval_every`` edits, after the edit
+    counts in ``eval_at`` (each at the batch boundary that reaches it) and at the end.
 
     ``checkpoints``: where and how often to save (None: never, not even on a signal).
     ``resume``: a checkpoint of this stream to continue from. ``on_nan``: ``stop`` or ``skip``.
@@ -136,7 +138,7 @@ def run_stream(editor: Editor, requests: Sequence[EditRequest], base_locality: S
     # and the end checkpoint is written before the final evaluation's signal handlers are set
     callbacks = [OutOfMemoryGuard(saver, eval_batch_size), ProgressBar(progress), nan_guard, LogMetrics(logger),
                  CurvePoints(base_locality, eval_every, eval_batch_size, progress, evaluate=_evaluate_edits,
-                             scorer=scorer, base_answers=base_answers, edit_time=edit_time),
+                             scorer=scorer, base_answers=base_answers, edit_time=edit_time, at=eval_at),
                  StopOnSignals(saver, handle_signals), Checkpointing(saver)]
     return Stream(state, callbacks).run()
 
@@ -155,6 +157,7 @@ def _restore(state: StreamState, ckpt: StreamCheckpoint) -> None:
     result.curves = list(ckpt.curves)
     result.forgetting = list(ckpt.forgetting)
     result.answers = list(ckpt.answers)
+    result.costs = list(ckpt.costs)
     if len(result.forgetting) != len(result.curves):  # a checkpoint made before the record existed
         log.warning("the checkpoint %s holds %d curve points but %d forgetting points: the forgetting record of "
                     "this run starts after it", ckpt.path, len(result.curves), len(result.forgetting))

@@ -28,6 +28,9 @@ class StreamResult:
     answers: list[dict[str, Any]] = field(default_factory=list)
     edit_seconds: float = 0.0
     eval_seconds: float = 0.0
+    #: at each curve point and the end: the edits done and the seconds spent editing and evaluating so far (timings,
+    #: so kept apart from ``curves``, which a resumed run reproduces exactly)
+    costs: list[dict[str, float]] = field(default_factory=list)
     #: batches skipped under ``on_nan=skip``: their uids, prompts, edit range, loss and what was wrong
     skipped: list[dict[str, Any]] = field(default_factory=list)
     resumed_from: int | None = None  # position of the checkpoint the stream continued from
@@ -168,7 +171,7 @@ class StreamState:
                                 curves=list(r.curves), edit_seconds=r.edit_seconds, eval_seconds=r.eval_seconds,
                                 skipped=list(r.skipped), curve_due=self.curve_due, final_metrics=final_metrics,
                                 forgetting=list(r.forgetting), answers=list(r.answers),
-                                wall_seconds=r.wall_seconds())
+                                wall_seconds=r.wall_seconds(), costs=list(r.costs))
 
     def commit(self) -> None:
         """Make the stream now the last good point."""
