@@ -48,7 +48,7 @@ from evaluation.editing.models import (
     replace_module,
 )
 from evaluation.editing.prefix_cache import frozen_prefix, replaying
-from evaluation.editing.query import RouteTaken, SequenceQuery
+from evaluation.editing.query import RouteTaken, SequenceQuery, prompt_mean
 
 log = logging.getLogger(__name__)
 
@@ -151,15 +151,8 @@ class MoEBlock(nn.Module):
 def pooled_embedding(embeddings: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                      positions: torch.Tensor) -> torch.Tensor:
     """(B, d) float32: the mean input embedding of each row's real tokens up to ``positions`` (its last prompt
-    token). A running sum read at the position, so padding (either side) adds exact zeros only."""
-    B, T = input_ids.shape
-    keep = torch.arange(T, device=input_ids.device)[None, :] <= positions.to(input_ids.device)[:, None]
-    if attention_mask is not None:
-        keep = keep & attention_mask.bool()
-    keep = keep.float()
-    rows = torch.arange(B, device=input_ids.device)
-    total = (embeddings(input_ids).float() * keep[..., None]).cumsum(1)[rows, positions]
-    return total / keep.sum(1, keepdim=True).clamp(min=1)
+    token), the same under left and right padding (:func:`~evaluation.editing.query.prompt_mean`)."""
+    return prompt_mean(embeddings(input_ids), positions.to(input_ids.device), attention_mask)
 
 
 class PromptMeanQuery(SequenceQuery):
@@ -243,8 +236,8 @@ class LEMoEEditor(Editor):
             check_positive("stop_below", c.stop_below)
         if c.routing == "learned":
             log.warning("LEMoE routing=learned does not keep earlier routes: each new expert's router can take "
-                        "inputs of earlier edits (measured on SmolLM2: batch 1 from 1.0 to 0.0 once batch 2 trains); "
-                        "routing=anchor keeps them")
+                        "inputs of earlier edits (issue 35's probe on SmolLM2: batch 1 from 1.0 to 0.0 once batch 2 "
+                        "trained); routing=anchor keeps them")
         if c.weight_decay < 0:
             raise ConfigError(f"editor.weight_decay must be >= 0, got {c.weight_decay}")
         if not 1 <= c.top_k <= c.max_experts:

@@ -51,7 +51,7 @@ import contextlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -71,7 +71,7 @@ from evaluation.editing.models import (
     replace_module,
 )
 from evaluation.editing.prefix_cache import frozen_prefix, replaying
-from evaluation.editing.query import RouteTaken, SequenceQuery
+from evaluation.editing.query import MaskedSequenceQuery, prompt_mean
 
 log = logging.getLogger(__name__)
 
@@ -153,60 +153,19 @@ class ResidualMemoryLayer(nn.Module):
         return torch.where(active[:, None, None], y + delta.to(y.dtype), y)
 
 
-class PromptFeatureQuery(SequenceQuery):
+class PromptFeatureQuery(MaskedSequenceQuery):
     """Each row's feature at the memory's input: the mean over its real tokens up to its last prompt token, float32
-    (``last``: that token alone). The attention mask is read by a pre-hook on the decoder stack; the
-    feature by a pre-hook on the memory layer, once per scope (decoding steps reuse the prompt's route)."""
+    (``last``: that token alone), once per scope (decoding steps reuse the prompt's route)."""
 
     def __init__(self, stack: nn.Module, layer: nn.Module, aggregation: str,
                  on_query: Callable[[torch.Tensor], object]) -> None:
-        super().__init__(layer, on_query=on_query)
+        super().__init__(stack, layer, on_query=on_query)
         self.aggregation = aggregation
-        self.attention_mask: torch.Tensor | None = None
-        self._mask_handle = stack.register_forward_pre_hook(self._read_mask, with_kwargs=True)
 
-    def _read_mask(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if self.positions is not None and self.value is None:  # the scope's first forward (the prompt)
-            self.attention_mask = kwargs.get("attention_mask")
-
-    def _hook(self, module: nn.Module, args: tuple) -> None:
-        if self.positions is None or self.value is not None:
-            return
-        x = args[0]  # (B, T, D)
-        B, T, _ = x.shape
-        if B != self.positions.shape[0]:
-            raise RuntimeError(f"scope was opened for {self.positions.shape[0]} sequences but the forward has {B}")
-        positions = self.positions.to(x.device)
-        rows = torch.arange(B, device=x.device)
+    def read(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         if self.aggregation == "last":
-            q = x[rows, positions]  # the model's dtype, as every other reader of this site
-        else:
-            keep = torch.arange(T, device=x.device)[None, :] <= positions[:, None]
-            mask = self.attention_mask
-            if mask is not None and mask.dim() == 2 and mask.shape == (B, T):
-                keep = keep & mask.to(x.device).bool()
-            keep_f = keep.float()
-            # a running sum read at the position: padding (either side) adds exact zeros only
-            total = (x.detach().float() * keep_f[..., None]).cumsum(1)[rows, positions]
-            q = total / keep_f.sum(1, keepdim=True).clamp(min=1)
-        self.value = q.detach()
-        if self.on_query is not None:
-            self.derived = self.on_query(self.value)
-        if self.stop_after_route:
-            raise RouteTaken
-
-    @contextlib.contextmanager
-    def scope(self, positions: torch.Tensor) -> Iterator[None]:
-        self.attention_mask = None
-        try:
-            with super().scope(positions):
-                yield
-        finally:
-            self.attention_mask = None
-
-    def remove(self) -> None:
-        super().remove()
-        self._mask_handle.remove()
+            return super().read(x, positions)  # the model's dtype, as every other reader of this site
+        return prompt_mean(x.detach(), positions, self.padding(x))
 
 
 def _read_texts(path: str, n: int) -> list[str]:

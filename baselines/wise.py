@@ -45,7 +45,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -62,7 +62,7 @@ from evaluation.editing.encoding import IGNORE, EncodedBatch, encode_pairs
 from evaluation.editing.forward import target_logits
 from evaluation.editing.models import LoadedModel, model_device, replace_module
 from evaluation.editing.prefix_cache import frozen_prefix, replaying
-from evaluation.editing.query import RouteTaken, SequenceQuery
+from evaluation.editing.query import MaskedSequenceQuery, prompt_span
 
 #: merge_alg -> (sparsify, consensus, normalize): the GTA instances of the authors' WISE.py ``merge_dict``
 MERGE_ALGS: dict[str, tuple[Optional[str], Optional[str], bool]] = {
@@ -121,53 +121,19 @@ class MemoryRoute:
     active: torch.Tensor  # (B,) bool: False = the main memory, bit for bit
 
 
-class ActivationQuery(SequenceQuery):
+class ActivationQuery(MaskedSequenceQuery):
     """The per-sequence query of WISE: each row's activation scores against every candidate side memory,
-    averaged over its real tokens up to its query position. A pre-hook on the decoder stack reads the attention
-    mask (the layer sees no padding information) and one on the edited layer scores its input; both act on the
-    first forward of a scope only, so generation's decoding steps keep the prompt's route."""
+    averaged over its real tokens up to its query position (the kept attention mask says which are real), on
+    the first forward of a scope only, so generation's decoding steps keep the prompt's route."""
 
     def __init__(self, stack: nn.Module, layer: nn.Module,
                  score: Callable[[torch.Tensor, Optional[torch.Tensor], torch.Tensor], torch.Tensor],
                  on_query: Callable[[torch.Tensor], object]) -> None:
-        self.positions = self.value = self.derived = None  # SequenceQuery's state, with hooks of its own
-        self.on_query, self.detach, self.stop_after_route = on_query, True, False
-        self.mask: Optional[torch.Tensor] = None
+        super().__init__(stack, layer, on_query=on_query)
         self._score = score
-        self._mask_handle = stack.register_forward_pre_hook(self._read_mask, with_kwargs=True)
-        self._handle = layer.register_forward_pre_hook(self._hook)
 
-    def _read_mask(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if self.positions is not None and self.value is None:
-            mask = kwargs.get("attention_mask")
-            self.mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-        return None
-
-    def _hook(self, module: nn.Module, args: tuple) -> None:
-        if self.positions is None or self.value is not None:
-            return  # outside a scope, or a decoding step that reuses the prompt's route
-        x = args[0]  # (B, T, d_in)
-        if x.shape[0] != self.positions.shape[0]:
-            raise RuntimeError(f"scope was opened for {self.positions.shape[0]} sequences but the forward has "
-                               f"{x.shape[0]}")
-        mask = self.mask if self.mask is not None and self.mask.shape == x.shape[:2] else None
-        self.value = self._score(x, mask, self.positions.to(x.device))
-        self.derived = self.on_query(self.value)
-        if self.stop_after_route:
-            raise RouteTaken
-
-    @contextlib.contextmanager
-    def scope(self, positions: torch.Tensor) -> Iterator[None]:
-        self.mask = None
-        try:
-            with super().scope(positions):
-                yield
-        finally:
-            self.mask = None
-
-    def remove(self) -> None:
-        self._handle.remove()
-        self._mask_handle.remove()
+    def read(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self._score(x, self.padding(x), positions)
 
 
 class SideMemoryLayer(nn.Module):
@@ -363,12 +329,6 @@ class WISEEditor(Editor):
                          c.merge_alg, generator)
 
     # --- routing -------------------------------------------------------------------------------
-    def _span(self, mask: Optional[torch.Tensor], positions: torch.Tensor, T: int) -> torch.Tensor:
-        """(B, T) bool: each row's real tokens up to its query position."""
-        cols = torch.arange(T, device=positions.device)
-        span = cols[None, :] <= positions[:, None]
-        return span & mask.bool().to(span.device) if mask is not None else span
-
     @staticmethod
     def _mean(dist: torch.Tensor, span: torch.Tensor) -> torch.Tensor:
         span = span.to(dist.device)
@@ -378,7 +338,7 @@ class WISEEditor(Editor):
     def _score(self, x: torch.Tensor, mask: Optional[torch.Tensor], positions: torch.Tensor) -> torch.Tensor:
         """(B, M) each row's activation score against each candidate memory."""
         y = self.adapters[0].base_layer(x)
-        span = self._span(mask, positions, x.shape[1]).to(x.device)
+        span = prompt_span(positions, x.shape[1], mask).to(x.device)
         long_rows = (span.sum(-1) > self.config.long_input_tokens if self.config.long_input_tokens is not None
                      else torch.zeros(x.shape[0], dtype=torch.bool, device=x.device))
         scores = []
@@ -478,7 +438,7 @@ class WISEEditor(Editor):
             torch.cat([edits.query_positions, torch.tensor([len(ids) - 1 for ids in locs])]),
         )
         ends = torch.cat([edits.key_positions(self.key_position), batch.query_positions[len(prompts):]])
-        span = self._span(batch.attention_mask, ends, width)
+        span = prompt_span(ends, width, batch.attention_mask)
         device = model_device(self.model)
         return batch.to(device), span.to(device), len(prefixes)
 

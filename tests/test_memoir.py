@@ -15,7 +15,7 @@ from evaluation.common.errors import ConfigError
 from evaluation.editing.encoding import encode_pairs
 from evaluation.editing.forward import TargetLogits, target_logits
 from evaluation.editing.generation import generate_continuations
-from evaluation.run.checkpoint import CheckpointManager, checkpoint_name, to_cpu
+from evaluation.run.checkpoint import to_cpu
 from evaluation.run.experiment import build, run_experiment
 from tests.conftest import compose_config, tiny_model, zsre_requests
 
@@ -138,30 +138,12 @@ def test_state_round_trip_continues_exactly() -> None:
 
 def test_resumes_exactly_from_its_checkpoint(tmp_path: Path) -> None:
     """A stream resumed from its checkpoint after 2 edits ends exactly as the full stream (tests/test_resume.py)."""
-    from evaluation.editing.unedited import Unedited
-    from evaluation.run.experiment import seed_everything
-    from evaluation.run.loggers import NullLogger
-    from evaluation.run.metrics import locality_inputs, predict
-    from evaluation.run.stream import run_stream
+    from tests.test_resume import resume_pair
 
-    cfg = compose_config(["model=tiny_llama", "editor=memoir", "dataset.num_edits=4", "editor.iterations=5",
-                          "editor.background_samples=10"])
-
-    def fresh() -> tuple[Any, list, list]:
-        seed_everything(0)
-        requests, loaded = build(cfg.dataset).load(), build(cfg.model)
-        return build(cfg.editor, model=loaded), requests, predict(Unedited(loaded), *locality_inputs(requests))
-
-    full_editor, requests, base = fresh()
-    manager = CheckpointManager(tmp_path, every=2, keep=3)
-    full = run_stream(full_editor, requests, base, NullLogger(), 2, progress=False, checkpoints=manager)
-    resumed_editor, requests, base = fresh()
-    resumed = run_stream(resumed_editor, requests, base, NullLogger(), 2, progress=False,
-                         resume=CheckpointManager.read(tmp_path / checkpoint_name(2)))
-    assert resumed.resumed_from == 2
-    assert (resumed.metrics, resumed.curves) == (full.metrics, full.curves)
-    a, b = to_cpu(resumed_editor.state_dict()), to_cpu(full_editor.state_dict())
-    assert torch.equal(a["memory"], b["memory"]) and torch.equal(a["_extra_state"]["masks"], b["_extra_state"]["masks"])
+    _, resumed_editor = resume_pair(["editor=memoir", "dataset.num_edits=4", "editor.iterations=5",
+                                     "editor.background_samples=10"], tmp_path, every=2)
+    state = to_cpu(resumed_editor.state_dict())  # equal to the straight stream's (resume_pair): not empty either
+    assert torch.count_nonzero(state["memory"]) and len(state["_extra_state"]["masks"]) >= 1
 
 
 @pytest.mark.parametrize("model, layer, top_k, module", [

@@ -18,7 +18,6 @@ from evaluation.common.errors import ConfigError
 from evaluation.editing.encoding import encode_pairs
 from evaluation.editing.forward import target_logits
 from evaluation.editing.models import LoadedModel, get_module
-from evaluation.run.metrics import predict
 from tests.conftest import (
     compose_config,
     save_merged_tokenizer,
@@ -223,31 +222,12 @@ def test_nothing_grows_with_the_stream():
 
 
 def test_a_resumed_stream_ends_exactly_as_the_uninterrupted_one(tmp_path):
-    from evaluation.editing.unedited import Unedited
-    from evaluation.run.checkpoint import CheckpointManager, checkpoint_name, to_cpu
-    from evaluation.run.experiment import build, seed_everything
-    from evaluation.run.loggers import NullLogger
-    from evaluation.run.metrics import locality_inputs
-    from evaluation.run.stream import run_stream
+    from evaluation.run.checkpoint import to_cpu
+    from tests.test_resume import resume_pair
 
-    cfg = compose_config(["model=tiny_llama", "editor=ultraedit", "dataset.num_edits=8", "editor.batch_size=2",
-                          "editor.chunk_size=1"])
-
-    def fresh():
-        seed_everything(0)
-        requests, loaded = build(cfg.dataset).load(), build(cfg.model)
-        return build(cfg.editor, model=loaded), requests, predict(Unedited(loaded), *locality_inputs(requests))
-
-    full_editor, requests, base = fresh()
-    manager = CheckpointManager(tmp_path / "ck", every=4, keep=3)
-    full = run_stream(full_editor, requests, base, NullLogger(), 4, progress=False, checkpoints=manager)
-    resumed_editor, requests, base = fresh()
-    resumed = run_stream(resumed_editor, requests, base, NullLogger(), 4, progress=False,
-                         resume=CheckpointManager.read(tmp_path / "ck" / checkpoint_name(4)))
-    assert resumed.resumed_from == 4 and (resumed.metrics, resumed.curves) == (full.metrics, full.curves)
-    a, b = to_cpu(resumed_editor.state_dict()), to_cpu(full_editor.state_dict())
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a if isinstance(a[k], torch.Tensor))
-    assert a["normalizers.128x64.n"].item() > 0 and resumed_editor.num_edits == 8
+    _, resumed_editor = resume_pair(["editor=ultraedit", "dataset.num_edits=8", "editor.batch_size=2",
+                                     "editor.chunk_size=1"], tmp_path)
+    assert to_cpu(resumed_editor.state_dict())["normalizers.128x64.n"].item() > 0 and resumed_editor.num_edits == 8
 
 
 def test_state_round_trip_continues_exactly(tmp_path):

@@ -106,34 +106,13 @@ def test_a_shard_trains_only_its_masked_entries_and_shards_merge() -> None:
 def test_resumes_exactly_from_its_checkpoint(retrieve: str, tmp_path: Path) -> None:
     """A stream resumed from its checkpoint after 4 edits ends exactly as the full one (shards put away at 2
     and 6, merged at 4 and 8: both sides of the checkpoint)."""
-    from evaluation.editing.unedited import Unedited
-    from evaluation.run.checkpoint import CheckpointManager, checkpoint_name, to_cpu
-    from evaluation.run.experiment import seed_everything
-    from evaluation.run.loggers import NullLogger
-    from evaluation.run.metrics import locality_inputs, predict
-    from evaluation.run.stream import run_stream
-    from tests.test_resume import _state_equal
+    from evaluation.run.checkpoint import to_cpu
+    from tests.test_resume import resume_pair
 
-    cfg = compose_config(["model=tiny_llama", "editor=wise", "dataset.num_edits=8", "editor.iterations=8",
-                          "editor.save_freq=2", "editor.merge_freq=4", f"editor.retrieve={retrieve}",
-                          "editor.template_lengths=[3]"])
-
-    def fresh() -> tuple[Any, list, list]:
-        seed_everything(0)
-        requests, loaded = build(cfg.dataset).load(), build(cfg.model)
-        return build(cfg.editor, model=loaded), requests, predict(Unedited(loaded), *locality_inputs(requests))
-
-    full_editor, requests, base = fresh()
-    manager = CheckpointManager(tmp_path, every=4, keep=3)
-    full = run_stream(full_editor, requests, base, NullLogger(), 4, progress=False, checkpoints=manager)
-    resumed_editor, requests, base = fresh()
-    resumed = run_stream(resumed_editor, requests, base, NullLogger(), 4, progress=False,
-                         resume=CheckpointManager.read(tmp_path / checkpoint_name(4)))
-    assert resumed.resumed_from == 4
-    assert (resumed.metrics, resumed.curves) == (full.metrics, full.curves)
+    full_editor, _ = resume_pair(["editor=wise", "dataset.num_edits=8", "editor.iterations=8", "editor.save_freq=2",
+                                  "editor.merge_freq=4", f"editor.retrieve={retrieve}", "editor.template_lengths=[3]"],
+                                 tmp_path)
     state = to_cpu(full_editor.state_dict())
-    assert _state_equal(to_cpu(resumed_editor.state_dict()), state)
-    assert not any("base_layer" in k or k.startswith("model.") for k in state)  # the base model stays out
     extra = state["_extra_state"]
     assert extra["merge_count"] == 2 and len(extra["prefixes"]) == 6  # "" + one prefix per seed word
     assert len(extra["memories"]) == (2 if retrieve == "true" else 0)

@@ -43,13 +43,16 @@ class SequenceQuery:
             raise RuntimeError(
                 f"scope was opened for {self.positions.shape[0]} sequences but the forward has {x.shape[0]}"
             )
-        rows = torch.arange(x.shape[0], device=x.device)
-        q = x[rows, self.positions.to(x.device)]
+        q = self.read(x, self.positions.to(x.device))
         self.value = q.detach() if self.detach else q
         if self.on_query is not None:
             self.derived = self.on_query(self.value)
         if self.stop_after_route:
             raise RouteTaken
+
+    def read(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """(B, d) the query vectors from the layer input ``x`` (B, T, d): each row's token at ``positions``."""
+        return x[torch.arange(x.shape[0], device=x.device), positions]
 
     @contextlib.contextmanager
     def scope(self, positions: torch.Tensor) -> Iterator[None]:
@@ -72,3 +75,55 @@ class SequenceQuery:
 
     def remove(self) -> None:
         self._handle.remove()
+
+
+def prompt_span(positions: torch.Tensor, width: int, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, width) bool: each row's real tokens (``attention_mask``) up to and including ``positions[b]``."""
+    span = torch.arange(width, device=positions.device)[None, :] <= positions[:, None]
+    if attention_mask is not None:
+        span = span & attention_mask.to(span.device).bool()
+    return span
+
+
+def prompt_mean(x: torch.Tensor, positions: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, d) float32: the mean of ``x`` (B, T, d) over each row's :func:`prompt_span`. A running sum read at the
+    position, so padding (either side) adds exact zeros only: the same under left and right padding."""
+    keep = prompt_span(positions, x.shape[1], attention_mask).float()
+    rows = torch.arange(x.shape[0], device=x.device)
+    total = (x.float() * keep[..., None]).cumsum(1)[rows, positions]
+    return total / keep.sum(1, keepdim=True).clamp(min=1)
+
+
+class MaskedSequenceQuery(SequenceQuery):
+    """A :class:`SequenceQuery` that also knows each row's padding: a pre-hook on the decoder ``stack`` keeps the
+    attention mask of the scope's first forward (the query layer sees none), for a :meth:`read` over the prompt's
+    tokens (WISE's activation score, MEMOIR's prompt feature). Decoding steps reuse the prompt's route."""
+
+    def __init__(self, stack: nn.Module, module: nn.Module, on_query: Callable[[torch.Tensor], object] | None = None,
+                 detach: bool = True) -> None:
+        super().__init__(module, on_query, detach)
+        self.attention_mask: torch.Tensor | None = None
+        self._mask_handle = stack.register_forward_pre_hook(self._read_mask, with_kwargs=True)
+
+    def _read_mask(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self.positions is not None and self.value is None:  # the scope's first forward (the prompt)
+            mask = kwargs.get("attention_mask")
+            self.attention_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+    def padding(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The kept attention mask where it fits the layer input ``x`` (B, T, d), else None (no padding known)."""
+        mask = self.attention_mask
+        return mask if mask is not None and mask.shape == x.shape[:2] else None
+
+    @contextlib.contextmanager
+    def scope(self, positions: torch.Tensor) -> Iterator[None]:
+        self.attention_mask = None
+        try:
+            with super().scope(positions):
+                yield
+        finally:
+            self.attention_mask = None
+
+    def remove(self) -> None:
+        super().remove()
+        self._mask_handle.remove()
