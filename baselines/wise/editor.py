@@ -1,59 +1,28 @@
-"""WISE (Wang et al., NeurIPS 2024): a side memory beside one FFN matrix, knowledge shards, activation routing.
-
-A copy of one FFN matrix (LLaMA: ``down_proj``; GPT-2: ``c_fc``, as the authors' hparams) is the *side memory*;
-the model's own matrix (the *main memory*) is never written. Each edit batch trains the working side memory
-with SGD on the edit's loss plus the routing margins, with its gradient masked by a random mask drawn once per
-shard of ``save_freq`` edits (``mask_ratio`` of the entries: knowledge sharding). Every ``save_freq`` edits the
-shard is put away and a fresh one starts from the main memory; every ``merge_freq`` edits the put-away shards
-are merged (TIES by default, ``merge_alg``) relative to the main memory. A router compares side and main
-activations: the activation score of an input is the mean over its tokens of
-``||act(A(x) W_side) - act(A(x) W_main)||`` (``act`` = the model's FFN activation), and an input whose score
-stays under the threshold ``act_ratio * min(in-scope score recorded at the end of each edit)`` uses the main
-memory: the unedited output, bit for bit. Training pushes edit inputs' scores over ``beta``, an unrelated
-input's under ``alpha`` and their gap over ``gamma`` (the margin losses).
-
-``retrieve=true`` (WISE-Retrieve; the authors' llama-7b.yaml): every shard (and every merged group) stays a
-memory of its own with its own threshold; an input takes the memory with the highest score above that
-memory's threshold (the working shard first). ``retrieve=false`` (WISE-Merge): one merged side memory plus the
-working shard, one threshold, the higher-scoring of the two above it.
-
-Follows EasyEdit ``easyeditor/models/wise/WISE.py`` (WISE, WISEAdapter, euc, merge/gta.py), ``utils.py``
-(tokenize, get_context_templates, EarlyStopMeter, EditingMeanAct) and ``hparams/WISE/{llama-7b,gpt2-xl}.yaml``
-(zjunlp/EasyEdit @ 14cea82). Departures (docs/editor_wise.md has the list with reasons):
-
-* the route is per sequence and read from its prompt: the score is averaged over each row's real tokens up to
-  its key token (``key_position``: ``prompt_last`` by default; ``sequence_last`` = every token as fed, the
-  authors' teacher-forced reading); a generation's decoding steps reuse the prompt's route (the authors
-  re-route every forward, and their ``.item()`` needs batch size 1). Padding is never averaged (the authors'
-  training rows average their pad tokens too); the margins and the recorded activation use the same span;
-* WISE-Merge does not fold the working shard into the merged memory as a side effect of inference (the
-  authors' ``WISE.__call__``): inference reads the memories that fold would give, without changing the state;
-* the unrelated input of the margin loss (the authors' ``loc_prompt``, ZsRE train's NQ questions, not here)
-  is the i-th text of ``loc_corpus`` for the i-th edit (default: CounterFact train facts, never an edit or a
-  probe of the stream);
-* memories of a Conv1D model (GPT-2) are applied as Conv1D (the authors' ``F.linear`` of a retrieved memory
-  fails on GPT-2, EasyEdit issue #345);
-* the shard masks come from the editor's seeded generator (the authors' global ``np.random``); the context
-  prefixes are generated per seed word without padding; the edit loss is each row's mean target-token loss
-  (the authors' denominator counts one prompt token and any pad tokens too); several requests per batch get
-  one margin loss each, averaged; ``replay`` and the slerp/linear merges are not carried (off in every hparams).
-"""
+"""WISE behind the shared Editor interface (the method, its sources and departures: baselines/wise/__init__.py)."""
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from omegaconf import MISSING
 from torch import nn
 from transformers.activations import ACT2FN
 from transformers.pytorch_utils import Conv1D
 
+from baselines.context_templates import seed_word_continuations
+from baselines.wise.config import WISEConfig
+from baselines.wise.merge import MERGE_ALGS, gta_merge, merge_into_side
+from baselines.wise.parts import (
+    MAIN,
+    NO_EDIT,
+    ActivationQuery,
+    MemoryRoute,
+    SideMemoryLayer,
+    mean_positive,
+    read_loc_corpus,
+)
 from data.requests import EditRequest
 from evaluation.common.errors import ConfigError
 from evaluation.editing.checks import check_choice, check_layer, check_positive
@@ -62,157 +31,7 @@ from evaluation.editing.encoding import IGNORE, EncodedBatch, encode_pairs
 from evaluation.editing.forward import target_logits
 from evaluation.editing.models import LoadedModel, model_device, replace_module
 from evaluation.editing.prefix_cache import frozen_prefix, replaying
-from evaluation.editing.query import MaskedSequenceQuery, prompt_span
-
-#: merge_alg -> (sparsify, consensus, normalize): the GTA instances of the authors' WISE.py ``merge_dict``
-MERGE_ALGS: dict[str, tuple[Optional[str], Optional[str], bool]] = {
-    "ties": ("magnitude", "sum", True),
-    "magnitude_norm": ("magnitude", None, True),
-    "magnitude": ("magnitude", None, False),
-    "sign": (None, "sum", True),
-    "dare_ties": ("rescaled_random", "sum", False),
-    "dare_linear": ("random", None, False),
-}
-#: the authors' get_context_templates seed words; each is continued greedily for each of template_lengths
-SEED_WORDS = ("I", "You", "Because", "Yes", "Q: ")
-MAIN = -1  # route: the main memory (the unedited layer)
-NO_EDIT = 1e9  # the authors' EditingMeanAct(min_a=1e9): a shard without edits routes nothing to itself
-
-
-# --- merging (the authors' merge/gta.py) -------------------------------------------------------------
-def _sparsify(delta: torch.Tensor, method: Optional[str], density: float, generator: torch.Generator) -> torch.Tensor:
-    if method is None or density >= 1:
-        return delta
-    if method == "magnitude":  # keep the largest |delta|
-        k = int(density * delta.numel())
-        if k <= 0:
-            raise ConfigError(f"editor.densities={density} keeps no entry of a {delta.numel()}-entry matrix")
-        mask = torch.zeros(delta.numel(), dtype=delta.dtype, device=delta.device)
-        mask[delta.abs().flatten().topk(k).indices] = 1
-        return delta * mask.view_as(delta)
-    keep = torch.bernoulli(torch.full(delta.shape, density), generator=generator).to(delta)
-    return delta * keep / density if method == "rescaled_random" else delta * keep
-
-
-def gta_merge(weights: Sequence[float], base: torch.Tensor, tensors: Sequence[torch.Tensor], density: float,
-              alg: str, generator: torch.Generator) -> torch.Tensor:
-    """``base`` plus the merged task vectors ``tensors - base`` (sparsified, sign-elected, weighted)."""
-    sparsify, consensus, normalize = MERGE_ALGS[alg]
-    deltas = torch.stack([_sparsify(t - base, sparsify, density, generator) for t in tensors])
-    w = torch.tensor(list(weights), dtype=deltas.dtype, device=deltas.device).view(-1, 1, 1)
-    weighted = deltas * w
-    if consensus is not None:  # TIES's "sum" election: keep the entries whose sign agrees with the total's
-        majority = (weighted.sum(0) >= 0).to(deltas.dtype) * 2 - 1
-        mask = (weighted.sign() == majority).to(deltas.dtype)
-        mixed, divisor = (weighted * mask).sum(0), (w * mask).sum(0)
-        divisor[divisor == 0] = 1
-    else:
-        mixed, divisor = weighted.sum(0), w.sum(0).expand_as(weighted[0]).clone()
-        divisor[divisor.abs() < 1e-8] = 1
-    return base + (mixed / divisor if normalize else mixed)
-
-
-# --- routing ---------------------------------------------------------------------------------------
-@dataclass
-class MemoryRoute:
-    """Which memory each sequence uses: an index into the editor's candidate memories, MAIN where none."""
-
-    memory: torch.Tensor  # (B,) long
-    active: torch.Tensor  # (B,) bool: False = the main memory, bit for bit
-
-
-class ActivationQuery(MaskedSequenceQuery):
-    """The per-sequence query of WISE: each row's activation scores against every candidate side memory,
-    averaged over its real tokens up to its query position (the kept attention mask says which are real), on
-    the first forward of a scope only, so generation's decoding steps keep the prompt's route."""
-
-    def __init__(self, stack: nn.Module, layer: nn.Module,
-                 score: Callable[[torch.Tensor, Optional[torch.Tensor], torch.Tensor], torch.Tensor],
-                 on_query: Callable[[torch.Tensor], object]) -> None:
-        super().__init__(stack, layer, on_query=on_query)
-        self._score = score
-
-    def read(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self._score(x, self.padding(x), positions)
-
-
-class SideMemoryLayer(nn.Module):
-    """The edited matrix's place in the model: ``apply(x, base_layer(x))`` (the editor picks main or side)."""
-
-    def __init__(self, base_layer: nn.Module, apply: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
-        super().__init__()
-        self.base_layer, self.apply = base_layer, apply
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.apply(x, self.base_layer(x))
-
-
-# --- the editor ----------------------------------------------------------------------------------
-@dataclass
-class WISEConfig:
-    """WISE's hyper-parameters. Defaults: EasyEdit hparams/WISE/llama-7b.yaml (LLaMA-2-7B) and the constants of
-    easyeditor/models/wise/WISE.py; GPT2-XL's in conf/editor_model/wise_gpt2xl.yaml."""
-
-    layer: int  # the FFN matrix that gets a side memory (llama-7b.yaml: layers[27].mlp.down_proj; relative depth)
-    mask_ratio: float = 0.2  # share of the side memory's entries one shard trains
-    lr: float = 1.0  # edit_lr (SGD)
-    iterations: int = 70  # n_iter (gpt2-xl.yaml: 40)
-    weight_decay: float = 1e-5  # WISE.py's SGD(weight_decay=1e-5): decays every entry, masked or not
-    norm_constraint: Optional[float] = 1.0  # clamp the side memory to main +- this after every step; None: off
-    alpha: float = 5.0  # act_margin[0]: an unrelated input's score is pushed under alpha
-    beta: float = 20.0  # act_margin[1]: an edit input's score is pushed over beta
-    gamma: float = 10.0  # act_margin[2]: and over the unrelated input's score by gamma
-    act_ratio: float = 0.88  # threshold = act_ratio * min recorded in-scope score (gpt2-xl.yaml: 0.8)
-    save_freq: int = 500  # edit batches per shard (one gradient mask each)
-    merge_freq: int = 1000  # edit batches between merges (a multiple of save_freq, as the authors assert)
-    merge_alg: str = "ties"  # ties | magnitude_norm | magnitude | sign | dare_ties | dare_linear
-    densities: float = 0.53  # share of each task vector a magnitude/random sparsification keeps
-    weights: float = 1.0  # total weight of the merged shards
-    retrieve: bool = True  # WISE-Retrieve (llama-7b.yaml); false: WISE-Merge
-    early_stop: bool = True  # the authors' EarlyStopMeter: stop once the loss is <= 0.02 and moved <= 1e-4
-    # an input with more scored tokens than this is scored by its highest token (the authors' euc(infer=True)
-    # for sequences over 100 tokens); None: always the mean
-    long_input_tokens: Optional[int] = 100
-    # new-token counts of the context prefixes the edit is also trained under (get_context_templates'
-    # length_params [[5, 5], [10, 5]]: each seed word continued greedily once per length); []: the bare prompt only
-    template_lengths: List[int] = field(default_factory=lambda: [5, 10])
-    # unrelated texts for the margin loss, the i-th for the i-th edit: a CounterFact/ZsRE-format .json
-    # ("prompt ground_truth" / "loc loc_ans"), a .txt (one per line) or a .jsonl ({"text": ...})
-    loc_corpus: str = MISSING
-    batch_size: int = 1  # WISE edits one request at a time
-    prefix_cache: bool = True  # replay the frozen blocks below the layer during an edit (exact, faster)
-    # the scored tokens end at the last prompt token | sequence_last: the last token as fed (teacher forcing:
-    # the last target token, the authors' reading)
-    key_position: str = "prompt_last"
-    seed: int = 0  # shard masks (and dare merges)
-
-
-def read_loc_corpus(path: str) -> list[str]:
-    """The unrelated texts of ``loc_corpus`` (see WISEConfig)."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise ConfigError(f"editor.loc_corpus={path} does not exist (a .json of CounterFact/ZsRE records, a .txt "
-                          f"with one text per line, or a .jsonl with a 'text' field)")
-    suffix = p.suffix.lower()
-    if suffix == ".json":
-        texts = []
-        for r in json.loads(p.read_text(encoding="utf-8")):
-            if "loc" in r and "loc_ans" in r:  # the authors' ZsRE train records
-                texts.append(f"{str(r['loc']).strip()} {str(r['loc_ans']).strip()}")
-            elif "prompt" in r and "ground_truth" in r:  # CounterFact (EasyEdit's flat format)
-                truth = r["ground_truth"][0] if isinstance(r["ground_truth"], list) else r["ground_truth"]
-                texts.append(f"{str(r['prompt']).strip()} {str(truth).strip()}")
-            else:
-                raise ConfigError(f"editor.loc_corpus={path}: a record has neither loc/loc_ans nor prompt/ground_truth")
-    elif suffix in (".txt", ".jsonl"):
-        lines = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
-        texts = [str(json.loads(line)["text"]).strip() for line in lines] if suffix == ".jsonl" else lines
-    else:
-        raise ConfigError(f"editor.loc_corpus must be a .json, .txt or .jsonl file, got {path}")
-    texts = [t for t in texts if t]
-    if not texts:
-        raise ConfigError(f"editor.loc_corpus={path} holds no text")
-    return texts
+from evaluation.editing.query import prompt_span
 
 
 class WISEEditor(Editor):
@@ -315,18 +134,8 @@ class WISEEditor(Editor):
         if not pending:
             return self.merged, working
         generator = torch.Generator().set_state(self.generator.get_state())
-        return self._merge_into_side(pending, generator), self.main
-
-    def _merge_into_side(self, shards: list[torch.Tensor], generator: torch.Generator) -> torch.Tensor:
-        """The authors' WISEAdapter.merge_weight (retrieve=False): the first merge weighs the shards alone; later
-        ones give the shards 0.4 and the merged memory 0.6."""
-        c = self.config
-        assert self.merged is not None
-        if torch.equal(self.merged, self.main):
-            return gta_merge([c.weights / len(shards)] * len(shards), self.main, shards, c.densities, c.merge_alg,
-                             generator)
-        return gta_merge([0.4 / len(shards)] * len(shards) + [0.6], self.main, [*shards, self.merged], c.densities,
-                         c.merge_alg, generator)
+        return merge_into_side(self.main, self.merged, pending, self.config.weights, self.config.densities,
+                               self.config.merge_alg, generator), self.main
 
     # --- routing -------------------------------------------------------------------------------
     @staticmethod
@@ -400,17 +209,8 @@ class WISEEditor(Editor):
         """"" and the context prefixes (the authors' get_context_templates: each seed word continued greedily by
         the unedited model), generated once at the first edit and kept in the state."""
         if self.prefixes is None:
-            tok, device = self.tokenizer, model_device(self.model)
-            pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-            made = []
-            for length in self.config.template_lengths:
-                for word in SEED_WORDS:
-                    ids = torch.tensor([tok(word).input_ids], device=device)
-                    with torch.no_grad():  # outside any scope: the unedited model
-                        out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                                  max_new_tokens=int(length), do_sample=False, pad_token_id=pad)
-                    made.append(tok.decode(out[0], skip_special_tokens=True).strip())
-            self.prefixes = [""] + made
+            texts = seed_word_continuations(self.model, self.tokenizer, [(n, 1) for n in self.config.template_lengths])
+            self.prefixes = [""] + [t.strip() for t in texts]
         return self.prefixes
 
     def _training_batch(self, requests: Sequence[EditRequest]) -> tuple[EncodedBatch, torch.Tensor, int]:
@@ -457,8 +257,8 @@ class WISEEditor(Editor):
         margin = []
         for i in range(n_req):  # the authors' _cal_activation_loss for each request and its unrelated text
             inside, out = scores[i * n_pre:(i + 1) * n_pre], scores[rows + i:rows + i + 1]
-            margin.append(_mean_positive(out.view(-1, 1) - inside + c.gamma) + _mean_positive(out - c.alpha)
-                          + _mean_positive(c.beta - inside))
+            margin.append(mean_positive(out.view(-1, 1) - inside + c.gamma) + mean_positive(out - c.alpha)
+                          + mean_positive(c.beta - inside))
         return ft, torch.stack(margin).mean(), scores.detach()
 
     def edit(self, requests: Sequence[EditRequest]) -> EditStats:
@@ -536,7 +336,8 @@ class WISEEditor(Editor):
             self.memories, low = self.memories[:-n] + [merged], min(self.memory_min_act[-n:])
             self.memory_min_act = self.memory_min_act[:-n] + [low]
         else:
-            self.merged = self._merge_into_side(self.memories, self.generator)
+            self.merged = merge_into_side(self.main, self.merged, self.memories, c.weights, c.densities, c.merge_alg,
+                                         self.generator)
             self.memories = []
         with torch.no_grad():
             self.working.copy_(self.main)
@@ -572,9 +373,3 @@ class WISEEditor(Editor):
         self.prefixes = None if state["prefixes"] is None else list(state["prefixes"])
         self.generator.set_state(state["generator"])
         self._view = None
-
-
-def _mean_positive(v: torch.Tensor) -> torch.Tensor:
-    """The mean of the positive entries (0 when there are none), as the authors' margin terms."""
-    pos = v > 0
-    return torch.where(pos, v, 0).sum() / pos.sum() if bool(pos.any()) else v.new_zeros(())

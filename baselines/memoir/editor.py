@@ -1,62 +1,23 @@
-"""MEMOIR (Wang, Qin, Dimitriadis, Favero & Frossard, NeurIPS 2025, arXiv 2506.07899): lifelong editing with
-minimal overwrite and informed retention.
-
-A residual memory, a zero-initialised matrix of the shape of one FFN output projection (LLaMA's ``down_proj``,
-GPT-2's ``c_proj``), is added to that projection's output: y = W x + M (x * m), where m is a sparse 0/1 mask
-over the projection's input dimensions. Each edit writes only to the columns its own mask selects ("minimal
-overwrite"); the mask is TopHash: the top-k input dimensions by |feature|, where the feature is the projection's
-input averaged over the prompt tokens minus a background mean (``prompt_feature_agg``), mapped through one fixed
-random permutation of the dimensions (the "hash"). The masks of the edits are stored. At inference the input's
-own mask is compared with every stored mask; when the best overlap |m_q & m_e| / k reaches ``threshold`` the
-memory is applied with that edit's stored mask, otherwise the memory is off and the output is the unedited
-model's bit for bit ("informed retention"). The decision is this editor's scope (``query``, ``scope``, a route
-with an ``active`` mask), so ``Editor.in_scope`` and the retention pass reuse unedited outputs; generation
-with a KV cache keeps the route derived from the prompt for every decoding step.
-
-Follows the authors' code, github.com/qym7/MEMOIR (EasyEdit-based): ``easyeditor/models/memoir/memoir_main.py``
-(TopHasher, MEMOIR.edit/_cal_ft_loss, MEMOIRAdapter.new_weight_forward) and ``hparams/MEMOIR/llama3-8b.yaml``
-(layer 27 of 32, SGD lr 1.0, 30 iterations, top_k 4096, irr_threshold 0.4, mean_decentered); the training
-batch is EasyEdit's WISE ``tokenize`` with ``get_context_templates(length_params=[[5,5],[10,5]])`` (the edit
-plus 10 copies behind text the model writes itself) and WISE's ``EarlyStopMeter``. Departures, on purpose:
-
-- Background features. The authors subtract the mean feature of 100 "irrelevant" samples saved by an earlier
-  run over the stream (ZsRE's locality prompts with their answers, read through a window set by the edit row's
-  positions). Here ``background=model`` averages ``background_samples`` texts the unedited model samples itself
-  (seeded), each over all of its tokens, computed once at the first edit and kept in the state; or a local
-  ``.txt`` file (one text per line). The stream's own locality probes are never used: they are what locality
-  measures.
-- The irrelevant row the authors append to every training batch is not run: it carries no loss and rows do
-  not interact, so leaving it out changes nothing but time.
-- Prompt tokens are found from the attention mask (the authors detect left padding by comparing activations
-  with the first token's and read position ids that left padding shifts); padding changes nothing here.
-- The loss per row is the authors' sum over target tokens divided by (targets + 1) (their mask also covers the
-  last prompt position, whose label is ignored), averaged over rows (``row_loss``: ``authors``; ``mean`` drops
-  the +1, ``token`` is the harness's mean over all target tokens).
-- Context templates are decoded greedily (WISE's ``generate`` call follows the model's generation config,
-  which is greedy for base models); they are made once, at the first edit, and kept in the state.
-- Batches of several edits (``batch_size`` > 1; the authors edit one at a time) train one loss over all their
-  rows, each edit's rows under its own mask.
-- The memory is float32 whatever the model's dtype; the output is cast back. GPT-2's Conv1D is supported (the
-  authors' F.linear over the copied weight assumes nn.Linear).
-- Ties of the best overlap go to the oldest stored mask (torch.topk's order in the authors' code is
-  unspecified); a mask equal to a stored one is not stored twice (as the authors).
-Readings that are config keys: ``prompt_feature_agg``, ``top_k``/``top_k_fraction`` (the authors' 4096 of
-LLaMA-3-8B's 14336 as a fraction elsewhere), ``overlap`` (the authors' count / k, or Jaccard), ``threshold``,
-``background``, ``row_loss``, the early stop (``stop_loss``, ``stop_delta``), ``weight_decay``,
-``max_grad_norm``, ``context_template_length_params``.
-"""
+"""MEMOIR behind the shared Editor interface (the method, its sources and departures: baselines/memoir/__init__.py)."""
 from __future__ import annotations
 
 import contextlib
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from baselines.context_templates import SEED_WORDS, seed_word_continuations
+from baselines.memoir.memory import (
+    MODEL_BACKGROUND,
+    MemoirRoute,
+    PromptFeatureQuery,
+    ResidualMemoryLayer,
+    read_texts,
+)
 from data.requests import EditRequest
 from evaluation.common.errors import ConfigError
 from evaluation.editing.checks import check_choice, check_layer, check_positive
@@ -71,16 +32,13 @@ from evaluation.editing.models import (
     replace_module,
 )
 from evaluation.editing.prefix_cache import frozen_prefix, replaying
-from evaluation.editing.query import MaskedSequenceQuery, prompt_mean
 
 log = logging.getLogger(__name__)
 
 AGGREGATIONS = ("last", "mean", "mean_decentered")
 OVERLAPS = ("ratio", "jaccard")
 ROW_LOSSES = ("authors", "mean", "token")
-MODEL_BACKGROUND = "model"
 #: WISE's get_context_templates starts the model's texts from these (easyeditor/models/wise/utils.py)
-TEMPLATE_SEED_WORDS = ("I", "You", "Because", "Yes", "Q: ")
 
 
 @dataclass
@@ -117,66 +75,6 @@ class MEMOIRConfig:
     batch_size: int = 1  # edits per call of edit (authors: 1)
     prefix_cache: bool = True  # replay the frozen blocks below the layer during an edit (exact, faster)
     seed: int = 0  # the permutation and the background texts
-
-
-@dataclass
-class MemoirRoute:
-    """Which rows get the memory, and under which mask."""
-
-    active: torch.Tensor  # (B,) bool: False = the memory is off, the unedited output bit for bit
-    masks: torch.Tensor  # (B, D) bool: the input dims each active row reads (its matched edit's stored mask)
-    match: torch.Tensor  # (B,) long: the matched stored mask (-1 in training)
-    overlap: torch.Tensor  # (B,) the best overlap score
-
-
-class ResidualMemoryLayer(nn.Module):
-    """y = base(x) + (x * mask) M^T on the rows the route makes active; other rows get base(x) exactly.
-
-    The mask applies at every token of an active row, the prompt's and the generated ones (the authors'
-    ``x_hashed[:, :, active_indices]``)."""
-
-    def __init__(self, base_layer: nn.Module, memory: Callable[[], torch.Tensor],
-                 route: Callable[[], MemoirRoute | None]) -> None:
-        super().__init__()
-        self.base_layer, self.memory, self.route = base_layer, memory, route
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, D)
-        y = self.base_layer(x)
-        r = self.route()
-        if r is None:
-            return y
-        active = r.active.to(y.device)
-        if not bool(active.any()):
-            return y
-        xs = x.float() * r.masks.to(device=x.device, dtype=torch.float32)[:, None, :]
-        delta = F.linear(xs, self.memory())  # (B, T, d_out) float32
-        return torch.where(active[:, None, None], y + delta.to(y.dtype), y)
-
-
-class PromptFeatureQuery(MaskedSequenceQuery):
-    """Each row's feature at the memory's input: the mean over its real tokens up to its last prompt token, float32
-    (``last``: that token alone), once per scope (decoding steps reuse the prompt's route)."""
-
-    def __init__(self, stack: nn.Module, layer: nn.Module, aggregation: str,
-                 on_query: Callable[[torch.Tensor], object]) -> None:
-        super().__init__(stack, layer, on_query=on_query)
-        self.aggregation = aggregation
-
-    def read(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        if self.aggregation == "last":
-            return super().read(x, positions)  # the model's dtype, as every other reader of this site
-        return prompt_mean(x.detach(), positions, self.padding(x))
-
-
-def _read_texts(path: str, n: int) -> list[str]:
-    file = Path(path).expanduser()
-    if not file.is_file() or file.suffix.lower() != ".txt":
-        raise ConfigError(f"editor.background must be '{MODEL_BACKGROUND}' (texts the model samples itself) or an "
-                          f"existing .txt file with one text per line, got {path!r}")
-    texts = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()][:n]
-    if not texts:
-        raise ConfigError(f"editor.background={path} holds no text")
-    return texts
 
 
 class MEMOIREditor(Editor):
@@ -243,7 +141,7 @@ class MEMOIREditor(Editor):
             raise ConfigError(f"editor.context_template_length_params must be [new tokens, how many] pairs of "
                               f"positive numbers, got {lengths}")
         if c.prompt_feature_agg == "mean_decentered" and c.background != MODEL_BACKGROUND:
-            _read_texts(c.background, 1)
+            read_texts(c.background, 1)
         if c.top_k is not None:
             if not 1 <= c.top_k <= d_in:
                 raise ConfigError(f"editor.top_k={c.top_k} must be between 1 and the memory's input width {d_in}")
@@ -301,25 +199,13 @@ class MEMOIREditor(Editor):
         return f"{self.module_name}:input" + ("" if agg == "last" else ":prompt_mean")
 
     # --- what the first edit makes ---------------------------------------------------------------
-    @torch.no_grad()
     def context_prefixes(self) -> list[str]:
         """"" and the model's own greedy texts from WISE's seed words, each followed by " " (WISE's templates)."""
         if self.prefixes is None:
-            device = model_device(self.model)
-            tok = self.tokenizer
-            pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-            prefixes = [""]
-            for length, count in self.config.context_template_length_params:
-                per_word = int(count) // len(TEMPLATE_SEED_WORDS)  # WISE: n_gen // 5 beams and returns per word
-                if per_word < 1:
-                    continue
-                for word in TEMPLATE_SEED_WORDS:
-                    ids = torch.tensor([tok(word).input_ids], device=device)
-                    out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                              num_beams=per_word, num_return_sequences=per_word,
-                                              max_new_tokens=int(length), pad_token_id=pad)
-                    prefixes += [tok.decode(row, skip_special_tokens=True) + " " for row in out]
-            self.prefixes = prefixes
+            # WISE: n_gen // 5 beams and returns per seed word
+            specs = [(n, int(count) // len(SEED_WORDS)) for n, count in self.config.context_template_length_params]
+            texts = seed_word_continuations(self.model, self.tokenizer, [s for s in specs if s[1] >= 1])
+            self.prefixes = [""] + [t + " " for t in texts]
         return self.prefixes
 
     @torch.no_grad()
@@ -336,7 +222,7 @@ class MEMOIREditor(Editor):
                      for ids in sample_texts(self.model, self.tokenizer, corpus)]
             texts = [t for t in texts if t.strip()] or ["."]
         else:
-            texts = _read_texts(c.background, c.background_samples)
+            texts = read_texts(c.background, c.background_samples)
         # the memory is still zero and no mask is stored: these are the unedited model's features
         self.background_mean = self.query_vectors(texts).to(self.memory.device).mean(0)
 
