@@ -12,6 +12,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from evaluation.common.errors import HarnessError
+from evaluation.run.folder import run_dir_override
 from evaluation.run.interrupts import Interrupted, SweepStopped
 from evaluation.run.schema import register
 
@@ -57,7 +58,7 @@ def main(cfg: DictConfig) -> float | None:
                 raise
             raise HarnessError(f"cannot write {err.filename or 'a file'}: {err.strerror}. Free space (or choose a "
                                f"writable folder with hydra.run.dir=DIR); a run that saved checkpoints continues "
-                               f"with `resume=true hydra.run.dir={run_dir}`") from None
+                               f"with `resume=true {run_dir_override(run_dir)}`") from None
     except HarnessError as err:
         if not isinstance(err, RunFolderBusy):  # that log belongs to the live run
             to_run_log(f"error: {err}")

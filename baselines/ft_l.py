@@ -33,7 +33,7 @@ from torch import nn
 
 from data.requests import EditRequest
 from evaluation.common.errors import ConfigError
-from evaluation.editing.checks import resolve_rewrite_module
+from evaluation.editing.checks import check_positive, resolve_rewrite_module
 from evaluation.editing.editor import Editor, EditStats, FloorSpec, optimise
 from evaluation.editing.encoding import EncodedBatch, encode_pairs
 from evaluation.editing.forward import target_logits
@@ -85,6 +85,7 @@ class FTLEditor(Editor):
             raise ConfigError(f"editor.objective must be one of {OBJECTIVES}, got {c.objective!r}")
         if c.norm_constraint is not None and c.norm_constraint <= 0:
             raise ConfigError(f"editor.norm_constraint must be positive or null (no clamp), got {c.norm_constraint}")
+        check_positive("lr", c.lr)
         if c.steps < 1:
             raise ConfigError(f"editor.steps must be at least 1, got {c.steps}")
         if c.batch_size < 1:

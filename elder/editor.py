@@ -16,6 +16,7 @@ from elder.codes_dump import dump_codes
 from elder.losses import guided_loss, load_balancing_loss
 from elder.routing import Routers, Routes, min_hamming
 from evaluation.common.errors import ConfigError
+from evaluation.editing.checks import check_positive
 from evaluation.editing.editor import Editor, EditStats, FloorSpec, optimise
 from evaluation.editing.encoding import encode_pairs
 from evaluation.editing.forward import target_logits
@@ -80,6 +81,7 @@ class ElderEditor(Editor):
                                     ("lr_schedule", c.lr_schedule, LR_SCHEDULES), ("lora_init", c.lora_init, LORA_INITS)):
             if value not in allowed:
                 raise ConfigError(f"editor.{key} must be one of {allowed}, got {value!r}")
+        check_positive("lr", c.lr)
         if c.lr_step < 1 or not 0 < c.lr_gamma <= 1:
             raise ConfigError(f"editor.lr_step must be >= 1 and editor.lr_gamma in (0, 1], "
                               f"got {c.lr_step} and {c.lr_gamma}")

@@ -236,6 +236,33 @@ def test_bad_counts_are_refused_before_any_work(tmp_path: Path, override: str, m
     assert not (tmp_path / "run" / "results.json").exists()
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["editor=elder", "editor.lr=nan"], "editor.lr must be positive, got nan"),
+    (["editor=ft_l", "editor.lr=-0.1"], "editor.lr must be positive, got -0.1"),
+    (["editor=grace", "editor.lr=inf"], "editor.lr must be positive, got inf"),
+    (["seed=-1"], r"seed must be an integer from 0 to 4294967295 \(numpy's range\), got -1"),
+    (["seed=99999999999"], "seed must be an integer from 0 to 4294967295"),
+])
+def test_bad_learning_rates_and_seeds_are_one_line(tmp_path: Path, overrides: list[str], message: str) -> None:
+    with pytest.raises(HarnessError, match=message):
+        run_experiment(cfg(*overrides), tmp_path / "run", {})
+    assert not (tmp_path / "run" / "results.json").exists()
+
+
+@pytest.mark.parametrize("run_dir", ["/tmp/runs/plain", "/tmp/my runs/a run", "/tmp/a,b/x=1", "/tmp/it's/r",
+                                     "/tmp/end\\"])
+def test_the_printed_resume_command_is_one_shell_word_hydra_reads_back(run_dir: str) -> None:
+    import shlex
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from evaluation.run.folder import run_dir_override
+
+    (word,) = shlex.split(f"resume=true {run_dir_override(run_dir)}")[1:]
+    override = OverridesParser.create().parse_override(word)
+    assert override.key_or_group == "hydra.run.dir" and override.value() == run_dir
+
+
 @pytest.mark.parametrize("content, message", [
     (b'[{"src": "caf\xe9"}]', r"not valid UTF-8 \(byte 13"),
     (None, "is a folder, not a data file"),

@@ -148,6 +148,23 @@ def test_diff_prints_the_items_whose_outputs_differ(tmp_path: Path, capsys) -> N
         main(["diff", str(tmp_path / "a"), str(tmp_path / "missing")])
 
 
+def test_a_truncated_outputs_file_is_one_line_naming_it(tmp_path: Path) -> None:
+    from evaluation.retention.outputs import task_file
+
+    _fixture_run(tmp_path / "a", [" True", " False", " True"])
+    _fixture_run(tmp_path / "b", [" True", " True", " True"])
+    path = task_file(tmp_path / "b", "edited", "rte")
+    path.write_bytes(path.read_bytes()[:-25])  # cut inside its last row, as a full disk would
+    with pytest.raises(SystemExit, match=rf"error: {path} line 3 is not a JSON row .* the file is damaged"):
+        main(["diff", str(tmp_path / "a"), str(tmp_path / "b")])
+    # rescore reads the rows through the same reader
+    from evaluation.common.errors import HarnessError
+    from evaluation.retention.outputs import read_items
+
+    with pytest.raises(HarnessError, match=r"line 3 is not a JSON row"):
+        read_items(path)
+
+
 def test_items_are_logged_as_a_wandb_table_offline(tmp_path: Path, caplog) -> None:
     pytest.importorskip("wandb")
     from evaluation.run.loggers import WandbLogger

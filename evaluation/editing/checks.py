@@ -1,6 +1,7 @@
 """Checks of editor settings that every editor shares: each names the key and the values it may take."""
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 from torch import nn
@@ -22,7 +23,7 @@ def check_choice(key: str, value: str, choices: Sequence[str]) -> None:
 
 
 def check_positive(key: str, value: float) -> None:
-    if not value > 0:
+    if not (value > 0 and math.isfinite(value)):  # NaN fails both; inf would train nothing sensible either
         raise ConfigError(f"editor.{key} must be positive, got {value}")
 
 

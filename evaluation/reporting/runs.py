@@ -8,7 +8,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import pandas as pd
 
-from evaluation.run.folder import held_by_another
+from evaluation.run.folder import held_by_another, run_dir_override
 from evaluation.run.results import BadResults, read_results
 
 #: the edit metrics from the model's generated answers (evaluation.run.answer_metrics)
@@ -178,7 +178,7 @@ def failed_row(run_dir: Path, reason: str) -> dict[str, Any]:
         else:
             status = "unfinished"
             reason += (f"; checkpoint after {done} edits ({state.get('reason', 'periodic')}): "
-                       f"resume=true hydra.run.dir={run_dir} continues it")
+                       f"resume=true {run_dir_override(run_dir)} continues it")
     logs = sorted(run_dir.glob("*.log"))
     last = _last_line(logs[0]) if logs else ""
     if last:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from evaluation.common.atomic import write_jsonl_atomic
+from evaluation.common.errors import HarnessError
 from evaluation.retention.base import RetentionTask
 from evaluation.retention.suite import Gu2024Suite, RetentionReport
 
@@ -64,8 +65,17 @@ def write_items(path: str | Path, rows: Sequence[dict[str, Any]]) -> None:
 
 
 def read_items(path: str | Path) -> list[dict[str, Any]]:
+    rows = []
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:  # e.g. cut short by a full disk or a copy that stopped
+                raise HarnessError(f"{path} line {number} is not a JSON row ({err.msg}): the file is damaged; rerun "
+                                   f"the run's retention pass (resume=true) or restore the file") from None
+    return rows
 
 
 def stored_tasks(folder: str | Path, pass_name: str) -> Iterator[tuple[str, Path]]:

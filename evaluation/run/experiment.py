@@ -29,7 +29,7 @@ from evaluation.retention.query_store import QueryStore
 from evaluation.retention.suite import PendingTaskLost
 from evaluation.run.answer_metrics import answer_scoring
 from evaluation.run.checkpoint import CheckpointManager, StreamCheckpoint, state_digest
-from evaluation.run.folder import ANSWERS, RunFolder
+from evaluation.run.folder import ANSWERS, RunFolder, run_dir_override
 from evaluation.run.forgetting import at_edit_time
 from evaluation.run.interrupts import stop_on_signals
 from evaluation.run.metrics import base_locality_predictions
@@ -104,7 +104,7 @@ def _checkpoints(cfg: DictConfig, run_dir: Path,
     if cfg.on_nan not in ON_NAN:
         raise ConfigError(f"on_nan must be one of {'|'.join(ON_NAN)}, got {cfg.on_nan!r}")
     manager = CheckpointManager(run_dir / cfg.checkpoint.dir, cfg.checkpoint.every, cfg.checkpoint.keep)
-    manager.resume_hint = f"rerun the same command with `resume=true hydra.run.dir={run_dir}`"
+    manager.resume_hint = f"rerun the same command with `resume=true {run_dir_override(run_dir)}`"
     manager.fingerprint = run_fingerprint(cfg)
     resume = cfg.resume if resume is None else resume
     if not resume:

@@ -11,6 +11,8 @@ import contextlib
 import json
 import logging
 import os
+import re
+import shlex
 import socket
 import sys
 import time
@@ -37,6 +39,20 @@ HYDRA_RECORD = ".hydra"
 
 class RunFolderBusy(HarnessError):
     """Another live process holds the run folder."""
+
+
+#: characters Hydra's override grammar gives a meaning (or strips) in an unquoted value
+_HYDRA_SPECIAL = frozenset("\\()[]{}:=,'\" \t")
+
+
+def run_dir_override(run_dir: str | Path) -> str:
+    """``hydra.run.dir=DIR`` as one shell word that Hydra reads back as DIR: quoted for Hydra where DIR has a
+    character its grammar reads (a comma would make a sweep, a space is stripped at the ends), then for the shell."""
+    text = str(run_dir)
+    if any(ch in _HYDRA_SPECIAL for ch in text):
+        # Hydra's quoted strings: backslashes are literal except a run before a quote (or the closing one)
+        text = "'" + re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, text).replace("'", "\\'") + "'"
+    return shlex.quote(f"hydra.run.dir={text}")
 
 
 def unwritable(path: Path, err: OSError) -> HarnessError:

@@ -22,6 +22,9 @@ def check_run_settings(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ConfigError(f"{key} must be an integer >= 0 (0: off), got {value!r}")
+    seed = OmegaConf.select(cfg, "seed")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise ConfigError(f"seed must be an integer from 0 to {2**32 - 1} (numpy's range), got {seed!r}")
     eval_at = OmegaConf.select(cfg, "eval_at") or []
     if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in eval_at):
         raise ConfigError(f"eval_at must be a list of positive edit counts, got {list(eval_at)!r}")
