@@ -13,6 +13,7 @@ then turn the facts into the stream: by default the records themselves.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,6 +24,8 @@ from data.protocol import build_stream, check_protocol, is_plain, phrasings_need
 from data.requests import EditRequest
 from evaluation.common.errors import HarnessError
 from evaluation.common.integrity import file_sha256
+
+log = logging.getLogger(__name__)
 
 
 class DataError(HarnessError, ValueError):
@@ -84,6 +87,8 @@ def _read_records(path: Path, cache_dir: str | None) -> list[dict[str, Any]]:
 
 def _text(record: Mapping[str, Any], field: str, path: Path, index: int, required: bool = True) -> str:
     value = record.get(field) if isinstance(record, Mapping) else None
+    if required and value is None:  # the JSON reader gives every record every key: absent reads as null
+        raise DataError(f"{path}: record {index} is malformed: field '{field}' is missing (or null)")
     if isinstance(value, list):  # ZsRE `answers` is a list of gold answers
         value = value[0] if value else ""
     if value is None and not required:
@@ -153,6 +158,22 @@ def _check_enough(path: Path, requests: list[EditRequest], num_edits: int) -> No
             f"{path}: asked for {num_edits} edits but only {len(requests)} records have a paraphrase; "
             f"lower dataset.num_edits"
         )
+
+
+def _warn_repeats(facts: list[EditRequest], path: Path) -> None:
+    """Records that repeat an earlier one's prompt and target still count as facts of their own: say so."""
+    first: dict[tuple[str, str], int] = {}
+    repeats = []
+    for r in facts:
+        key = (r.prompt, r.target)
+        if key in first:
+            repeats.append((first[key], r.uid))
+        first.setdefault(key, r.uid)
+    if repeats:
+        shown = ", ".join(f"{b} repeats {a}" for a, b in repeats[:3])
+        log.warning("%s: %d of the %d edits repeat an earlier edit's prompt and target (%s%s); each still counts as a "
+                    "fact of its own in the metrics (dataset.revisit repeats phrasings on purpose)", path,
+                    len(repeats), len(facts), shown, ", ..." if len(repeats) > 3 else "")
 
 
 _MISSING = object()
@@ -314,9 +335,12 @@ class EditDataset:
 
     def _facts(self, num: int, fewer_ok: bool = False) -> list[EditRequest]:
         if self.name == "counterfact_rome":
-            return load_rome_counterfact(self.path, num, self.cache_dir, self.target_field, fewer_ok)
-        fields = replace(FIELD_MAPS[self.name], target=self.target_field)
-        return load_edit_requests(self.path, fields, num, self.cache_dir, fewer_ok)
+            facts = load_rome_counterfact(self.path, num, self.cache_dir, self.target_field, fewer_ok)
+        else:
+            fields = replace(FIELD_MAPS[self.name], target=self.target_field)
+            facts = load_edit_requests(self.path, fields, num, self.cache_dir, fewer_ok)
+        _warn_repeats(facts, self.path)
+        return facts
 
     def check_fits(self, requests: list[EditRequest], tokenizer: Any, context: int | None) -> None:
         """Every text of ``requests`` fits ``max_tokens`` and the model's ``context`` (data.lengths)."""

@@ -47,6 +47,26 @@ def test_malformed_record_is_named(tmp_path: Path) -> None:
         EditDataset("zsre", str(path), 2).load()
 
 
+def test_a_missing_field_is_named_as_missing(tmp_path: Path) -> None:
+    records = [{"prompt": "q?", "target_new": "a", "rephrase_prompt": "p?", "locality_prompt": "l",
+                "locality_ground_truth": "x"}, {"prompt": "q2?", "rephrase_prompt": "p2?", "locality_prompt": "l",
+                                                "locality_ground_truth": "x"}]
+    path = tmp_path / "cf.json"
+    path.write_text(json.dumps(records))
+    with pytest.raises(DataError, match=r"cf\.json: record 1 is malformed: field 'target_new' is missing \(or null\)$"):
+        EditDataset("counterfact", str(path), 2).load()
+
+
+def test_repeated_records_are_warned_about_and_still_count(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    record = {"src": "q?", "alt": "a", "rephrase": "p?", "loc": "l", "loc_ans": "x"}
+    path = tmp_path / "z.json"
+    path.write_text(json.dumps([record, {**record, "src": "other?"}, record]))
+    with caplog.at_level("WARNING", logger="data.loaders"):
+        requests = EditDataset("zsre", str(path), 3).load()
+    assert len(requests) == 3  # still three facts, as the file says
+    assert "1 of the 3 edits repeat an earlier edit's prompt and target (2 repeats 0)" in caplog.text
+
+
 def test_broken_json_is_located(tmp_path: Path) -> None:
     path = tmp_path / "broken.json"
     path.write_text('[{"src": "q?",\n "alt": ]')
