@@ -8,6 +8,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import CompactHydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
@@ -21,6 +22,11 @@ register()
 
 #: write failures that are the machine's, not the harness's: reported in one line, like bad input
 _CANNOT_WRITE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+class SweepJobFailed(HarnessError, CompactHydraException):
+    """A job of a multirun failed on bad input (its own line is printed as it fails): Hydra's launcher records it,
+    runs the rest, and at the end prints this one line instead of a traceback; the exit status becomes 2."""
 
 
 def hydra_record(cfg: DictConfig) -> dict[str, str]:
@@ -60,12 +66,19 @@ def main(cfg: DictConfig) -> float | None:
                                f"writable folder with hydra.run.dir=DIR); a run that saved checkpoints continues "
                                f"with `resume=true {run_dir_override(run_dir)}`") from None
     except HarnessError as err:
+        if isinstance(err, RunFolderBusy) and hc.mode == RunMode.MULTIRUN and cfg.get("resume") == "auto":
+            # another process is running this very job (e.g. the same sweep started twice): nothing left to do here
+            print(f"skipped: {err}", file=sys.stderr)
+            return None
         if not isinstance(err, RunFolderBusy):  # that log belongs to the live run
             to_run_log(f"error: {err}")
         if hc.mode == RunMode.MULTIRUN:
             if isinstance(err, Interrupted):
                 raise SweepStopped(str(err)) from None  # a signal is meant for the sweep, not only this job
-            raise  # the launcher records this job as failed and goes on with the others
+            print(f"error: {err}", file=sys.stderr)  # each failed job says why as it fails
+            # the launcher records this job as failed and goes on with the others
+            raise SweepJobFailed(f"error: the job in {run_dir} failed (the line above, and its run.log, say why); "
+                                 f"the sweep's other jobs ran") from None
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     return float(result["metrics"]["generalization"])  # the sweepers' objective
@@ -74,6 +87,10 @@ def main(cfg: DictConfig) -> float | None:
 if __name__ == "__main__":
     try:
         main()
+    except SystemExit as done:  # Hydra exits 1 after any failed job; a job that failed on bad input means 2
+        if done.code == 1 and isinstance(done.__context__, SweepJobFailed):
+            raise SystemExit(2) from None
+        raise
     except SweepStopped as stop:
         print(f"error: {stop}\nThe sweep stopped there; rerun it with resume=auto to keep its finished runs, "
               f"continue the stopped ones and start the rest.", file=sys.stderr)

@@ -86,6 +86,40 @@ def test_a_second_run_in_a_live_folder_stops_at_once_naming_the_holder(tmp_path:
     assert (tmp_path / "results.json").is_file()
 
 
+def _sweep(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    """A one-job ``resume=auto`` sweep of the tiny GRACE run into the fixed folder ``tmp_path/job``."""
+    cmd = [sys.executable, str(REPO / "run.py"), "-m", *BASE, "editor.iterations=3", "resume=auto", *args,
+           f"hydra.sweep.dir={tmp_path}", "hydra.sweep.subdir=job"]
+    return subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+
+
+def test_a_resume_auto_sweep_rerun_with_another_override_is_one_line_exit_2(tmp_path: Path) -> None:
+    assert _sweep(tmp_path).returncode == 0
+    (tmp_path / "job" / "results.json").unlink()  # stopped before it finished: its checkpoints stay
+    proc = _sweep(tmp_path, "editor.lr=0.5")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert f"error: resume=auto: {tmp_path / 'job'} holds an unfinished run of another config" in proc.stderr
+    assert "editor.lr (checkpoint 1.0, now 0.5)" in proc.stderr and "resume=true" not in proc.stderr
+
+
+def test_a_resume_auto_sweep_skips_a_job_another_process_is_running(tmp_path: Path) -> None:
+    (tmp_path / "job").mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom evaluation.run.folder import RunFolder\n"
+                               "with RunFolder(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(120)",
+         str(tmp_path / "job")], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        proc = _sweep(tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and f"skipped: the run folder {tmp_path / 'job'} is in use" in proc.stderr
+    assert not (tmp_path / "job" / "results.json").exists()
+
+
 def test_a_refused_resume_changes_nothing_in_the_folder(tmp_path: Path) -> None:
     run_experiment(cfg(), tmp_path, {}, hydra_record={"config.yaml": "first run"})
     before = snapshot(tmp_path)

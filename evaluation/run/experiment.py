@@ -131,6 +131,10 @@ def _checkpoints(cfg: DictConfig, run_dir: Path,
     if diff:
         shown = ", ".join(f"{k} (checkpoint {ckpt.fingerprint.get(k, '<unset>')!r}, now "
                           f"{manager.fingerprint.get(k, '<unset>')!r})" for k in diff[:5])
+        if resume == "auto":  # e.g. a sweep rerun with one override changed: its folders hold the earlier runs
+            raise ConfigError(f"resume=auto: {run_dir} holds an unfinished run of another config (its checkpoint "
+                              f"{ckpt.path} differs in {shown}); to continue it, rerun with its overrides; to run "
+                              f"this config, give it its own folder (hydra.sweep.dir=DIR or hydra.run.dir=DIR)")
         raise ConfigError(f"resume=true: this run's config differs from the checkpoint {ckpt.path} in {shown}; "
                           f"resume with the overrides of the interrupted run (only eval_batch_size, eval_every, "
                           f"editor.batch_size, on_nan, model.device and paths may change), or start a new run")
