@@ -20,6 +20,9 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from evaluation.common.atomic import write_atomic
+from evaluation.common.errors import HarnessError
+
 log = logging.getLogger(__name__)
 
 
@@ -88,15 +91,19 @@ def dump_codes(editor: Any, requests: Sequence[Any], retention_data_dir: Optiona
         deferred = (min_distance >= epsilon) if c.deferral else np.zeros(len(codes), dtype=bool)
         out_path = Path(out_path)
         out_path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(
-            out_path, codes=codes.astype(np.uint8), group=np.asarray(groups, dtype=np.int64),
+        arrays = dict(
+            codes=codes.astype(np.uint8), group=np.asarray(groups, dtype=np.int64),
             kind=np.asarray(kinds, dtype=str), text=np.asarray(texts, dtype=str), uid=np.asarray(uids, dtype=np.int64),
             min_distance=min_distance, deferred=deferred, epsilon=np.int64(epsilon),
             num_layers=np.int64(len(c.layers)), num_loras=np.int64(c.num_loras), top_k=np.int64(c.top_k),
             num_stored=np.int64(len(stored_np)),
         )
+        # whole or not at all: a kill mid-write leaves the previous file, never a truncated archive
+        write_atomic(out_path, lambda f: np.savez_compressed(f, **arrays), binary=True)
         log.info("allocation codes of %d inputs written to %s", len(texts), out_path)
         return out_path
-    except Exception:  # noqa: BLE001 - the figure's data must never cost the run its results
+    except Exception as err:  # noqa: BLE001 - the figure's data must never cost the run its results
+        if isinstance(err, HarnessError):  # e.g. a signal the user sent: a stop asked for, not a failed figure
+            raise
         log.exception("could not dump allocation codes to %s", out_path)
         return None

@@ -120,6 +120,25 @@ def test_a_resume_auto_sweep_skips_a_job_another_process_is_running(tmp_path: Pa
     assert not (tmp_path / "job" / "results.json").exists()
 
 
+def test_a_signal_while_writing_the_codes_is_one_line_and_keeps_the_results(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    import signal
+    import time
+
+    from baselines.grace import GraceEditor
+
+    def killed(self, run_dir, requests, data_dir):  # the codes dump, interrupted as a SIGTERM would
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+        pytest.fail("the signal did not stop the dump")
+
+    monkeypatch.setattr(GraceEditor, "write_artifacts", killed)
+    with pytest.raises(HarnessError, match="stopped by SIGTERM while writing the editor's extra files .* the results "
+                                           "are whole"):
+        run_experiment(cfg(), tmp_path, {})
+    assert (tmp_path / "results.json").is_file()
+
+
 def test_a_refused_resume_changes_nothing_in_the_folder(tmp_path: Path) -> None:
     run_experiment(cfg(), tmp_path, {}, hydra_record={"config.yaml": "first run"})
     before = snapshot(tmp_path)

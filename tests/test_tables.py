@@ -371,6 +371,24 @@ def test_figure4_from_codes_dumped_by_a_tiny_elder(tmp_path: Path) -> None:
     assert "| `" in out.with_suffix(".md").read_text()
     assert dump_codes(object(), requests, None, tmp_path / "x.npz") is None  # editors without codes: nothing
 
+    # a dump killed mid-write leaves the previous file whole (the write is atomic) ...
+    good = path.read_bytes()
+
+    def dies_mid_write(f, **arrays):
+        f.write(good[:270])
+        raise KeyboardInterrupt  # stands for the kill: nothing after it runs
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(np, "savez_compressed", dies_mid_write)
+        with pytest.raises(KeyboardInterrupt):
+            dump_codes(editor, requests, RETENTION_DATA, path, n_task=6)
+    assert path.read_bytes() == good and not list(run.glob(".codes.npz.*"))
+    # ... and a damaged file from elsewhere is named in the report, not a crash
+    other = write_run(tmp_path / "runs", "elder2", "elder", "zsre", 0.5, 0.5, model="tiny_llama", num_edits=8, seed=1)
+    (other / "codes.npz").write_bytes(good[:270])
+    assert main(["figure4", str(tmp_path / "runs"), "--out", str(out)]) == 0
+    assert f"`{other / 'codes.npz'}`: damaged (BadZipFile" in out.with_suffix(".md").read_text()
+
 
 def test_bad_input_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["table1", str(tmp_path / "nowhere")]) == 2

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from evaluation.reporting.render import Report, Table
@@ -26,8 +27,18 @@ def build_figure4(frame: pd.DataFrame, opts: Options) -> Report:
         if str(Path(row.source).resolve()) not in have:
             report.missing.append(f"`{row.source}`: finished ELDER run without codes.npz (run it with the "
                                   f"dump_codes hook in evaluation/run/experiment.py)")
+    readable = []
+    for file in files:  # e.g. a file cut short by a kill before writes were atomic: named, not a crash
+        try:
+            with np.load(file) as archive:
+                archive["codes"]
+            readable.append(file)
+        except Exception as err:  # noqa: BLE001 - zip, pickle and key errors all mean the same here
+            report.missing.append(f"`{file}`: damaged ({type(err).__name__}: {err}); dump the codes again "
+                                  f"(elder.codes_dump) or delete the file")
     if not files:
         report.missing.append("no codes.npz found under the given folders")
+    files = readable
     rows = []
     for file in files:
         s = code_summary(file)

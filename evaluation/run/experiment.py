@@ -379,7 +379,10 @@ def _run(cfg: DictConfig, run_dir: Path, choices: Mapping[str, str], checkpoints
                     if checkpoints.last_saved == len(requests) else "no checkpoint holds the stream's end")
             raise HarnessError(f"could not write {run_dir / 'results.json'}: {err.strerror}; {kept}") from None
         log.info("results written to %s", path)
-        editor.write_artifacts(run_dir, requests, cfg.retention.get("data_dir") or f"{cfg.paths.data_dir}/retention")
+        with stop_on_signals(lambda sig: f"stopped by {sig} while writing the editor's extra files (e.g. ELDER's "
+                                         f"codes.npz) after the run's results were written to {path}; the results "
+                                         f"are whole, the extra files are the earlier ones or none"):
+            editor.write_artifacts(run_dir, requests, cfg.retention.get("data_dir") or f"{cfg.paths.data_dir}/retention")
         return {"metrics": metrics, "curves": stream.curves, "forgetting": stream.forgetting, "timings": timings}
     finally:
         logger.finish()
