@@ -153,6 +153,9 @@ def test_a_fresh_run_in_a_used_folder_sets_the_old_result_aside(tmp_path: Path) 
     record = {"config.yaml": "{}", "hydra.yaml": "hydra: {runtime: {choices: {editor: grace}}}"}
     run_experiment(cfg(), run_dir, {}, hydra_record=record)
     old = (run_dir / "results.json").read_bytes()
+    earlier_rows = run_dir / "retention_outputs" / "edited" / "rte.jsonl"  # another model's rows: not this run's
+    earlier_rows.parent.mkdir(parents=True)
+    earlier_rows.write_text('{"id": "0"}\n')
     bad = tmp_path / "bad.json"
     bad.write_text("[1, 2]")
     with pytest.raises(DataError):  # the new run fails after it took the folder
@@ -160,6 +163,9 @@ def test_a_fresh_run_in_a_used_folder_sets_the_old_result_aside(tmp_path: Path) 
     assert not (run_dir / "results.json").exists()
     [kept] = run_dir.glob("results.superseded-*.json")
     assert kept.read_bytes() == old
+    assert not (run_dir / "retention_outputs").exists()  # rescore/diff cannot present them as this run's
+    [rows] = run_dir.glob("retention_outputs.superseded-*")
+    assert (rows / "edited" / "rte.jsonl").read_text() == '{"id": "0"}\n'
     [row] = collect_runs([tmp_path])
     assert row["status"] == "failed"  # not the old run's result passed off as this one's
 

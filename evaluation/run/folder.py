@@ -24,6 +24,7 @@ from filelock import FileLock, Timeout
 
 from evaluation.common.atomic import write_json_atomic, write_text_atomic
 from evaluation.common.errors import HarnessError
+from evaluation.retention.outputs import OUTPUTS_DIR
 from evaluation.run.results import RESULTS
 
 log = logging.getLogger(__name__)
@@ -32,8 +33,8 @@ LOCK = ".run.lock"
 HOLDER = ".run.holder.json"
 #: the generated answers of a run's edit metrics, one JSON line per prompt (evaluation.run.answer_metrics)
 ANSWERS = "answers.jsonl"
-#: files a finished run leaves that a fresh run in the same folder replaces
-RUN_OUTPUTS = (RESULTS, "codes.npz", ANSWERS)
+#: files (and the per-example retention folder) a finished run leaves that a fresh run in the same folder replaces
+RUN_OUTPUTS = (RESULTS, "codes.npz", ANSWERS, OUTPUTS_DIR)
 HYDRA_RECORD = ".hydra"
 
 
