@@ -222,7 +222,7 @@ def test_a_crash_between_the_two_renames_of_a_resave_leaves_a_checkpoint_that_ve
 
 
 def test_results_json_is_verified_and_bad_ones_are_listed_as_failed(tmp_path: Path) -> None:
-    runs = {name: tmp_path / name for name in ("good", "flipped", "list", "text_metric", "no_seal")}
+    runs = {name: tmp_path / name for name in ("good", "flipped", "list", "text_metric", "no_seal", "old")}
     for run in runs.values():
         run.mkdir()
         write_results(run, {}, {"reliability": 0.5, "generalization": 0.25, "locality": 1.0}, [], {})
@@ -233,16 +233,37 @@ def test_results_json_is_verified_and_bad_ones_are_listed_as_failed(tmp_path: Pa
     blob["metrics"]["locality"] = "high"
     (runs["text_metric"] / "results.json").write_text(json.dumps(seal(blob)))
     blob = json.loads((runs["no_seal"] / "results.json").read_text())
-    del blob["content_sha256"]  # written before digests existed: read as before
+    blob["metrics"]["reliability"] = 0.99
+    del blob["content_sha256"]  # edited, and its digest deleted to pass: this version always writes one
     (runs["no_seal"] / "results.json").write_text(json.dumps(blob))
+    del blob["sealed_format"]  # a file from before digests: read as before
+    (runs["old"] / "results.json").write_text(json.dumps(blob))
 
     rows = {Path(r["source"]).name: r for r in collect_runs([tmp_path])}
-    assert rows["good"]["status"] == rows["no_seal"]["status"] == "ok"
+    assert rows["good"]["status"] == rows["old"]["status"] == "ok"
+    assert rows["no_seal"]["status"] == "failed" and "corrupt results.json" in rows["no_seal"]["reason"]
     assert rows["flipped"]["status"] == "failed" and "corrupt results.json" in rows["flipped"]["reason"]
     assert rows["list"]["status"] == "failed" and "holds a JSON list" in rows["list"]["reason"]
     assert rows["text_metric"]["status"] == "failed" and "locality='high'" in rows["text_metric"]["reason"]
     with pytest.raises(BadResults, match="corrupt"):
         read_results(runs["flipped"] / "results.json")
+
+
+def test_a_retention_cache_entry_edited_with_its_digest_deleted_is_generated_again(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from hydra.utils import instantiate
+
+    suite = instantiate(compose_config(["retention=gu2024", "retention.tasks=[rte]", "retention.limit=2"]).retention)
+    path = suite.cache_path(str(tmp_path), "model-key", "rte")
+    suite._store(path, "model-key", "rte", 0.5, {}, 1.0, ["a", "b"], None, [False, False])
+    assert suite._load_cached(path, "model-key", "rte")["score"] == 0.5
+    blob = json.loads(Path(path).read_text())
+    blob["score"] = 0.99  # a tampered unedited score would become every later run's baseline
+    del blob["content_sha256"]
+    Path(path).write_text(json.dumps(blob))
+    with caplog.at_level("WARNING"):
+        assert suite._load_cached(path, "model-key", "rte") is None
+    assert "the digest is gone; generating the task again" in caplog.text
 
 
 def test_the_data_cache_never_serves_a_file_whose_content_changed(tmp_path: Path) -> None:

@@ -9,7 +9,8 @@ Two forms, one rule (a file whose bytes changed since it was written is named as
   one manifest of its files in the same format.
 
 Files written before digests existed have none; they are read as before (:func:`check_seal` and
-:func:`verify_beside` say so by returning False / None).
+:func:`verify_beside` say so by returning False / None). A JSON payload sealed by this version also carries
+:data:`SEALED_MARK`, so one whose digest was deleted is corrupt, not old.
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ from evaluation.common.atomic import write_text_atomic
 from evaluation.common.errors import HarnessError
 
 SEAL_KEY = "content_sha256"
+#: written (and hashed) with every seal: a payload that has it but no digest had its digest removed
+SEALED_MARK = "sealed_format"
 DIGEST_SUFFIX = ".sha256"
 
 
@@ -36,15 +39,20 @@ def _canonical(payload: Mapping[str, Any]) -> bytes:
 
 
 def seal(payload: Mapping[str, Any]) -> dict[str, Any]:
-    """``payload`` plus its digest (any old one replaced)."""
-    body = {k: v for k, v in payload.items() if k != SEAL_KEY}
+    """``payload`` plus :data:`SEALED_MARK` and its digest (any old one replaced)."""
+    body = {**{k: v for k, v in payload.items() if k != SEAL_KEY}, SEALED_MARK: 1}
     return {**body, SEAL_KEY: hashlib.sha256(_canonical(body)).hexdigest()}
 
 
 def check_seal(blob: Any, path: str | Path) -> bool:
     """Raise :class:`CorruptFile` when ``blob`` (a JSON object read from ``path``) carries a digest that
-    does not match it; True where it matched, False where there is none (a file from before digests)."""
-    if not isinstance(blob, Mapping) or SEAL_KEY not in blob:
+    does not match it, or was sealed (:data:`SEALED_MARK`) and lost its digest; True where it matched, False
+    where there is none (a file from before digests)."""
+    if not isinstance(blob, Mapping):
+        return False
+    if SEAL_KEY not in blob:
+        if SEALED_MARK in blob:  # what this version writes always carries its digest: removed, not old
+            raise CorruptFile(f"{path} is corrupt: it was written with a digest ({SEAL_KEY}) and the digest is gone")
         return False
     body = {k: v for k, v in blob.items() if k != SEAL_KEY}
     if hashlib.sha256(_canonical(body)).hexdigest() != blob[SEAL_KEY]:

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 from evaluation.common.atomic import write_json_atomic
 from evaluation.common.errors import HarnessError
-from evaluation.common.integrity import check_seal, seal
+from evaluation.common.integrity import SEAL_KEY, check_seal, seal
 
 RESULTS = "results.json"
 #: the metrics every finished run reports; a results.json without them as numbers is not a result
@@ -72,7 +72,9 @@ def read_results(path: str | Path) -> dict[str, Any]:
     try:
         check_seal(payload, path)
     except HarnessError:
-        raise BadResults("corrupt results.json: its content no longer matches the digest written with it") from None
+        why = ("its digest (content_sha256) was removed" if SEAL_KEY not in payload
+               else "its content no longer matches the digest written with it")
+        raise BadResults(f"corrupt results.json: {why}") from None
     metrics = payload.get("metrics")
     if not isinstance(metrics, dict) or not isinstance(payload.get("config", {}), dict):
         raise BadResults("results.json of the wrong shape: `metrics` and `config` must be objects")
