@@ -250,3 +250,16 @@ def test_a_grouped_revisited_stream_resumes_exactly(tmp_path: Path, one_thread: 
     assert (resumed.metrics, resumed.curves, resumed.forgetting) == (full.metrics, full.curves, full.forgetting)
     assert _state_equal(to_cpu(resumed_editor.state_dict()), to_cpu(full_editor.state_dict()))
     assert json.dumps(sorted(full_editor.allocator.by_fact)) == json.dumps(sorted({r.fact for r in requests}))
+
+
+def test_a_grouped_stream_resumed_with_more_edits_names_num_edits(tmp_path: Path, one_thread: None) -> None:
+    """A grouped or revisited stream is drawn from all its edits, so a longer one is another stream: the refusal
+    names dataset.num_edits (not the dataset's name or path, which did not change)."""
+    from evaluation.common.errors import ConfigError
+    from evaluation.run.compose import compose_config
+    from evaluation.run.experiment import run_experiment
+
+    overrides = [*GROUPED, "editor.iterations=2", "checkpoint.every=4"]
+    run_experiment(compose_config(overrides), tmp_path, {})
+    with pytest.raises(ConfigError, match=r"differs from the checkpoint .* in dataset\.num_edits \(checkpoint 8, now 12\)"):
+        run_experiment(compose_config([*overrides, "dataset.num_edits=12", "resume=true"]), tmp_path, {})

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import set_seed
 
 from data.lengths import model_context
-from data.protocol import describe_stream
+from data.protocol import describe_stream, is_plain
 from evaluation.common.atomic import write_jsonl_atomic
 from evaluation.common.errors import ConfigError, HarnessError
 from evaluation.editing.answers import AnswerReading
@@ -94,6 +94,9 @@ def run_fingerprint(cfg: DictConfig) -> dict[str, Any]:
     flat: dict[str, Any] = {"seed": resolved["seed"], "edit_time_eval": resolved.get("edit_time_eval")}
     for group in ("model", "editor", "dataset", "answers"):
         flat.update(_leaves(resolved[group], group, _MAY_CHANGE_ON_RESUME))
+    dataset = resolved["dataset"]
+    if not is_plain(dataset.get("protocol", "one_per_fact"), dataset.get("revisit", 1)):
+        flat["dataset.num_edits"] = dataset["num_edits"]  # a grouped or revisited stream is built from all of them
     return flat
 
 
