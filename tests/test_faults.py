@@ -290,6 +290,55 @@ def test_tables_refuse_to_replace_a_table_with_an_empty_one(tmp_path: Path, caps
     assert "missing" in out.with_suffix(".md").read_text() or "failed" in out.with_suffix(".md").read_text()
 
 
+def test_a_tables_files_are_replaced_together_or_not_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import signal
+
+    from evaluation.common import atomic
+    from evaluation.run.interrupts import WorkInterrupted, stop_on_signals
+
+    files = {tmp_path / f"t.{ext}": "old" for ext in ("md", "tex", "csv")}
+    for path, text in files.items():
+        path.write_text(text)
+    # a failure while the temporaries are written changes nothing and leaves no temporary
+    with pytest.raises(TypeError):  # the last file's text cannot be written: the first two were, to temporaries
+        atomic.write_texts_together({**{p: "new" for p in files}, tmp_path / "t.bad": None})  # type: ignore[dict-item]
+    assert all(p.read_text() == "old" for p in files) and not list(tmp_path.glob(".*.tmp"))
+    # a SIGTERM that arrives during the renames is held back until all three are done
+    real_replace, calls = atomic.os.replace, []
+
+    def replace_then_signal(src: str, dst: Path) -> None:
+        real_replace(src, dst)
+        calls.append(dst)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(atomic.os, "replace", replace_then_signal)
+    with pytest.raises(WorkInterrupted), stop_on_signals(lambda sig: f"stopped by {sig}"):
+        atomic.write_texts_together({p: "new" for p in files})
+    assert len(calls) == 3 and all(p.read_text() == "new" for p in files) and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_signal_while_tables_are_built_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    import signal
+    import time
+
+    from evaluation.reporting import tables
+
+    run = tmp_path / "runs" / "a"
+    run.mkdir(parents=True)
+    write_results(run, {}, {"reliability": 0.5, "generalization": 0.5, "locality": 1.0}, [], {},
+                  {"choices": {"editor": "grace", "model": "tiny_llama", "dataset": "zsre"}})
+
+    def killed(*args: Any) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+
+    monkeypatch.setattr(tables, "write", killed)
+    assert tables_main(["table1", str(tmp_path / "runs"), "--out", str(tmp_path / "t")]) == 2
+    assert "error: stopped by SIGTERM" in capsys.readouterr().err and not list(tmp_path.glob("t.*"))
+
+
 def test_tables_warn_when_runs_sharing_a_seed_would_be_averaged(tmp_path: Path,
                                                                 capsys: pytest.CaptureFixture) -> None:
     for name in ("a", "b"):

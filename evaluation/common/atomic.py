@@ -5,9 +5,11 @@ import contextlib
 import json
 import os
 import re
+import signal
 import tempfile
+import threading
 from pathlib import Path
-from typing import IO, Any, Callable, Iterable, Mapping
+from typing import IO, Any, Callable, Iterable, Iterator, Mapping
 
 
 def file_stem(key: str) -> str:
@@ -51,15 +53,9 @@ def fsync_dir(directory: str | Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: str | Path, write: Callable[[IO[Any]], Any], binary: bool = False,
-                 before_replace: Callable[[Path], Any] | None = None) -> None:
-    """Call ``write(file)`` on a fresh temporary file beside ``path``, fsync it, then rename it over ``path``.
-
-    The one atomic-write helper (results, caches, checkpoints): a kill mid-write leaves the old file and
-    at most a ``.<name>.*.tmp`` (removed when its run folder is next held). ``before_replace(tmp)`` runs
-    on the complete temporary file just before the rename (checkpoints write their digest there). The
-    file gets the mode of the file it replaces, or 0644 (``mkstemp`` alone would leave 0600)."""
-    path = Path(path)
+def _complete_temporary(path: Path, write: Callable[[IO[Any]], Any], binary: bool) -> str:
+    """A fresh temporary file beside ``path`` holding what ``write(file)`` wrote, fsynced, with the mode of the
+    file it will replace (or 0644: ``mkstemp`` alone would leave 0600); removed again if writing fails."""
     try:
         mode = path.stat().st_mode & 0o777
     except FileNotFoundError:
@@ -71,6 +67,23 @@ def write_atomic(path: str | Path, write: Callable[[IO[Any]], Any], binary: bool
             write(f)
             f.flush()
             os.fsync(f.fileno())
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+    return tmp
+
+
+def write_atomic(path: str | Path, write: Callable[[IO[Any]], Any], binary: bool = False,
+                 before_replace: Callable[[Path], Any] | None = None) -> None:
+    """Call ``write(file)`` on a fresh temporary file beside ``path``, fsync it, then rename it over ``path``.
+
+    The one atomic-write helper (results, caches, checkpoints): a kill mid-write leaves the old file and
+    at most a ``.<name>.*.tmp`` (removed when its run folder is next held). ``before_replace(tmp)`` runs
+    on the complete temporary file just before the rename (checkpoints write their digest there)."""
+    path = Path(path)
+    tmp = _complete_temporary(path, write, binary)
+    try:
         if before_replace is not None:
             before_replace(Path(tmp))
         os.replace(tmp, path)
@@ -79,3 +92,42 @@ def write_atomic(path: str | Path, write: Callable[[IO[Any]], Any], binary: bool
             os.remove(tmp)
         raise
     fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """SIGTERM/SIGINT arriving inside the block are noted and raised again once it ends (only the main thread
+    can handle signals; elsewhere the block runs as is)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: arrived.append(signum))
+                for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        for signum in arrived[:1]:  # now the block is done: the signal does what it would have done
+            signal.raise_signal(signum)
+
+
+def write_texts_together(files: Mapping[Path, str]) -> None:
+    """Replace several text files as one: each is written whole to a temporary first, then all are renamed with
+    SIGTERM and SIGINT deferred (raised again after the last rename), so a signal leaves all the old files or all the
+    new ones, never a mix; a failure before the renames removes the temporaries and changes nothing."""
+    done: list[tuple[str, Path]] = []
+    try:
+        for path, text in files.items():
+            done.append((_complete_temporary(Path(path), lambda f, t=text: f.write(t), binary=False), Path(path)))
+        with _signals_deferred():
+            for tmp, path in done:
+                os.replace(tmp, path)
+    except BaseException:
+        for tmp, _ in done:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
+        raise
+    for parent in {path.parent for _, path in done}:
+        fsync_dir(parent)

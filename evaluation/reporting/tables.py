@@ -75,6 +75,7 @@ from evaluation.reporting.table1 import build_table1
 from evaluation.reporting.table2 import build_table2
 from evaluation.reporting.table3 import build_table3
 from evaluation.reporting.table4 import build_table4
+from evaluation.run.interrupts import WorkInterrupted, stop_on_signals
 
 # what callers import from here (tests, benchmarks.width_sweep, evaluation.tables) besides the CLI itself
 __all__ = ("BUILDERS", "DASH", "KEY_COLUMNS", "MODEL_AXIS_POINTS", "NAMES", "SCALAR_METRICS", "Cells", "Options",
@@ -101,7 +102,7 @@ def build(name: str, rows: Sequence[Mapping[str, Any]], opts: Options) -> Report
 
 
 def write(report: Report, frame: pd.DataFrame, out: Path, command: str) -> list[Path]:
-    from evaluation.common.atomic import write_text_atomic
+    from evaluation.common.atomic import write_texts_together
 
     out.parent.mkdir(parents=True, exist_ok=True)
     commits = sorted({str(c) for c in frame["git_commit"].dropna()}) if not frame.empty else []
@@ -109,9 +110,9 @@ def write(report: Report, frame: pd.DataFrame, out: Path, command: str) -> list[
     if commits:
         provenance.append(f"Runs made at commit(s): {', '.join(commits)}")
     paths = [out.with_suffix(".md"), out.with_suffix(".tex"), out.with_suffix(".csv")]
-    write_text_atomic(paths[0], report.markdown(provenance))
-    write_text_atomic(paths[1], report.latex(provenance))
-    write_text_atomic(paths[2], frame.to_csv(index=False))
+    # the three replaced together: a signal never leaves a .md that lists other runs than its .tex and .csv
+    write_texts_together({paths[0]: report.markdown(provenance), paths[1]: report.latex(provenance),
+                          paths[2]: frame.to_csv(index=False)})
     return paths + [Path(f) if Path(f).is_absolute() else out.parent / f for f in report.figures]
 
 
@@ -150,26 +151,32 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not args.runs and not args.wandb:
         parser.error("give at least one run folder or --wandb ENTITY/PROJECT")
     out = Path(args.out or f"results/{args.name}")
+    stopped = (lambda sig: f"stopped by {sig}: {out}'s files are all the earlier ones or all new ones, never a mix")
     try:
-        rows = collect_runs(args.runs)
-        for project in args.wandb:
-            rows += collect_wandb(project)
-        finished = sum(1 for row in rows if row.get("status") == "ok")
-        if not finished and not args.allow_empty:
-            raise TablesError(f"no finished run under {' '.join(args.runs + args.wandb)} ({len(rows)} failed or "
-                              f"unfinished): writing would replace {out}.md/.tex/.csv with a table of empty cells; "
-                              f"pass --allow-empty to write it anyway")
-        for warning in shared_seed_warnings(rows):
-            print(f"warning: {warning}", file=sys.stderr)
-        opts = Options(models=args.model, paper_model=args.paper_model, num_edits=args.num_edits, dataset=args.dataset,
-                       out=out, paths=args.runs, from_curves=args.from_curves, age_bin=args.age_bin,
-                       normalise=args.normalise, points=args.points or (),
-                       protocol=args.protocol, revisit=args.revisit)
-        frame = runs_frame(rows)
-        report = BUILDERS[args.name](frame, opts)
-    except TablesError as err:
+        with stop_on_signals(stopped):
+            return _build_and_write(args, argv, out)
+    except (TablesError, WorkInterrupted) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+
+
+def _build_and_write(args: argparse.Namespace, argv: Optional[Sequence[str]], out: Path) -> int:
+    rows = collect_runs(args.runs)
+    for project in args.wandb:
+        rows += collect_wandb(project)
+    finished = sum(1 for row in rows if row.get("status") == "ok")
+    if not finished and not args.allow_empty:
+        raise TablesError(f"no finished run under {' '.join(args.runs + args.wandb)} ({len(rows)} failed or "
+                          f"unfinished): writing would replace {out}.md/.tex/.csv with a table of empty cells; "
+                          f"pass --allow-empty to write it anyway")
+    for warning in shared_seed_warnings(rows):
+        print(f"warning: {warning}", file=sys.stderr)
+    opts = Options(models=args.model, paper_model=args.paper_model, num_edits=args.num_edits, dataset=args.dataset,
+                   out=out, paths=args.runs, from_curves=args.from_curves, age_bin=args.age_bin,
+                   normalise=args.normalise, points=args.points or (),
+                   protocol=args.protocol, revisit=args.revisit)
+    frame = runs_frame(rows)
+    report = BUILDERS[args.name](frame, opts)
     given = argv if argv is not None else sys.argv[1:]
     command = "python -m evaluation.tables " + " ".join(shlex.quote(a) for a in given)
     written = write(report, frame, out, command)
