@@ -21,7 +21,7 @@ import torch
 
 from data.loaders import DataError, EditDataset
 from evaluation.common.errors import ConfigError, HarnessError
-from evaluation.common.integrity import CorruptFile, digest_path, seal
+from evaluation.common.integrity import CorruptFile, digest_path, file_sha256, seal
 from evaluation.reporting.tables import collect_runs
 from evaluation.reporting.tables import main as tables_main
 from evaluation.run.checkpoint import (
@@ -264,6 +264,53 @@ def test_a_retention_cache_entry_edited_with_its_digest_deleted_is_generated_aga
     with caplog.at_level("WARNING"):
         assert suite._load_cached(path, "model-key", "rte") is None
     assert "the digest is gone; generating the task again" in caplog.text
+
+
+def test_resume_auto_redoes_a_finished_run_whose_data_file_changed(tmp_path: Path) -> None:
+    data = edits_file(tmp_path / "edits.json")
+    overrides = [f"dataset.path={data}", "resume=auto", f"paths.cache_dir={tmp_path / 'cache'}"]
+    run_experiment(cfg(*overrides), tmp_path / "run", {})
+    before = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert before["inputs"]["dataset_sha256"] == file_sha256(data)
+    run_experiment(cfg(*overrides), tmp_path / "run", {})  # unchanged: nothing to do
+    assert not list((tmp_path / "run").glob("results.superseded-*.json"))
+    data.write_text(data.read_text().replace("the Rhine", "the Rhone"))  # new targets, the same config
+    run_experiment(cfg(*overrides), tmp_path / "run", {})
+    after = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert after["inputs"]["dataset_sha256"] == file_sha256(data) != before["inputs"]["dataset_sha256"]
+    assert len(list((tmp_path / "run").glob("results.superseded-*.json"))) == 1
+
+
+def _save_tiny_gpt2(folder: Path, seed: int) -> None:
+    import shutil as sh
+
+    from tests.conftest import tiny_model
+
+    if folder.exists():
+        sh.rmtree(folder)
+    loaded = tiny_model("tiny_gpt2", seed=seed)
+    loaded.model.save_pretrained(folder)
+    loaded.tokenizer.save_pretrained(folder)
+
+
+def test_other_weights_at_the_same_model_path_are_another_model(tmp_path: Path) -> None:
+    """Two tiny GPT-2s copied in turn to one model.path: each run's caches and results name its own weights, and
+    resume=auto does not take the first model's finished run for the second's."""
+    model_dir, cache = tmp_path / "model", tmp_path / "cache"
+    overrides = [*BASE[1:], "model=gpt2xl", f"model.path={model_dir}", "model.num_layers=8", "editor.layer=5",
+                 "editor.iterations=3", "resume=auto",
+                 "retention=gu2024", "retention.tasks=[rte]", "retention.limit=2", f"paths.cache_dir={cache}"]
+    _save_tiny_gpt2(model_dir, seed=0)
+    run_experiment(cfg(*overrides), tmp_path / "a", {"model": "gpt2xl"})
+    a = json.loads((tmp_path / "a" / "results.json").read_text())
+    _save_tiny_gpt2(model_dir, seed=1)  # other weights, the same path and config text
+    run_experiment(cfg(*overrides), tmp_path / "a", {"model": "gpt2xl"})  # resume=auto: not "done"
+    b = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert a["inputs"]["model_weights"].startswith("sha256:") and a["inputs"]["model_weights"] != b["inputs"]["model_weights"]
+    assert a["inputs"]["dataset_sha256"] == b["inputs"]["dataset_sha256"]
+    assert b["stream"]["resumed_from"] is None and list((tmp_path / "a").glob("results.superseded-*.json"))
+    # the unedited retention pass was generated for each model, not read from the first one's cache
+    assert len(list((cache / "retention").glob("*rte*.json"))) == 2
 
 
 def test_the_data_cache_never_serves_a_file_whose_content_changed(tmp_path: Path) -> None:

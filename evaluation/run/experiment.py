@@ -18,11 +18,13 @@ from transformers import set_seed
 from data.lengths import model_context
 from data.protocol import describe_stream, is_plain
 from evaluation.common.atomic import write_jsonl_atomic
+from evaluation.common.content_id import file_digest
 from evaluation.common.errors import ConfigError, HarnessError
 from evaluation.editing.answers import AnswerReading
 from evaluation.editing.compilation import compile_blocks
 from evaluation.editing.editor import Editor
 from evaluation.editing.generation import make_generate_fn
+from evaluation.editing.models import weights_identity
 from evaluation.editing.unedited import Unedited
 from evaluation.retention.outputs import write_report_items
 from evaluation.retention.query_store import QueryStore
@@ -88,10 +90,22 @@ def _leaves(node: Any, prefix: str, skip: tuple[str, ...]) -> dict[str, Any]:
     return {} if prefix.rsplit(".", 1)[-1] in skip else {prefix: node}
 
 
-def run_fingerprint(cfg: DictConfig) -> dict[str, Any]:
-    """The config values a checkpoint must share with the run that resumes it (flat, dotted keys)."""
+def run_inputs(cfg: DictConfig) -> dict[str, str | None]:
+    """What the run reads, named by content (evaluation.common.content_id): the data file's SHA-256 (None where the
+    file is missing: the loader says so) and the model's weights where the config text does not pin them
+    (``evaluation.editing.models.weights_identity``)."""
+    cache = cfg.paths.get("cache_dir")
+    data = Path(str(cfg.dataset.path)).expanduser()
+    return {"dataset_sha256": file_digest(data, cache) if data.is_file() else None,
+            "model_weights": weights_identity(OmegaConf.to_container(cfg.model, resolve=True), cache)}
+
+
+def run_fingerprint(cfg: DictConfig, inputs: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The config values (and ``inputs``' digests) a checkpoint must share with the run that resumes it (flat,
+    dotted keys)."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
     flat: dict[str, Any] = {"seed": resolved["seed"], "edit_time_eval": resolved.get("edit_time_eval")}
+    flat.update({f"inputs.{k}": v for k, v in (inputs or {}).items()})
     for group in ("model", "editor", "dataset", "answers"):
         flat.update(_leaves(resolved[group], group, _MAY_CHANGE_ON_RESUME))
     dataset = resolved["dataset"]
@@ -100,15 +114,15 @@ def run_fingerprint(cfg: DictConfig) -> dict[str, Any]:
     return flat
 
 
-def _checkpoints(cfg: DictConfig, run_dir: Path,
-                 resume: bool | str | None = None) -> tuple[CheckpointManager, StreamCheckpoint | None]:
+def _checkpoints(cfg: DictConfig, run_dir: Path, resume: bool | str | None = None,
+                 inputs: Mapping[str, Any] | None = None) -> tuple[CheckpointManager, StreamCheckpoint | None]:
     """The run's checkpoint folder and, with ``resume=true``, the checkpoint to continue from (with
     ``resume=auto`` too, where there is one; none is a fresh run)."""
     if cfg.on_nan not in ON_NAN:
         raise ConfigError(f"on_nan must be one of {'|'.join(ON_NAN)}, got {cfg.on_nan!r}")
     manager = CheckpointManager(run_dir / cfg.checkpoint.dir, cfg.checkpoint.every, cfg.checkpoint.keep)
     manager.resume_hint = f"rerun the same command with `resume=true {run_dir_override(run_dir)}`"
-    manager.fingerprint = run_fingerprint(cfg)
+    manager.fingerprint = run_fingerprint(cfg, inputs)
     resume = cfg.resume if resume is None else resume
     if not resume:
         return manager, None  # an earlier run's checkpoints are cleared by the caller, which holds the folder
@@ -180,13 +194,14 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path, choices: Mapping[str, s
     check_run_settings(cfg)
     with RunFolder(run_dir) as folder:
         resume = cfg.resume
+        inputs = run_inputs(cfg)
         finished = finished_run(run_dir) if resume == "auto" else None
         if finished is not None:
-            if same_result(cfg, finished):
+            if same_result(cfg, finished, inputs):
                 log.info("resume=auto: %s already holds a finished run of this config; nothing to do", run_dir)
                 return {k: finished.get(k) for k in ("metrics", "curves", "forgetting", "timings")}
             resume = False  # a finished run of another config: set aside below, and this one starts afresh
-        checkpoints, resume_from = _checkpoints(cfg, run_dir, resume)  # before any work: a bad resume fails at once
+        checkpoints, resume_from = _checkpoints(cfg, run_dir, resume, inputs)  # before any work: a bad resume fails
         folder.remove_temp_files()
         if resume_from is None:
             if checkpoints.exists():
@@ -202,7 +217,7 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path, choices: Mapping[str, s
         previous_deterministic = set_deterministic(cfg.deterministic)
         try:
             with autocast_context(cfg.autocast, str(cfg.model.get("device", "cpu"))):
-                return _run(cfg, run_dir, choices, checkpoints, resume_from)
+                return _run(cfg, run_dir, choices, checkpoints, resume_from, inputs)
         finally:
             torch.use_deterministic_algorithms(previous_deterministic[0], warn_only=previous_deterministic[1])
 
@@ -219,13 +234,21 @@ def finished_run(run_dir: Path) -> dict[str, Any] | None:
         return None
 
 
-def same_result(cfg: DictConfig, payload: Mapping[str, Any]) -> bool:
-    """``payload`` is a finished run of this very config: every setting but those in ``_NOT_THE_RESULT`` and
-    where files live."""
+def same_result(cfg: DictConfig, payload: Mapping[str, Any], inputs: Mapping[str, Any] | None = None) -> bool:
+    """``payload`` is a finished run of this very config on the same inputs: every setting but those in
+    ``_NOT_THE_RESULT`` and where files live, and the data's and weights' digests (``run_inputs``; a run made before
+    they were recorded is taken on its settings alone, with a warning)."""
     def settings(config: Mapping[str, Any]) -> dict[str, Any]:
         return _leaves({k: v for k, v in config.items() if k not in _NOT_THE_RESULT}, "", _WHERE_FILES_LIVE)
 
-    return settings(payload["config"]) == settings(OmegaConf.to_container(cfg, resolve=True))
+    if settings(payload["config"]) != settings(OmegaConf.to_container(cfg, resolve=True)):
+        return False
+    recorded = payload.get("inputs")
+    if inputs is not None and recorded is None:
+        log.warning("resume=auto: the finished run predates the record of its data and weights digests; taken as "
+                    "this config's result on its settings alone")
+        return True
+    return inputs is None or dict(recorded) == dict(inputs)
 
 
 def _collect_unedited(retention: Any, report: Any, model_key: str, checkpoints: CheckpointManager,
@@ -245,7 +268,7 @@ def _collect_unedited(retention: Any, report: Any, model_key: str, checkpoints: 
 
 
 def _run(cfg: DictConfig, run_dir: Path, choices: Mapping[str, str], checkpoints: CheckpointManager,
-         resume_from: StreamCheckpoint | None) -> dict[str, Any]:
+         resume_from: StreamCheckpoint | None, inputs: Mapping[str, Any]) -> dict[str, Any]:
     seed_everything(cfg.seed)
     commit = git_commit()
     wall = time.perf_counter()
@@ -266,7 +289,10 @@ def _run(cfg: DictConfig, run_dir: Path, choices: Mapping[str, str], checkpoints
     retention = build(cfg.retention)
 
     # names the unedited model and how it generates; the edited model's key adds the editor and its state
-    model_key = f"{choices.get('model', 'model')}-{_config_key(cfg.model)}" + (f"-{cfg.autocast}" if cfg.autocast else "")
+    weights = str(inputs.get("model_weights") or "")  # where the config text does not pin the weights' content
+    model_key = (f"{choices.get('model', 'model')}-{_config_key(cfg.model)}"
+                 + (f"-w{hashlib.sha256(weights.encode()).hexdigest()[:12]}" if weights else "")
+                 + (f"-{cfg.autocast}" if cfg.autocast else ""))
     # the unedited model's view: locality reference (teacher-forced and generated) and retention baseline
     unedited = Unedited(loaded)
     base_locality = base_locality_predictions(unedited, requests, batch_size=cfg.eval_batch_size,
@@ -366,6 +392,7 @@ def _run(cfg: DictConfig, run_dir: Path, choices: Mapping[str, str], checkpoints
         # per curve point, each edit batch's reliability and generalization (evaluation/run/forgetting.py)
         extra: dict[str, Any] = {"choices": dict(choices), "stream": stream_info, "forgetting": stream.forgetting,
                                  "costs": stream.costs,  # seconds editing and evaluating up to each curve point
+                                 "inputs": dict(inputs),  # the data's and the weights' content (run_inputs)
                                  "dataset_order": [r.uid for r in requests]}  # the edits' uids in stream order
         # dataset.protocol/revisit, the stream's entries, distinct facts and trained phrasings (data/protocol.py)
         extra["dataset_protocol"] = describe_stream(requests, dataset.protocol, dataset.revisit)
