@@ -86,3 +86,18 @@ def test_another_model_a_damaged_file_or_an_editor_without_a_router_computes_aga
         model=instantiate(compose_config(["model=tiny_llama"]).model))
     assert QueryStore(tmp_path / "ft", "m").scope_fn(ft, batch_size=4)(prompts()) is None
     assert not (tmp_path / "ft").exists()
+
+
+def test_two_files_swapped_by_name_are_not_read_as_each_other(tmp_path: Path, caplog) -> None:
+    editor = edited("grace", 2)
+    store, site = QueryStore(tmp_path, "model-a"), editor.query_site()
+    first, second = prompts()[:4], list(reversed(prompts()[:4]))  # same count, other order: other vectors
+    store.save(site, first, editor.query_vectors(first))
+    store.save(site, second, editor.query_vectors(second))
+    a, b = store.path(site, first), store.path(site, second)
+    a_bytes, b_bytes = a.read_bytes(), b.read_bytes()
+    a.write_bytes(b_bytes)
+    b.write_bytes(a_bytes)
+    with caplog.at_level("WARNING"):
+        assert store.load(site, first) is None and store.load(site, second) is None
+    assert "holds routing queries of another model, site or prompt list" in caplog.text

@@ -8,8 +8,9 @@ edited pass on a model computes the vectors with routing forwards (stopped at th
 stores them here, one file per site and prompt list; every later pass on the same model and site (other
 editors, seeds, numbers of edits) reads them and only applies its router to them.
 
-A file holds the vectors, what they were computed for and a digest of their bytes: a file of another
-model or site, another prompt count, or changed bytes is not used (the vectors are computed again).
+A file holds the vectors, what they were computed for (model, site and the prompt list's digest) and a digest
+of their bytes: a file of another model, site or prompt list (e.g. renamed into another's place), or changed
+bytes, is not used (the vectors are computed again, with a warning).
 """
 from __future__ import annotations
 
@@ -32,6 +33,11 @@ def _tensor_sha256(t: torch.Tensor) -> str:
     buf = io.BytesIO()
     torch.save(t.contiguous(), buf)
     return hashlib.sha256(buf.getvalue()).hexdigest()
+
+
+def _prompts_sha256(prompts: Sequence[str]) -> str:
+    """The prompt list a file's vectors were computed for, in order (stored in the file, checked on reading)."""
+    return hashlib.sha256(json.dumps(list(prompts)).encode()).hexdigest()
 
 
 class QueryStore:
@@ -57,8 +63,12 @@ class QueryStore:
             log.warning("ignoring the stored routing queries %s (%s); computing them again", path, err)
             return None
         q = blob.get("queries") if isinstance(blob, dict) else None
-        if (not isinstance(q, torch.Tensor) or blob.get("key") != [self.model_key, site]
-                or q.shape[0] != len(prompts)):
+        if not isinstance(q, torch.Tensor) or q.shape[0] != len(prompts):
+            return None
+        if blob.get("key") != [self.model_key, site, _prompts_sha256(prompts)]:
+            # e.g. two files renamed into each other's place: their vectors belong to other prompts
+            log.warning("%s holds routing queries of another model, site or prompt list than its name says; "
+                        "computing them again", path)
             return None
         if blob.get("sha256") != _tensor_sha256(q):
             log.warning("%s is corrupt: its vectors no longer match the digest written with them; computing "
@@ -69,7 +79,7 @@ class QueryStore:
     def save(self, site: str, prompts: Sequence[str], queries: torch.Tensor) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         q = queries.detach().cpu().contiguous()
-        blob = {"key": [self.model_key, site], "queries": q, "sha256": _tensor_sha256(q)}
+        blob = {"key": [self.model_key, site, _prompts_sha256(prompts)], "queries": q, "sha256": _tensor_sha256(q)}
         write_atomic(self.path(site, prompts), lambda f: torch.save(blob, f), binary=True)
 
     def scope_fn(self, editor: Any, batch_size: int) -> InScopeFn:
