@@ -139,6 +139,19 @@ def test_a_signal_while_writing_the_codes_is_one_line_and_keeps_the_results(tmp_
     assert (tmp_path / "results.json").is_file()
 
 
+def test_a_checkpoint_dir_shared_by_two_runs_is_refused_and_keeps_the_first_runs_checkpoints(tmp_path: Path) -> None:
+    shared = tmp_path / "shared_checkpoints"
+    run_experiment(cfg(f"checkpoint.dir={shared}"), tmp_path / "a", {})
+    kept = snapshot(shared)
+    assert any(name.startswith("step-") for name in kept)
+    with pytest.raises(ConfigError, match=rf"checkpoint.dir {shared} holds the checkpoints of the run in "
+                                          rf"{tmp_path / 'a'}; give each run its own checkpoint.dir"):
+        run_experiment(cfg(f"checkpoint.dir={shared}"), tmp_path / "b", {})
+    assert {k: v for k, v in snapshot(shared).items() if not k.startswith(".run")} == \
+        {k: v for k, v in kept.items() if not k.startswith(".run")}
+    run_experiment(cfg(f"checkpoint.dir={shared}", "resume=true"), tmp_path / "a", {})  # the first still resumes
+
+
 def test_a_refused_resume_changes_nothing_in_the_folder(tmp_path: Path) -> None:
     run_experiment(cfg(), tmp_path, {}, hydra_record={"config.yaml": "first run"})
     before = snapshot(tmp_path)

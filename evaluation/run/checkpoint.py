@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from evaluation.common.atomic import write_atomic, write_json_atomic
-from evaluation.common.errors import HarnessError
+from evaluation.common.errors import ConfigError, HarnessError
 from evaluation.common.integrity import (
     CorruptFile,
     digest_line,
@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 #: editors were nn.Modules); a format-1 checkpoint is refused with one line saying so
 FORMAT_VERSION = 2
 LATEST = "latest.json"
+#: the run folder whose checkpoints a checkpoint folder holds (a shared checkpoint.dir is refused, never cleared)
+OWNER = "owner.json"
 _NAME = re.compile(r"^step-(\d+)\.pt$")
 
 
@@ -243,6 +245,19 @@ class CheckpointManager:
         self.rejected: list[tuple[Path, str]] = []
         #: how to continue, for messages (the experiment sets the run folder in it)
         self.resume_hint = "rerun the same command with resume=true and hydra.run.dir=<this run's folder>"
+        #: the run folder these checkpoints belong to (None: not recorded or checked)
+        self.owner: str | None = None
+
+    def check_owner(self) -> None:
+        """Refuse a folder that holds another run folder's checkpoints (``checkpoint.dir`` shared by two runs):
+        this run would delete them when it starts afresh, or resume from them."""
+        try:
+            recorded = json.loads((self.directory / OWNER).read_text(encoding="utf-8")).get("run_dir")
+        except (OSError, ValueError, AttributeError):
+            return  # none recorded (a folder from before the record, or a fresh one)
+        if self.owner is not None and recorded not in (None, self.owner) and self.exists():
+            raise ConfigError(f"checkpoint.dir {self.directory} holds the checkpoints of the run in {recorded}; give "
+                              f"each run its own checkpoint.dir (the default, checkpoints, is inside the run's folder)")
 
     def due(self, before: int, after: int) -> bool:
         return bool(self.every) and after // self.every > before // self.every
@@ -258,6 +273,8 @@ class CheckpointManager:
 
     def save(self, ckpt: StreamCheckpoint) -> Path:
         self.directory.mkdir(parents=True, exist_ok=True)
+        if self.owner is not None and not (self.directory / OWNER).exists():
+            write_json_atomic(self.directory / OWNER, {"run_dir": self.owner})
         ckpt.run_id = ckpt.run_id or self.run_id
         ckpt.fingerprint = ckpt.fingerprint or self.fingerprint
         path = self.directory / checkpoint_name(ckpt.position)
@@ -291,6 +308,7 @@ class CheckpointManager:
             p.unlink(missing_ok=True)
             digest_path(p).unlink(missing_ok=True)
         (self.directory / LATEST).unlink(missing_ok=True)
+        (self.directory / OWNER).unlink(missing_ok=True)
         for stray in self.directory.glob(".*.tmp"):
             stray.unlink(missing_ok=True)
 

@@ -31,7 +31,7 @@ from evaluation.retention.query_store import QueryStore
 from evaluation.retention.suite import PendingTaskLost
 from evaluation.run.answer_metrics import answer_scoring
 from evaluation.run.checkpoint import CheckpointManager, StreamCheckpoint, state_digest
-from evaluation.run.folder import ANSWERS, RunFolder, run_dir_override
+from evaluation.run.folder import ANSWERS, RunFolder, RunFolderBusy, run_dir_override
 from evaluation.run.forgetting import at_edit_time
 from evaluation.run.interrupts import stop_on_signals
 from evaluation.run.metrics import base_locality_predictions
@@ -123,6 +123,8 @@ def _checkpoints(cfg: DictConfig, run_dir: Path, resume: bool | str | None = Non
     manager = CheckpointManager(run_dir / cfg.checkpoint.dir, cfg.checkpoint.every, cfg.checkpoint.keep)
     manager.resume_hint = f"rerun the same command with `resume=true {run_dir_override(run_dir)}`"
     manager.fingerprint = run_fingerprint(cfg, inputs)
+    manager.owner = str(run_dir.resolve())
+    manager.check_owner()  # a checkpoint.dir shared with another run: refused before it is read or cleared
     resume = cfg.resume if resume is None else resume
     if not resume:
         return manager, None  # an earlier run's checkpoints are cleared by the caller, which holds the folder
@@ -192,7 +194,7 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path, choices: Mapping[str, s
     """
     run_dir = Path(run_dir)
     check_run_settings(cfg)
-    with RunFolder(run_dir) as folder:
+    with RunFolder(run_dir) as folder, contextlib.ExitStack() as stack:
         resume = cfg.resume
         inputs = run_inputs(cfg)
         finished = finished_run(run_dir) if resume == "auto" else None
@@ -202,6 +204,13 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path, choices: Mapping[str, s
                 return {k: finished.get(k) for k in ("metrics", "curves", "forgetting", "timings")}
             resume = False  # a finished run of another config: set aside below, and this one starts afresh
         checkpoints, resume_from = _checkpoints(cfg, run_dir, resume, inputs)  # before any work: a bad resume fails
+        if run_dir.resolve() not in checkpoints.directory.resolve().parents:  # a checkpoint.dir of its own: held too
+            checkpoints.directory.mkdir(parents=True, exist_ok=True)
+            try:
+                stack.enter_context(RunFolder(checkpoints.directory))
+            except RunFolderBusy as err:
+                raise ConfigError(f"checkpoint.dir {checkpoints.directory} is in use by another run ({err}); give "
+                                  f"each run its own checkpoint.dir") from None
         folder.remove_temp_files()
         if resume_from is None:
             if checkpoints.exists():
