@@ -28,9 +28,10 @@ from evaluation.run.checkpoint import (
     StreamCheckpoint,
 )
 from evaluation.run.compose import compose_config
-from evaluation.run.experiment import _checkpoints, build, run_experiment
+from evaluation.run.experiment import build, run_experiment
 from evaluation.run.loggers import NullLogger, WandbLogger
 from evaluation.run.metrics import locality_inputs, predict
+from evaluation.run.resume_rules import resume_checkpoints
 from evaluation.run.stream import run_stream
 from tests.conftest import REPO, tiny_model, zsre_requests
 
@@ -90,13 +91,13 @@ def test_no_hub_access_says_how_to_supply_the_weights(monkeypatch: pytest.Monkey
 # --- run settings ------------------------------------------------------------------------------------
 def test_resume_without_a_checkpoint_or_with_another_config_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="resume=true but there is no checkpoint in .*hydra.run.dir=DIR"):
-        _checkpoints(compose_config(["model=tiny_llama", "resume=true"]), tmp_path)
-    manager, _ = _checkpoints(compose_config(["model=tiny_llama"]), tmp_path)
+        resume_checkpoints(compose_config(["model=tiny_llama", "resume=true"]), tmp_path)
+    manager, _ = resume_checkpoints(compose_config(["model=tiny_llama"]), tmp_path)
     manager.save(StreamCheckpoint(position=4, editor_state={}))
     with pytest.raises(ConfigError, match=r"differs from the checkpoint .* in editor\.lr \(checkpoint 0\.01, now 0\.5\)"):
-        _checkpoints(compose_config(["model=tiny_llama", "resume=true", "editor.lr=0.5"]), tmp_path)
+        resume_checkpoints(compose_config(["model=tiny_llama", "resume=true", "editor.lr=0.5"]), tmp_path)
     with pytest.raises(ConfigError, match="on_nan must be one of stop|skip, got 'ignore'"):
-        _checkpoints(compose_config(["model=tiny_llama", "on_nan=ignore"]), tmp_path)
+        resume_checkpoints(compose_config(["model=tiny_llama", "on_nan=ignore"]), tmp_path)
 
 
 # --- failures during the stream ----------------------------------------------------------------------

@@ -30,9 +30,10 @@ from evaluation.run.checkpoint import (
     checkpoint_name,
 )
 from evaluation.run.compose import compose_config
-from evaluation.run.experiment import _checkpoints, run_experiment
+from evaluation.run.experiment import run_experiment
 from evaluation.run.folder import RunFolderBusy
 from evaluation.run.results import BadResults, read_results, write_results
+from evaluation.run.resume_rules import resume_checkpoints
 from tests.conftest import REPO
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
@@ -220,7 +221,7 @@ def test_when_every_checkpoint_is_corrupt_resume_says_so(tmp_path: Path) -> None
         data[len(data) // 2] ^= 0x10
         pt.write_bytes(bytes(data))
     with pytest.raises(ConfigError, match=r"no checkpoint in .* can be used: step-000004\.pt \(corrupt"):
-        _checkpoints(cfg("resume=true"), tmp_path)
+        resume_checkpoints(cfg("resume=true"), tmp_path)
 
 
 def test_a_crash_between_the_two_renames_of_a_resave_leaves_a_checkpoint_that_verifies(tmp_path: Path) -> None:

@@ -16,34 +16,35 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import set_seed
 
 from data.lengths import model_context
-from data.protocol import describe_stream, is_plain
+from data.protocol import describe_stream
 from evaluation.common.atomic import write_jsonl_atomic
-from evaluation.common.content_id import file_digest
 from evaluation.common.errors import ConfigError, HarnessError
 from evaluation.editing.answers import AnswerReading
 from evaluation.editing.compilation import compile_blocks
 from evaluation.editing.editor import Editor
 from evaluation.editing.generation import make_generate_fn
-from evaluation.editing.models import weights_identity
 from evaluation.editing.unedited import Unedited
 from evaluation.retention.outputs import write_report_items
 from evaluation.retention.query_store import QueryStore
 from evaluation.retention.suite import PendingTaskLost
 from evaluation.run.answer_metrics import answer_scoring
 from evaluation.run.checkpoint import CheckpointManager, StreamCheckpoint, state_digest
-from evaluation.run.folder import ANSWERS, RunFolder, RunFolderBusy, run_dir_override
+from evaluation.run.folder import ANSWERS, RunFolder, RunFolderBusy
 from evaluation.run.forgetting import at_edit_time
 from evaluation.run.interrupts import stop_on_signals
 from evaluation.run.metrics import base_locality_predictions
 from evaluation.run.results import (
-    RESULTS,
-    BadResults,
     git_commit,
-    read_results,
     write_results,
 )
+from evaluation.run.resume_rules import (
+    finished_run,
+    resume_checkpoints,
+    run_inputs,
+    same_result,
+)
 from evaluation.run.settings import check_run_settings
-from evaluation.run.stream import ON_NAN, run_stream
+from evaluation.run.stream import run_stream
 
 log = logging.getLogger(__name__)
 
@@ -71,94 +72,6 @@ def set_deterministic(enabled: bool) -> tuple[bool, bool]:
         torch.backends.cudnn.benchmark = False
     torch.use_deterministic_algorithms(enabled, warn_only=True)
     return previous
-
-
-#: config leaves that say where files live, not what is computed
-_WHERE_FILES_LIVE = ("path", "cache_dir", "url", "sha256", "tokenizer_path", "data_dir")
-#: config leaves that may change between a run and its resumption
-_MAY_CHANGE_ON_RESUME = (*_WHERE_FILES_LIVE, "device", "device_map", "num_edits")
-
-
-#: may change on resume (e.g. after running out of memory), with a warning: the state carries over
-_MAY_CHANGE_WITH_A_WARNING = ("editor.batch_size",)
-
-
-def _leaves(node: Any, prefix: str, skip: tuple[str, ...]) -> dict[str, Any]:
-    """The config's leaves as flat dotted keys, without those whose own name is in ``skip``."""
-    if isinstance(node, dict):
-        return {k: v for key, value in node.items() for k, v in _leaves(value, f"{prefix}.{key}", skip).items()}
-    return {} if prefix.rsplit(".", 1)[-1] in skip else {prefix: node}
-
-
-def run_inputs(cfg: DictConfig) -> dict[str, str | None]:
-    """What the run reads, named by content (evaluation.common.content_id): the data file's SHA-256 (None where the
-    file is missing: the loader says so) and the model's weights where the config text does not pin them
-    (``evaluation.editing.models.weights_identity``)."""
-    cache = cfg.paths.get("cache_dir")
-    data = Path(str(cfg.dataset.path)).expanduser()
-    return {"dataset_sha256": file_digest(data, cache) if data.is_file() else None,
-            "model_weights": weights_identity(OmegaConf.to_container(cfg.model, resolve=True), cache)}
-
-
-def run_fingerprint(cfg: DictConfig, inputs: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The config values (and ``inputs``' digests) a checkpoint must share with the run that resumes it (flat,
-    dotted keys)."""
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    flat: dict[str, Any] = {"seed": resolved["seed"], "edit_time_eval": resolved.get("edit_time_eval")}
-    flat.update({f"inputs.{k}": v for k, v in (inputs or {}).items()})
-    for group in ("model", "editor", "dataset", "answers"):
-        flat.update(_leaves(resolved[group], group, _MAY_CHANGE_ON_RESUME))
-    dataset = resolved["dataset"]
-    if not is_plain(dataset.get("protocol", "one_per_fact"), dataset.get("revisit", 1)):
-        flat["dataset.num_edits"] = dataset["num_edits"]  # a grouped or revisited stream is built from all of them
-    return flat
-
-
-def _checkpoints(cfg: DictConfig, run_dir: Path, resume: bool | str | None = None,
-                 inputs: Mapping[str, Any] | None = None) -> tuple[CheckpointManager, StreamCheckpoint | None]:
-    """The run's checkpoint folder and, with ``resume=true``, the checkpoint to continue from (with
-    ``resume=auto`` too, where there is one; none is a fresh run)."""
-    if cfg.on_nan not in ON_NAN:
-        raise ConfigError(f"on_nan must be one of {'|'.join(ON_NAN)}, got {cfg.on_nan!r}")
-    manager = CheckpointManager(run_dir / cfg.checkpoint.dir, cfg.checkpoint.every, cfg.checkpoint.keep)
-    manager.resume_hint = f"rerun the same command with `resume=true {run_dir_override(run_dir)}`"
-    manager.fingerprint = run_fingerprint(cfg, inputs)
-    manager.owner = str(run_dir.resolve())
-    manager.check_owner()  # a checkpoint.dir shared with another run: refused before it is read or cleared
-    resume = cfg.resume if resume is None else resume
-    if not resume:
-        return manager, None  # an earlier run's checkpoints are cleared by the caller, which holds the folder
-    ckpt = manager.load_latest()
-    if ckpt is None and manager.rejected:
-        shown = "; ".join(f"{path.name} ({why})" for path, why in manager.rejected)
-        raise ConfigError(f"resume=true but no checkpoint in {manager.directory} can be used: {shown}. "
-                          f"Start the run again without resume=true, or restore the files from a backup")
-    if ckpt is None and resume == "auto":
-        return manager, None  # nothing to continue: a fresh run
-    if ckpt is None:
-        raise ConfigError(f"resume=true but there is no checkpoint in {manager.directory}: pass the folder of the "
-                          f"interrupted run with hydra.run.dir=DIR (its checkpoints are in DIR/{cfg.checkpoint.dir})")
-    new_keys = sorted(set(manager.fingerprint) - set(ckpt.fingerprint))
-    if new_keys:  # keys added to the code since the checkpoint: their defaults are assumed to match
-        log.warning("resume: config keys unknown to the checkpoint (taken as is): %s", ", ".join(new_keys))
-    diff = [k for k in sorted(ckpt.fingerprint)
-            if ckpt.fingerprint[k] != manager.fingerprint.get(k, "<unset>")]
-    for key in [k for k in diff if k in _MAY_CHANGE_WITH_A_WARNING]:
-        log.warning("resume: %s changed from %r to %r; the rest of the stream differs from an uninterrupted run",
-                    key, ckpt.fingerprint[key], manager.fingerprint.get(key))
-        diff.remove(key)
-    if diff:
-        shown = ", ".join(f"{k} (checkpoint {ckpt.fingerprint.get(k, '<unset>')!r}, now "
-                          f"{manager.fingerprint.get(k, '<unset>')!r})" for k in diff[:5])
-        if resume == "auto":  # e.g. a sweep rerun with one override changed: its folders hold the earlier runs
-            raise ConfigError(f"resume=auto: {run_dir} holds an unfinished run of another config (its checkpoint "
-                              f"{ckpt.path} differs in {shown}); to continue it, rerun with its overrides; to run "
-                              f"this config, give it its own folder (hydra.sweep.dir=DIR or hydra.run.dir=DIR)")
-        raise ConfigError(f"resume=true: this run's config differs from the checkpoint {ckpt.path} in {shown}; "
-                          f"resume with the overrides of the interrupted run (only eval_batch_size, eval_every, "
-                          f"editor.batch_size, on_nan, model.device and paths may change), or start a new run")
-    log.info("resuming from %s (%d edits done, saved on %s)", ckpt.path, ckpt.position, ckpt.reason)
-    return manager, ckpt
 
 
 def build(node: DictConfig, **kwargs: Any) -> Any:
@@ -203,7 +116,8 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path, choices: Mapping[str, s
                 log.info("resume=auto: %s already holds a finished run of this config; nothing to do", run_dir)
                 return {k: finished.get(k) for k in ("metrics", "curves", "forgetting", "timings")}
             resume = False  # a finished run of another config: set aside below, and this one starts afresh
-        checkpoints, resume_from = _checkpoints(cfg, run_dir, resume, inputs)  # before any work: a bad resume fails
+        # before any work: a bad resume fails at once
+        checkpoints, resume_from = resume_checkpoints(cfg, run_dir, resume, inputs)
         if run_dir.resolve() not in checkpoints.directory.resolve().parents:  # a checkpoint.dir of its own: held too
             checkpoints.directory.mkdir(parents=True, exist_ok=True)
             try:
@@ -229,35 +143,6 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path, choices: Mapping[str, s
                 return _run(cfg, run_dir, choices, checkpoints, resume_from, inputs)
         finally:
             torch.use_deterministic_algorithms(previous_deterministic[0], warn_only=previous_deterministic[1])
-
-
-#: run settings that change how a run is carried out or recorded, not what it measures (resume=auto)
-_NOT_THE_RESULT = ("resume", "progress", "threads", "paths", "logger", "checkpoint", "tags")
-
-
-def finished_run(run_dir: Path) -> dict[str, Any] | None:
-    """The payload of ``run_dir/results.json``; None where there is none that reads (absent, corrupt)."""
-    try:
-        return read_results(run_dir / RESULTS)
-    except BadResults:
-        return None
-
-
-def same_result(cfg: DictConfig, payload: Mapping[str, Any], inputs: Mapping[str, Any] | None = None) -> bool:
-    """``payload`` is a finished run of this very config on the same inputs: every setting but those in
-    ``_NOT_THE_RESULT`` and where files live, and the data's and weights' digests (``run_inputs``; a run made before
-    they were recorded is taken on its settings alone, with a warning)."""
-    def settings(config: Mapping[str, Any]) -> dict[str, Any]:
-        return _leaves({k: v for k, v in config.items() if k not in _NOT_THE_RESULT}, "", _WHERE_FILES_LIVE)
-
-    if settings(payload["config"]) != settings(OmegaConf.to_container(cfg, resolve=True)):
-        return False
-    recorded = payload.get("inputs")
-    if inputs is not None and recorded is None:
-        log.warning("resume=auto: the finished run predates the record of its data and weights digests; taken as "
-                    "this config's result on its settings alone")
-        return True
-    return inputs is None or dict(recorded) == dict(inputs)
 
 
 def _collect_unedited(retention: Any, report: Any, model_key: str, checkpoints: CheckpointManager,
