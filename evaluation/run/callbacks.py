@@ -218,8 +218,9 @@ Evaluate = Callable[..., dict[str, float]]  # evaluation.run.metrics.evaluate_ed
 
 class CurvePoints(Callback):
     """Evaluates the first ``position`` edits every ``every`` edits (at the batch boundary that crosses a
-    multiple), after each edit count in ``at`` (at the boundary that reaches it) and all of them at the end: curve points with the parameter counts (Figure 2 plots them
-    against the stream length) and, from the same pass, the forgetting record.
+    multiple), after each edit count in ``at`` (at the boundary that reaches it) and all of them at the end:
+    curve points with the parameter counts (Figure 2 plots them against the stream length) and, from the same
+    pass, the forgetting record and the cost record (seconds editing and evaluating so far).
 
     ``edit_time``: also evaluate each batch right after it is edited, before the next one (reliability and
     generalization, teacher-forced and, with a ``scorer``, generated), where no curve point is taken: a
