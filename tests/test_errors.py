@@ -6,6 +6,7 @@ and broken JSON in the loader (tests/test_data.py); bad ELDER hyper-parameters (
 """
 from __future__ import annotations
 
+import importlib.machinery
 import logging
 import os
 import subprocess
@@ -208,7 +209,10 @@ def _fake_wandb(monkeypatch: pytest.MonkeyPatch, fail_modes: tuple[str, ...]) ->
             raise RuntimeError("api_key not configured (no-tty). call wandb.login(key=[your_api_key])")
         return _FlakyRun()
 
-    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    # a module spec like a real import's: libraries that probe for wandb (accelerate, via transformers) on
+    # their own first import would otherwise fail where this test runs before anything imported them
+    spec = importlib.machinery.ModuleSpec("wandb", None)
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init, __spec__=spec))
     return calls
 
 

@@ -327,6 +327,25 @@ def test_other_weights_at_the_same_model_path_are_another_model(tmp_path: Path) 
     assert len(list((cache / "retention").glob("*rte*.json"))) == 2
 
 
+def test_a_wandb_offline_folder_deleted_mid_run_is_warned_about(tmp_path: Path,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    pytest.importorskip("wandb")
+    from evaluation.run.loggers import WandbLogger
+
+    kept = WandbLogger(mode="offline")
+    assert kept.start(str(tmp_path / "a"), "run", {}) is not None
+    kept.log({"edit/loss": 1.0}, step=1)
+    kept.finish()
+    assert "was deleted" not in caplog.text  # an intact run says nothing
+    logger = WandbLogger(mode="offline")
+    assert logger.start(str(tmp_path / "b"), "run", {}) is not None
+    logger.log({"edit/loss": 1.0}, step=1)
+    shutil.rmtree(tmp_path / "b" / "wandb")  # e.g. a clean-up script, mid-run
+    with caplog.at_level("WARNING"):
+        logger.finish()
+    assert "W&B offline run folder" in caplog.text and "was deleted (or emptied) during the run" in caplog.text
+
+
 def test_the_data_cache_never_serves_a_file_whose_content_changed(tmp_path: Path) -> None:
     data = edits_file(tmp_path / "edits.json")
     stat = data.stat()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,13 @@ class WandbLogger(NullLogger):
         if self.run is not None:
             run, self.run = self.run, None
             try:
+                folder = Path(run.dir).parent  # offline-run-<time>-<id>/ (run.dir is its files/)
+            except Exception:  # noqa: BLE001 - only for the check below
+                folder = None
+            try:
                 run.finish()
             except Exception as err:  # noqa: BLE001
                 self._warn_once("finish", err)
+            if folder is not None and self.active_mode == "offline" and not any(folder.glob("*.wandb")):
+                log.warning("the W&B offline run folder %s was deleted (or emptied) during the run: its logged "
+                            "history is lost; results.json still holds the run's metrics", folder)
