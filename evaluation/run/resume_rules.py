@@ -10,8 +10,8 @@ from typing import Any, Mapping
 from omegaconf import DictConfig, OmegaConf
 
 from data.protocol import is_plain
-from evaluation.common.content_id import file_digest
 from evaluation.common.errors import ConfigError
+from evaluation.common.integrity import file_sha256
 from evaluation.editing.models import weights_identity
 from evaluation.run.checkpoint import CheckpointManager, StreamCheckpoint
 from evaluation.run.folder import run_dir_override
@@ -44,7 +44,9 @@ def run_inputs(cfg: DictConfig) -> dict[str, str | None]:
     (``evaluation.editing.models.weights_identity``)."""
     cache = cfg.paths.get("cache_dir")
     data = Path(str(cfg.dataset.path)).expanduser()
-    return {"dataset_sha256": file_digest(data, cache) if data.is_file() else None,
+    # the data file is hashed in full every time (small; a store keyed by mtime could be fooled by a rewrite that
+    # restores the time, as the loader's cache key guards against); the weights' digests come from the store
+    return {"dataset_sha256": file_sha256(data) if data.is_file() else None,
             "model_weights": weights_identity(OmegaConf.to_container(cfg.model, resolve=True), cache)}
 
 
