@@ -2,14 +2,28 @@
 from __future__ import annotations
 
 import contextlib
+import fnmatch
+import glob
 import json
+import logging
 import os
 import re
 import signal
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import IO, Any, Callable, Iterable, Iterator, Mapping
+
+log = logging.getLogger(__name__)
+
+#: a temporary file of an atomic write is named ``.<target name>.<random>.tmp`` beside its target (the random
+#: part is mkstemp's: letters, digits, "_"); the sweeps below recognise them by this name alone
+_TEMP_PREFIX, _TEMP_SUFFIX = ".", ".tmp"
+_TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]+\.tmp$")
+#: a temporary untouched this long has no live writer: an atomic write takes seconds (it is written, fsynced and
+#: renamed in one go), so only a write whose process was killed (or stopped for a day) leaves one this old
+STALE_TEMP_SECONDS = 24 * 3600.0
 
 
 def file_stem(key: str) -> str:
@@ -60,7 +74,7 @@ def _complete_temporary(path: Path, write: Callable[[IO[Any]], Any], binary: boo
         mode = path.stat().st_mode & 0o777
     except FileNotFoundError:
         mode = 0o644
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{_TEMP_PREFIX}{path.name}.", suffix=_TEMP_SUFFIX)
     try:
         with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
             os.fchmod(f.fileno(), mode)
@@ -74,13 +88,64 @@ def _complete_temporary(path: Path, write: Callable[[IO[Any]], Any], binary: boo
     return tmp
 
 
+def temp_files(folder: str | Path, target: str = "*") -> list[Path]:
+    """The temporary files in ``folder`` that atomic writes to files named like ``target`` (a glob pattern) left."""
+    found = []
+    for candidate in Path(folder).glob(f"{_TEMP_PREFIX}*{_TEMP_SUFFIX}"):
+        m = _TEMP_NAME.match(candidate.name)
+        if m and fnmatch.fnmatchcase(m.group("target"), target) and candidate.is_file():
+            found.append(candidate)
+    return sorted(found)
+
+
+def _remove(strays: Iterable[Path]) -> list[Path]:
+    removed = []
+    for stray in strays:
+        try:
+            stray.unlink()
+        except FileNotFoundError:
+            continue  # another process's sweep got there first
+        except OSError as err:  # tidying only: a folder this user cannot write keeps it, and the run goes on
+            log.info("cannot remove %s, left by an interrupted write: %s", stray, err.strerror or err)
+            continue
+        removed.append(stray)
+        log.info("removed %s, left by an interrupted write", stray)
+    return removed
+
+
+def remove_temp_files(path: str | Path) -> list[Path]:
+    """Remove the temporary files that interrupted atomic writes of ``path`` left beside it; returns them.
+
+    Call it only where no other process can be writing ``path``: under the lock that guards its writes (a shared
+    cache's entry), or in a folder the caller holds alone (a run folder); elsewhere, :func:`remove_stale_temp_files`.
+    """
+    path = Path(path)
+    return _remove(temp_files(path.parent, glob.escape(path.name)))
+
+
+def remove_stale_temp_files(folder: str | Path, target: str = "*",
+                            older_than: float = STALE_TEMP_SECONDS) -> list[Path]:
+    """Remove the temporary files of atomic writes to files named like ``target`` in ``folder`` (a cache shared by
+    concurrent runs, written without a lock) that nothing has touched for ``older_than`` seconds: their writers are
+    dead, while a younger one may be a live process's write in progress. Returns them; a missing folder has none."""
+    cutoff = time.time() - older_than
+
+    def stale(p: Path) -> bool:
+        try:
+            return p.stat().st_mtime < cutoff
+        except FileNotFoundError:
+            return False
+    return _remove(p for p in temp_files(folder, target) if stale(p))
+
+
 def write_atomic(path: str | Path, write: Callable[[IO[Any]], Any], binary: bool = False,
                  before_replace: Callable[[Path], Any] | None = None) -> None:
     """Call ``write(file)`` on a fresh temporary file beside ``path``, fsync it, then rename it over ``path``.
 
     The one atomic-write helper (results, caches, checkpoints): a kill mid-write leaves the old file and
-    at most a ``.<name>.*.tmp`` (removed when its run folder is next held). ``before_replace(tmp)`` runs
-    on the complete temporary file just before the rename (checkpoints write their digest there)."""
+    at most a ``.<name>.*.tmp``, removed when its run folder or cache is next held (:func:`remove_temp_files`).
+    ``before_replace(tmp)`` runs on the complete temporary file just before the rename (checkpoints write their
+    digest there)."""
     path = Path(path)
     tmp = _complete_temporary(path, write, binary)
     try:

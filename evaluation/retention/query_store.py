@@ -23,10 +23,13 @@ from typing import Any, Sequence
 
 import torch
 
-from evaluation.common.atomic import file_stem, write_atomic
+from evaluation.common.atomic import file_stem, remove_stale_temp_files, write_atomic
 from evaluation.retention.suite import InScopeFn
 
 log = logging.getLogger(__name__)
+
+#: the names of the store's files (:meth:`QueryStore.path`)
+FILES = "*-queries-*.pt"
 
 
 def _tensor_sha256(t: torch.Tensor) -> str:
@@ -47,6 +50,9 @@ class QueryStore:
     def __init__(self, cache_dir: str | Path, model_key: str) -> None:
         self.dir, self.model_key = Path(cache_dir), model_key
         self.read = self.computed = 0  # prompt lists served from a file / computed (this store's use only)
+        # files are written without a lock (each write is whole and any writer's is right): only a temporary too
+        # old to be another run's write in progress is known to be left by a killed one
+        remove_stale_temp_files(self.dir, FILES)
 
     def path(self, site: str, prompts: Sequence[str]) -> Path:
         digest = hashlib.sha256(json.dumps([self.model_key, site, list(prompts)]).encode()).hexdigest()[:20]

@@ -1,6 +1,7 @@
 """The run's own settings, checked before any work: one line naming the key and what it may be."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -10,6 +11,32 @@ from evaluation.common.errors import ConfigError
 #: run settings that count something and must be at least 1, checked before any work (the stream checks
 #: editor.batch_size again where it uses it; the loader checks dataset.num_edits)
 _POSITIVE = ("eval_batch_size", "generation_token_budget", "editor.batch_size", "checkpoint.keep")
+
+
+def _nearest_existing(folder: Path) -> Path:
+    while not folder.exists() and folder.parent != folder:
+        folder = folder.parent
+    return folder
+
+
+def check_caches_writable(cfg: DictConfig) -> None:
+    """``retention.cache_dir`` is written during the run (the unedited model's tasks before the stream, the routing
+    queries after it): a folder this user can read but not write would fail the run after the stream, hours in, so
+    it is refused before any work (root passes ``os.access`` everywhere but on a read-only mount)."""
+    value = OmegaConf.select(cfg, "retention.cache_dir")
+    if not value:
+        return  # no cache (retention=none, or retention.cache_dir=null): nothing is kept across runs
+    folder = Path(str(value)).expanduser()
+    existing = _nearest_existing(folder)
+    if not existing.is_dir():
+        raise ConfigError(f"retention.cache_dir {folder}: {existing} is not a folder; point retention.cache_dir=DIR "
+                          f"(or paths.cache_dir=DIR, for every cache) at a folder")
+    if os.access(existing, os.W_OK | os.X_OK):
+        return
+    what = f"retention.cache_dir {folder}" + ("" if existing == folder else f" cannot be made: {existing}")
+    raise ConfigError(f"{what} is not writable by this user (the run stores the unedited model's retention tasks "
+                      f"and routing queries there): make it writable, or point retention.cache_dir=DIR (or "
+                      f"paths.cache_dir=DIR, for every cache) at a folder you can write")
 
 
 def check_run_settings(cfg: DictConfig) -> None:
