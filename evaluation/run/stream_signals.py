@@ -3,20 +3,33 @@
 While editing, a signal is a request: the batch in flight finishes, ``state.good`` is saved and the
 stream stops with :class:`~evaluation.run.checkpoint.StreamInterrupted` (a second signal stops at once).
 The final evaluation has no boundary: a signal there stops at once, saying where the edits are saved.
+
+In a submitit job the scheduler's notice of a time limit or preemption
+(:func:`~evaluation.run.interrupts.preemption_signal`) is the same request, but the stream then hands the
+job back to submitit's own handler, which requeues it with the same overrides (with ``resume=auto`` the
+next job continues from that checkpoint); a second notice hands it back at once, from the newest checkpoint.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import signal
 import time
-from typing import Callable
+from typing import Any, Callable
 
 from evaluation.run.callbacks import Saver
 from evaluation.run.checkpoint import StreamInterrupted
-from evaluation.run.interrupts import handling_signals, stop_on_signals
+from evaluation.run.interrupts import (
+    SIGNALS,
+    handling_signals,
+    preemption_signal,
+    stop_on_signals,
+)
 from evaluation.run.stream_state import Callback, StreamState
+
+log = logging.getLogger(__name__)
 
 
 class SignalGuard:
@@ -25,6 +38,8 @@ class SignalGuard:
     A repeat within ``repeat_window`` seconds is the same stop delivered twice (``timeout`` signals
     its whole process group and ``make`` forwards the signal to its child), so it is ignored.
     ``on_first`` is told the first signal's name (the stream's loop reads it at the next boundary).
+    In a submitit job the guard also takes submitit's notice (``preemption``) and keeps submitit's handler
+    for it, which :meth:`hand_over` calls.
     """
 
     def __init__(self, enabled: bool, repeat_window: float = 1.0,
@@ -35,10 +50,13 @@ class SignalGuard:
         self.received: str | None = None
         self._received_at = 0.0
         self._handlers = contextlib.ExitStack()
+        self.preemption = preemption_signal() if enabled else None
+        self._replaced: dict[int, Any] = {}  # the handlers from before the guard, submitit's among them
 
     def __enter__(self) -> "SignalGuard":
         if self.enabled:
-            self._handlers.enter_context(handling_signals(self._handle))
+            signals = SIGNALS if self.preemption is None else (*SIGNALS, self.preemption)
+            self._replaced = self._handlers.enter_context(handling_signals(self._handle, signals))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -50,11 +68,31 @@ class SignalGuard:
         # second buffered write from the handler would fail as a reentrant call
         os.write(2, f"{text}\n".encode())
 
+    @property
+    def preempted(self) -> bool:
+        """The first signal was submitit's notice: the job is to be requeued, not stopped."""
+        return self.preemption is not None and self.received == self.preemption.name
+
+    def can_hand_over(self) -> bool:
+        return self.preemption is not None and callable(self._replaced.get(self.preemption))
+
+    def hand_over(self) -> None:
+        """Restore the handlers from before and call submitit's handler for its notice: it writes the same job
+        back to its pickle, requeues it and exits (raises SystemExit), or raises ``UncompletedJobError`` where
+        it will not requeue (e.g. after ``max_num_timeout`` time limits)."""
+        handler = self._replaced.get(self.preemption) if self.preemption is not None else None
+        self.__exit__(None, None, None)  # SIGTERM from the requeue itself is submitit's again, not a second stop
+        if callable(handler):
+            handler(self.preemption, None)
+
     def _handle(self, signum: int, frame: object) -> None:
         name = signal.Signals(signum).name
         if self.received is not None:
             if time.monotonic() - self._received_at < self.repeat_window:
                 return
+            if signum == self.preemption and self.can_hand_over():
+                self._say(f"second {name}: requeueing now, from the newest checkpoint on disk")
+                self.hand_over()
             self._say(f"second {name}: stopping now, without a new checkpoint")
             if signum == signal.SIGINT:
                 raise KeyboardInterrupt
@@ -63,14 +101,17 @@ class SignalGuard:
         self._received_at = time.monotonic()
         if self.on_first is not None:
             self.on_first(name)
-        self._say(f"{name} received: finishing the current batch, saving a checkpoint, then stopping "
-                  f"(send it again to stop at once)")
+        then, again = ("handing the job back to submitit to requeue", "requeue") if self.preempted else (
+            "stopping", "stop")
+        self._say(f"{name} received: finishing the current batch, saving a checkpoint, then {then} "
+                  f"(send it again to {again} at once)")
 
 
 class StopOnSignals(Callback):
     """SIGTERM/SIGINT while editing finish the batch, save ``state.good`` and stop with
     :class:`StreamInterrupted` (a second signal stops at once); during the final evaluation they stop at
-    once with a message that says where the edits are saved. ``enabled=False``: handlers stay as they are."""
+    once with a message that says where the edits are saved. ``enabled=False``: handlers stay as they are.
+    submitit's notice to a job (time limit, preemption) saves the same way, then submitit requeues the job."""
 
     def __init__(self, saver: Saver, enabled: bool = True, repeat_window: float = 1.0) -> None:
         self.saver, self.enabled, self.repeat_window = saver, enabled, repeat_window
@@ -83,12 +124,15 @@ class StopOnSignals(Callback):
         self.guard.__enter__()
 
     def on_edits_end(self, state: StreamState) -> None:
-        received = self.guard.received if self.guard is not None else None
-        if received is not None:
+        guard = self.guard
+        if guard is not None and guard.received is not None:
             good = state.good
-            path = self.saver.saved_at(good.position) or self.saver.save(good, f"signal {received}")
-            raise StreamInterrupted(f"stopped by {received} after {good.position} of {state.n} edits. "
-                                    f"{self.saver.note(path, good.position)}")
+            path = self.saver.saved_at(good.position) or self.saver.save(good, f"signal {guard.received}")
+            message = (f"stopped by {guard.received} after {good.position} of {state.n} edits. "
+                       f"{self.saver.note(path, good.position)}")
+            if guard.preempted and guard.can_hand_over():
+                message = self._requeue(guard, message)  # returns only where submitit does not requeue
+            raise StreamInterrupted(message)
         self._release()  # the end checkpoint is written under the handlers from before the stream, as always
 
     def on_evaluation_start(self, state: StreamState, upto: int) -> None:
@@ -102,6 +146,20 @@ class StopOnSignals(Callback):
         self._release()
         self._final.close()
         return None
+
+    def _requeue(self, guard: SignalGuard, message: str) -> str:
+        """submitit requeues the job with the same overrides (it exits here); the message where it will not."""
+        # only reached in a submitit job
+        from submitit.core.utils import UncompletedJobError
+
+        self.guard = None
+        log.warning("%s Handing the job back to submitit to requeue: with resume=auto (conf/experiment/"
+                    "cluster_slurm.yaml sets it) the requeued job continues from the newest checkpoint", message)
+        try:
+            guard.hand_over()
+        except UncompletedJobError as err:  # e.g. more time limits than hydra.launcher.max_num_timeout
+            return f"{message} submitit did not requeue the job: {err}"
+        return message
 
     def _final_message(self, n: int, sig: str) -> str:
         end = self.saver.saved_at(n) if self.saver.every else None
