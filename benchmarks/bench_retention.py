@@ -60,7 +60,7 @@ def _sync() -> None:
         pass
 
 
-def _timed(generate: GenerateFn, prompts: list[str], max_new_tokens: int, desc: str) -> tuple[list[str], float]:
+def _timed(generate: GenerateFn, prompts: list[str], max_new_tokens: int, desc: str) -> tuple[list[Any], float]:
     _sync()
     t0 = time.perf_counter()
     out = list(generate(prompts, max_new_tokens, desc=desc))
@@ -95,11 +95,12 @@ def measure_throughput(ways: Mapping[str, GenerateFn], tasks: Sequence[str] = TA
         examples = suite.examples(name)
         prompts = task.prompts(examples)
         row: dict[str, Any] = {"n_examples": len(examples), "n_prompts": len(prompts)}
-        outputs: dict[str, list[str]] = {}
+        outputs: dict[str, list[Any]] = {}  # Continuations: a way agrees when text, length and stop agree
         for way in names:
             outputs[way], seconds = _timed(ways[way], prompts, task.max_new_tokens, f"{name} {way}")
             row[way] = {"seconds": seconds, "examples_per_s": _rate(len(examples), seconds),
-                        "score": task.score(examples, outputs[way])[0],
+                        "score": task.score(examples, [c.text for c in outputs[way]],
+                                            [c.stop == "eos" for c in outputs[way]])[0],
                         "agreement": (sum(a == b for a, b in zip(outputs[way], outputs[names[0]])) / len(prompts)
                                       if prompts else 1.0)}
             total[way]["seconds"] += seconds

@@ -269,7 +269,9 @@ def test_a_retention_cache_entry_edited_with_its_digest_deleted_is_generated_aga
 
     suite = instantiate(compose_config(["retention=gu2024", "retention.tasks=[rte]", "retention.limit=2"]).retention)
     path = suite.cache_path(str(tmp_path), "model-key", "rte")
-    suite._store(path, "model-key", "rte", 0.5, {}, 1.0, ["a", "b"], None, [False, False])
+    suite._store(path, "model-key", "rte", {"score": 0.5, "details": {}, "seconds": 1.0, "outputs": ["a", "b"],
+                                            "stops": ["budget"] * 2, "tokens": [1, 1], "routed": None,
+                                            "reused_rows": [False, False]})
     assert suite._load_cached(path, "model-key", "rte")["score"] == 0.5
     blob = json.loads(Path(path).read_text())
     blob["score"] = 0.99  # a tampered unedited score would become every later run's baseline

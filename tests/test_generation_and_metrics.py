@@ -26,7 +26,7 @@ def test_batched_generation_equals_one_at_a_time_under_elder() -> None:
     batched = generate(prompts, 6)
     single = [generate([p], 6)[0] for p in prompts]
     assert batched == single
-    assert batched[0].strip().startswith(requests[0].target[:3])  # the edit shows in free generation
+    assert batched[0].text.strip().startswith(requests[0].target[:3])  # the edit shows in free generation
 
 
 def test_batched_teacher_forcing_equals_one_at_a_time() -> None:

@@ -72,7 +72,7 @@ def test_budget_batches_route_per_row_under_elder(one_thread: None) -> None:
     fixed = make_generate_fn(editor.model, editor.tokenizer, editor, batch_size=32, progress=False)
     out = generate(prompts, 6)
     assert out == [generate([p], 6)[0] for p in prompts] == fixed(prompts, 6)
-    assert out[0].strip().startswith(requests[0].target[:3])  # the edit shows in free generation
+    assert out[0].text.strip().startswith(requests[0].target[:3])  # the edit shows in free generation
 
 
 @pytest.mark.parametrize("arch", ["tiny_llama", "tiny_gpt2"])

@@ -106,7 +106,7 @@ def test_stream_learns_every_edit_and_leaves_other_inputs_exact() -> None:
     # greedy generation reuses the prompt's route for the generated tokens and reproduces the targets
     generate = make_generate_fn(editor.model, editor.tokenizer, editor, progress=False)
     out = generate([r.prompt for r in requests], max_new_tokens=max(len(r.target) for r in requests) + 1)
-    assert [o[:len(r.target) + 1] for o, r in zip(out, requests)] == [" " + r.target for r in requests]
+    assert [o.text[:len(r.target) + 1] for o, r in zip(out, requests)] == [" " + r.target for r in requests]
 
     # state round trip onto a freshly built editor
     fresh = GraceEditor(tiny_model("tiny_llama"), layer=1, replacement="replace_all")

@@ -97,7 +97,7 @@ def test_stream_learns_every_edit_and_leaves_other_inputs_exact() -> None:
     # greedy generation reuses the prompt's block for the generated tokens and reproduces the targets
     generate = make_generate_fn(editor.model, editor.tokenizer, editor, progress=False)
     out = generate([r.prompt for r in requests[:4]], max_new_tokens=max(len(r.target) for r in requests[:4]) + 1)
-    assert [o[:len(r.target) + 1] for o, r in zip(out, requests[:4])] == [" " + r.target for r in requests[:4]]
+    assert [o.text[:len(r.target) + 1] for o, r in zip(out, requests[:4])] == [" " + r.target for r in requests[:4]]
 
     # state round trip onto a freshly built editor
     fresh = MeloEditor(tiny_model("tiny_gpt2"), layers=[2, 3], query_layer=1)

@@ -23,14 +23,33 @@ JUNK13 = "\n\nAnna: ok!!!"  # 13 characters the authors' cut removes
 assert len(JUNK13) == len(EOT) == 13
 
 
-def _authors(task, examples, outputs) -> list[float | None]:
-    return [r["authors"] for r in task.item_scores(examples, outputs)]
+def _authors(task, examples, outputs, ended=None) -> list[float | None]:
+    return [r["authors"] for r in task.item_scores(examples, outputs, ended)]
 
 
 def test_authors_text_is_their_decoded_string():
     assert authors_text("Q: x A:", " 5") == EOT + "Q: x A: 5"
     assert authors_text("Q: x A:", "") == EOT + "Q: x A:" + EOT  # an immediate stop shows the end token
     assert gpt2_cleanup("Queen 's Park , we do n't .") == "Queen's Park, we don't."
+
+
+def test_the_end_token_follows_the_text_exactly_where_the_model_stopped_at_it():
+    # they generated one prompt at a time: a row that ended early has one <|endoftext|> after its text
+    assert authors_text("Q: x A:", " 5", ended=True) == EOT + "Q: x A: 5" + EOT
+    assert authors_text("Q: x A:", " 5", ended=False) == EOT + "Q: x A: 5"
+    # SAMSum: their 13-character cut removes the end token of a summary that ended early, text otherwise
+    ref = "Tom will buy a puppy tomorrow."
+    ex, whole = [SAMSumExample("1", "d", ref)], " Tom will buy a puppy tomorrow."
+    assert _authors(SAMSum(), ex, [whole]) == _authors(SAMSum(), ex, [whole], ended=[False])
+    assert _authors(SAMSum(), ex, [whole], ended=[True]) == [pytest.approx(1.0, abs=1e-6)]
+    assert _authors(SAMSum(), ex, [whole], ended=[False])[0] < 0.75
+    assert SAMSum().score(ex, [whole], [True])[1]["authors_score"] == pytest.approx(1.0, abs=1e-6)
+    # NQ: the end token fuses with the last word of their prediction, which then matches no answer
+    nq = [_nq("A passage.", "Paris")]
+    assert _authors(NQ(), nq, ["\nAnswer: Paris"], ended=[False]) == [1.0]
+    assert _authors(NQ(), nq, ["\nAnswer: Paris"], ended=[True]) == [0.0]
+    with pytest.raises(ValueError, match="1 stop reasons for 2 outputs"):
+        RTE().item_scores([RTEExample("a", "b", "entailment")] * 2, [" True", " True"], ended=[True])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -51,8 +51,7 @@ def test_a_task_locked_by_a_live_run_is_done_last_and_read_back_not_generated(tm
     suite = _suite(tmp_path / "cache")
     rte = suite.cache_path(str(tmp_path / "cache"), "m", "rte")
     other = _other_run(rte, 0.3, lambda: _suite(tmp_path / "cache")._store(  # another run generates rte
-        rte, "m", "rte", reference.scores["rte"], reference.details["rte"], 1.0, reference.outputs["rte"], None,
-        reference.reused_rows["rte"]))
+        rte, "m", "rte", reference.task_fields("rte")))
     gen = Recorder(lambda p: " True")
     report = suite.evaluate(gen, cache_key="m")
     other.join()
@@ -94,8 +93,7 @@ def test_deferred_a_task_another_run_is_generating_is_left_pending_then_collecte
     stored = threading.Event()
 
     def store_rte() -> None:
-        _suite(tmp_path / "cache")._store(rte, "m", "rte", reference.scores["rte"], reference.details["rte"], 1.0,
-                                          reference.outputs["rte"], None, reference.reused_rows["rte"])
+        _suite(tmp_path / "cache")._store(rte, "m", "rte", reference.task_fields("rte"))
         stored.set()
 
     stream_done = threading.Event()  # the other run stores rte only once this run has returned
@@ -132,6 +130,7 @@ def test_a_wait_poll_that_never_looks_is_refused():
 
 WORKER = """
 import json, sys, time
+from evaluation.editing.generation import Continuation
 from evaluation.retention.suite import Gu2024Suite, PendingTaskLost
 data, cache, log = sys.argv[1:4]
 suite = Gu2024Suite(data, tasks={tasks!r}, limit=3, cache_dir=cache, wait_poll_seconds=0.02)
@@ -139,7 +138,7 @@ def generate(prompts, max_new_tokens, desc=""):
     with open(log, "a") as f:
         f.write(desc + "\\n")
     time.sleep(0.5)
-    return [" True"] * len(prompts)
+    return [Continuation(" True", max_new_tokens, "budget")] * len(prompts)
 report = suite.evaluate(generate, cache_key="shared-model")
 print(json.dumps(report.scores, sort_keys=True))
 """

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hydra.utils import instantiate
@@ -15,6 +16,7 @@ from evaluation.reporting.retention_items import diff_runs, main, rescore_run
 from evaluation.retention.outputs import item_ids, read_items, task_file, write_items
 from evaluation.retention.suite import Gu2024Suite, RetentionReport
 from evaluation.run.compose import compose_config
+from evaluation.run.loggers import NullLogger
 from tests.conftest import RETENTION_DATA, tiny_model
 
 pytestmark = pytest.mark.skipif(not RETENTION_DATA.is_dir(), reason=f"retention data not at {RETENTION_DATA}")
@@ -103,7 +105,7 @@ def test_a_run_stores_every_item_and_its_outputs_rescore_to_the_stored_scores(tm
 
     overrides = ["model=tiny_llama", "editor=grace", "dataset.num_edits=3", "progress=false", "logger=none",
                  "retention.limit=3", "retention.tasks=[rte,nq,samsum,conll03]",
-                 f"retention.cache_dir={tmp_path / 'cache'}"]
+                 f"retention.cache_dir={tmp_path / 'cache'}", f"logger._target_={__name__}.SummaryFile"]
     run = tmp_path / "run"
     out = run_experiment(compose_config(overrides), run, {"editor": "grace", "model": "tiny_llama", "dataset": "zsre"})
     for pass_name, group in (("edited", "retention"), ("unedited", "retention_base")):
@@ -111,9 +113,31 @@ def test_a_run_stores_every_item_and_its_outputs_rescore_to_the_stored_scores(tm
         assert set(rescored) == {"rte", "nq", "samsum", "conll03"}
         for task, res in rescored.items():
             assert res["rescored"] == res["stored"] == out["metrics"][group][task], (pass_name, task)
+            assert res["authors_score"] == res["stored_authors"] == out["metrics"][f"{group}_details"][task][
+                "authors_score"], (pass_name, task)
+            assert res["changed_items"] == []
+    # each task's authors'-code score reaches the logger's summary (W&B) beside the headline
+    summary = json.loads((run / SummaryFile.FILE).read_text())
+    assert {k: summary[f"retention_authors/{k}"] for k in rescored} == {
+        k: d["authors_score"] for k, d in out["metrics"]["retention_details"].items()}
+    assert "retention_base_authors/nq" in summary
     rows = read_items(task_file(run, "edited", "conll03"))
     assert [r["id"] for r in rows[:5]] == ["0.0", "0.1", "0.2", "0.3", "1.0"]  # four prompts per sentence
-    assert {"id", "prompt", "continuation", "authors", "routed", "reused"} <= set(rows[0])
+    assert {"id", "prompt", "continuation", "stop", "tokens", "reference", "prediction", "authors", "routed",
+            "reused"} <= set(rows[0])
+    assert all(isinstance(r["reference"], list) for r in rows)  # CoNLL03: the gold entities of the type
+    # every row says why it stopped: the budget (10 new tokens) or the end token, before the budget
+    for task, budget in (("conll03", 10), ("nq", 20), ("samsum", 25), ("rte", 1)):
+        for r in read_items(task_file(run, "unedited", task)):
+            assert (r["stop"], r["tokens"] == budget) in (("budget", True), ("eos", False)), (task, r)
+    # a row whose stored score no longer matches its output is named by rescore
+    path = task_file(run, "edited", "rte")
+    tampered = read_items(path)
+    tampered[1]["authors"] = 1.0 - tampered[1]["authors"]
+    write_items(path, tampered)
+    assert rescore_run(run, "edited")["rte"]["changed_items"] == [tampered[1]["id"]]
+    write_items(path, [{k: v for k, v in r.items() if k != "stop"} for r in tampered])  # rows of an older run
+    assert rescore_run(run, "edited")["rte"]["rescored"] == out["metrics"]["retention"]["rte"]
     assert all(isinstance(r["routed"], bool) for r in rows)
     assert all(r["routed"] is None for r in read_items(task_file(run, "unedited", "rte")))
     # an edited pass that generated only in-scope rows says how many (GRACE: nothing here is in scope)
@@ -128,6 +152,18 @@ def test_a_run_stores_every_item_and_its_outputs_rescore_to_the_stored_scores(tm
     assert json.loads((tmp_path / "other" / "results.json").read_text())[
         "retention_tasks"]["edited"]["routing_queries"] == {"read": 4, "computed": 0}
     assert other["metrics"]["retention"] == out["metrics"]["retention"]  # nothing in scope either way
+
+
+class SummaryFile(NullLogger):
+    """A logger that writes the run's summary (what W&B's run summary receives) to a file in its folder."""
+
+    FILE = "summary.json"
+
+    def start(self, run_dir: str, name: str, config: Any, resume_id: str | None = None) -> None:
+        self.path = Path(run_dir) / self.FILE
+
+    def summary(self, metrics: Any) -> None:
+        self.path.write_text(json.dumps(dict(metrics)))
 
 
 def _fixture_run(folder: Path, continuations: list[str]) -> None:
@@ -146,6 +182,15 @@ def test_diff_prints_the_items_whose_outputs_differ(tmp_path: Path, capsys) -> N
     assert "rte: 1 of 3 items differ" in printed and "- 1: prompt 1" in printed
     with pytest.raises(SystemExit, match="no per-example retention outputs"):
         main(["diff", str(tmp_path / "a"), str(tmp_path / "missing")])
+
+
+def test_diff_names_the_items_only_one_run_holds(tmp_path: Path, capsys) -> None:
+    _fixture_run(tmp_path / "a", [" True", " False", " True"])
+    _fixture_run(tmp_path / "b", [" True"])  # e.g. a run with a smaller retention.limit
+    res = diff_runs(tmp_path / "a", tmp_path / "b")
+    assert (res["rte"]["compared"], res["rte"]["only_a"], res["rte"]["only_b"]) == (1, ["1", "2"], [])
+    main(["diff", str(tmp_path / "a"), str(tmp_path / "b")])
+    assert f"- 2 item(s) only in {tmp_path / 'a'}: 1, 2" in capsys.readouterr().out
 
 
 def test_a_truncated_outputs_file_is_one_line_naming_it(tmp_path: Path) -> None:
@@ -181,3 +226,29 @@ def test_items_are_logged_as_a_wandb_table_offline(tmp_path: Path, caplog) -> No
     (table,) = tmp_path.glob("wandb/offline-run-*/files/media/table/retention_outputs/edited/rte_*.table.json")
     stored = json.loads(table.read_text())
     assert stored["columns"] == list(rows[0]) and [r[2] for r in stored["data"]] == [" True", " False"]
+
+
+def test_an_interrupted_run_keeps_the_outputs_of_every_task_it_finished(tmp_path: Path, monkeypatch, one_thread):
+    import os
+    import signal
+
+    from evaluation.common.errors import HarnessError
+    from evaluation.run.experiment import run_experiment
+
+    continuations = Gu2024Suite._continuations
+
+    def stop_at_the_second_edited_task(self, name, prompts, generate, in_scope, unedited):
+        if unedited is not None and name == "sst2":  # the edited pass, after rte was stored
+            os.kill(os.getpid(), signal.SIGTERM)
+        return continuations(self, name, prompts, generate, in_scope, unedited)
+
+    monkeypatch.setattr(Gu2024Suite, "_continuations", stop_at_the_second_edited_task)
+    overrides = ["model=tiny_llama", "editor=grace", "dataset.num_edits=2", "progress=false", "logger=none",
+                 "retention.limit=2", "retention.tasks=[rte,sst2]", f"retention.cache_dir={tmp_path / 'cache'}"]
+    run = tmp_path / "run"
+    with pytest.raises(HarnessError, match="stopped by SIGTERM during the retention suite"):
+        run_experiment(compose_config(overrides), run, {"editor": "grace", "model": "tiny_llama", "dataset": "zsre"})
+    assert not (run / "results.json").exists()
+    for pass_name, tasks in (("unedited", ["rte", "sst2"]), ("edited", ["rte"])):  # what was done before the stop
+        assert sorted(t for t in ("rte", "sst2") if task_file(run, pass_name, t).is_file()) == tasks, pass_name
+        assert [r["id"] for r in read_items(task_file(run, pass_name, "rte"))] == ["0", "1"]

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from evaluation.editing.generation import Continuation
 from evaluation.retention.conll03 import TYPES, authors_entities, iob_chunks
 from evaluation.retention.suite import (
     TASK_NAMES,
@@ -56,7 +57,12 @@ class Recorder:
 
     def __call__(self, prompts, max_new_tokens, desc=""):
         self.calls.append((desc, max_new_tokens, len(prompts)))
-        return [self.answer(p) for p in prompts]
+        return [made_up(self.answer(p), max_new_tokens) for p in prompts]
+
+
+def made_up(text: str, max_new_tokens: int) -> Continuation:
+    """A hand-made continuation: an empty one ended at once, any other ran the token budget."""
+    return Continuation(text, 0, "eos") if not text else Continuation(text, max_new_tokens, "budget")
 
 
 def test_gold_generator_scores_one_and_calls_once_per_task():
@@ -171,7 +177,7 @@ def test_missing_data_dir(tmp_path):
 def test_wrong_number_of_outputs_is_an_error():
     suite = Gu2024Suite(str(DATA), tasks=["sst2"], limit=2)
     with pytest.raises(ValueError, match="sst2: got 1 outputs for 2 prompts"):
-        suite.evaluate(lambda prompts, max_new_tokens, desc="": [""])
+        suite.evaluate(lambda prompts, max_new_tokens, desc="": [made_up("", max_new_tokens)])
 
 
 def test_no_retention():

@@ -24,8 +24,6 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from evaluation.editing.editor import Editor
 
-GenerateFn = Callable[..., list[str]]
-
 
 def token_budget_batches(lengths: Sequence[int], budget: int | None, max_rows: int) -> list[list[int]]:
     """Indices of ``lengths``, shortest first (ties in input order), cut into batches.
@@ -124,17 +122,20 @@ def generate_continuations(model: nn.Module, tokenizer: Any, prompts: Sequence[s
     return out  # type: ignore[return-value]
 
 
+GenerateFn = Callable[..., "list[Continuation]"]
+
+
 def make_generate_fn(model: nn.Module, tokenizer: Any, scope: Editor | None = None, batch_size: int = 32,
                      progress: bool = True, token_budget: int | None = None) -> GenerateFn:
-    """``generate(prompts, max_new_tokens, desc="") -> continuations`` for ``model`` (routed by ``scope``).
+    """``generate(prompts, max_new_tokens, desc="") -> continuations`` for ``model`` (routed by ``scope``):
+    one :class:`Continuation` per prompt (its text, token count and stop reason).
 
     Batches hold at most ``batch_size`` prompts and, with ``token_budget``, at most ``token_budget``
     padded prompt tokens (see :func:`token_budget_batches`). Continuations do not depend on either.
     """
 
-    def generate(prompts: Sequence[str], max_new_tokens: int, desc: str = "") -> list[str]:
-        found = generate_continuations(model, tokenizer, prompts, max_new_tokens, scope, batch_size, token_budget,
-                                       progress=progress, desc=desc)
-        return [c.text for c in found]
+    def generate(prompts: Sequence[str], max_new_tokens: int, desc: str = "") -> list[Continuation]:
+        return generate_continuations(model, tokenizer, prompts, max_new_tokens, scope, batch_size, token_budget,
+                                      progress=progress, desc=desc)
 
     return generate

@@ -3,10 +3,12 @@
     python -m evaluation.retention_items diff RUN_A RUN_B [--pass edited] [--task nq] [--show 20]
     python -m evaluation.retention_items rescore RUN [--pass edited] [--data-dir DIR]
 
-``diff`` prints, per task both runs stored, the items whose continuations differ (and how many).
+``diff`` prints, per task both runs stored, the items whose continuations differ (and how many), and
+names the items only one of the runs holds.
 ``rescore`` scores the stored continuations again with the scorers as they are now, without
-generating, and prints them beside the scores the run stored (results.json): after a scorer changes,
-old outputs get new scores; with the same scorers, the two columns agree.
+generating, and prints them beside the scores the run stored (results.json), the headline and the
+authors'-code score each, with the number of items whose stored score changed: after a scorer
+changes, old outputs get new scores; with the same scorers, the columns agree and no item changed.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from evaluation.retention.suite import Gu2024Suite
 from evaluation.run.results import read_results
 
 STORED_SCORES = {"edited": "retention", "unedited": "retention_base"}  # results.json metrics per pass
+STORED_DETAILS = {"edited": "retention_details", "unedited": "retention_base_details"}
 
 
 def _stored(run_dir: Path, pass_name: str) -> dict[str, Path]:
@@ -35,16 +38,21 @@ def _stored(run_dir: Path, pass_name: str) -> dict[str, Path]:
 
 def diff_runs(run_a: Path, run_b: Path, pass_name: str = "edited",
               tasks: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
-    """Per task stored by both runs: the rows (same id) whose continuations differ, and the counts."""
+    """Per task stored by both runs: the rows (same id) whose continuations differ, the counts, and the
+    ids only one run holds (``only_a``, ``only_b``: e.g. a run with another retention.limit)."""
     a, b = _stored(run_a, pass_name), _stored(run_b, pass_name)
     out: dict[str, dict[str, Any]] = {}
     for task in sorted(set(a) & set(b)):
         if tasks and task not in tasks:
             continue
+        rows_a = read_items(a[task])
         rows_b = {r["id"]: r for r in read_items(b[task])}
-        common = [(r, rows_b[r["id"]]) for r in read_items(a[task]) if r["id"] in rows_b]
+        ids_a = {r["id"] for r in rows_a}
+        common = [(r, rows_b[r["id"]]) for r in rows_a if r["id"] in rows_b]
         out[task] = {"compared": len(common),
-                     "differ": [(ra, rb) for ra, rb in common if ra["continuation"] != rb["continuation"]]}
+                     "differ": [(ra, rb) for ra, rb in common if ra["continuation"] != rb["continuation"]],
+                     "only_a": [r["id"] for r in rows_a if r["id"] not in rows_b],
+                     "only_b": [i for i in rows_b if i not in ids_a]}
     return out
 
 
@@ -57,9 +65,10 @@ def rescore_run(run_dir: Path, pass_name: str = "edited", data_dir: str | None =
     if not data_dir:
         raise HarnessError(f"{run_dir}'s config names no retention.data_dir: pass --data-dir DIR")
     suite = Gu2024Suite(data_dir, tasks=list(files), limit=retention.get("limit"))
-    stored = {}
+    stored, stored_details = {}, {}
     if (run_dir / "results.json").is_file():
-        stored = read_results(run_dir / "results.json")["metrics"].get(STORED_SCORES[pass_name], {})
+        metrics = read_results(run_dir / "results.json")["metrics"]
+        stored, stored_details = metrics.get(STORED_SCORES[pass_name], {}), metrics.get(STORED_DETAILS[pass_name], {})
     out = {}
     for task, path in files.items():
         rows = read_items(path)
@@ -68,13 +77,38 @@ def rescore_run(run_dir: Path, pass_name: str = "edited", data_dir: str | None =
         if len(rows) != n_prompts:
             raise HarnessError(f"{path} has {len(rows)} rows but the task has {n_prompts} prompts at "
                                f"retention.limit={suite.limit}: the data or the limit differ from the run's")
-        headline, details = suite.tasks[task].score(examples, [r["continuation"] for r in rows])
-        out[task] = {"stored": stored.get(task), "rescored": headline, "authors_score": details.get("authors_score")}
+        outputs = [r["continuation"] for r in rows]
+        # rows written before stop reasons were recorded have none: the scorer infers it from the text
+        ended = [r["stop"] == "eos" for r in rows] if all("stop" in r for r in rows) else None
+        headline, details = suite.tasks[task].score(examples, outputs, ended)
+        items = suite.tasks[task].item_scores(examples, outputs, ended)
+        out[task] = {"stored": stored.get(task), "rescored": headline,
+                     "stored_authors": stored_details.get(task, {}).get("authors_score"),
+                     "authors_score": details.get("authors_score"),
+                     "changed_items": [r["id"] for r, new in zip(rows, items) if _changed(r, new)]}
     return out
+
+
+def _changed(stored: dict[str, Any], new: dict[str, Any]) -> bool:
+    """A row whose stored headline or authors'-code score differs from its score now."""
+    return any(k in stored and not _same(stored[k], new.get(k)) for k in ("score", "authors"))
+
+
+def _same(a: float | None, b: float | None) -> bool:
+    return a is None and b is None or (a is not None and b is not None and math.isclose(a, b, abs_tol=1e-12))
 
 
 def _pct(x: float | None) -> str:
     return "—" if x is None else f"{100 * x:.2f}"
+
+
+def _flagged(stored: float | None, now: float | None) -> str:
+    """``now`` as a percentage, marked where a stored value differs from it."""
+    return _pct(now) + ("" if stored is None or _same(stored, now) else " (changed)")
+
+
+def _ids(ids: Sequence[str], shown: int = 10) -> str:
+    return ", ".join(ids[:shown]) + (f" and {len(ids) - shown} more" if len(ids) > shown else "")
 
 
 def _clip(text: str, width: int = 70) -> str:
@@ -100,15 +134,20 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.command == "diff":
             for task, res in diff_runs(args.run_a, args.run_b, args.pass_name, args.task).items():
                 print(f"## {task}: {len(res['differ'])} of {res['compared']} items differ")
+                for side, run in (("only_a", args.run_a), ("only_b", args.run_b)):
+                    if res[side]:
+                        print(f"- {len(res[side])} item(s) only in {run}: {_ids(res[side])}")
                 for ra, rb in res["differ"][:args.show]:
                     print(f"- {ra['id']}: {_clip(ra['prompt'][-60:])}\n    A ({ra.get('score')}): "
                           f"{_clip(ra['continuation'])}\n    B ({rb.get('score')}): {_clip(rb['continuation'])}")
         else:
-            print("| task | stored | rescored | authors' code |\n|---|---:|---:|---:|")
+            print("| task | stored | rescored | authors' code: stored | rescored | items changed |\n"
+                  "|---|---:|---:|---:|---:|---|")
             for task, res in rescore_run(args.run, args.pass_name, args.data_dir).items():
-                same = res["stored"] is None or math.isclose(res["stored"], res["rescored"], abs_tol=1e-12)
-                print(f"| {task} | {_pct(res['stored'])} | {_pct(res['rescored'])}{'' if same else ' (changed)'} "
-                      f"| {_pct(res['authors_score'])} |")
+                changed = res["changed_items"]
+                print(f"| {task} | {_pct(res['stored'])} | {_flagged(res['stored'], res['rescored'])} "
+                      f"| {_pct(res['stored_authors'])} | {_flagged(res['stored_authors'], res['authors_score'])} "
+                      f"| {len(changed)}{': ' + _ids(changed) if changed else ''} |")
     except (HarnessError, FileNotFoundError) as err:
         raise SystemExit(f"error: {err}") from None
 

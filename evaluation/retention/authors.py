@@ -5,11 +5,12 @@ Gu et al. 2024 decode the whole generated sequence, ``[<|endoftext|>] * k + prom
 time: special tokens kept and ``clean_up_tokenization_spaces=True``. Each task then splits its
 prediction off that string with a marker. The harness's generator returns the continuation alone,
 special tokens skipped, decoded without the clean-up (transformers 5), so the authors'-code scores
-rebuild their string with :func:`authors_text` before applying their tests.
+rebuild their string with :func:`authors_text` (the end token added where the generator says the
+model stopped at its own) before applying their tests.
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Sequence
 
 EOT = "<|endoftext|>"  # GPT-2's end token: their pad, and the last token when the model stopped
 
@@ -26,18 +27,30 @@ def gpt2_cleanup(text: str) -> str:
     return text
 
 
-def authors_text(prompt: str, output: str) -> str:
+def authors_text(prompt: str, output: str, ended: bool | None = None) -> str:
     """Their decoded string for ``prompt`` and our continuation ``output``.
 
     * One leading ``<|endoftext|>`` stands for the k pad tokens (k >= 1: every prompt of the suite is
       shorter than 1,024 GPT-2 tokens). Only NQ, whose prompt lacks its marker, ever reads it; there
       the k copies fuse with the prompt's first word into one word that matches no answer, as one does.
-    * An empty continuation means the model ended at once: their string ends with ``<|endoftext|>``.
-      A non-empty one is taken to have run to the token budget without the end token (the generator
-      cannot tell us otherwise); where a model did stop early, their string had ``<|endoftext|>``
-      after the text, which matters for NQ (it fuses with the last word) and SAMSum (see there).
+    * ``ended``: the model stopped at its end token (the generator's stop reason ``eos``). They
+      generated one prompt at a time, so generation stopped there and their string ends with one
+      ``<|endoftext|>`` after the text; a continuation that ran its token budget has none. This matters
+      for NQ (the end token fuses with the last word) and SAMSum (their 13-character cut).
+      ``None`` (outputs stored without a stop reason): inferred as before stop reasons were recorded,
+      an empty continuation ended at once and a non-empty one ran its budget.
     """
-    return gpt2_cleanup(EOT + prompt + (output if output else EOT))
+    if ended is None:
+        ended = not output
+    return gpt2_cleanup(EOT + prompt + output + (EOT if ended else ""))
+
+
+def authors_texts(prompts: Sequence[str], outputs: Sequence[str], ended: Sequence[bool] | None = None) -> list[str]:
+    """:func:`authors_text` of every row; ``ended`` per row (None: inferred, see there)."""
+    if ended is not None and len(ended) != len(outputs):
+        raise ValueError(f"{len(ended)} stop reasons for {len(outputs)} outputs")
+    flags = [None] * len(outputs) if ended is None else [bool(e) for e in ended]
+    return [authors_text(p, o, e) for p, o, e in zip(prompts, outputs, flags)]
 
 
 def mean(values: Iterable[float]) -> float:

@@ -27,6 +27,8 @@ class RetentionTask(Protocol):
     ``score(examples, outputs)`` takes the generated continuations in the order of ``prompts`` and
     returns ``(headline, details)``: the headline is a fraction in 0..1, details are every other figure,
     among them ``authors_score``, the task's figure as the authors' code computes it (0..1).
+    ``ended`` (per row: the model stopped at its end token, not at the token budget) decides the string
+    the authors' decode showed (evaluation.retention.authors); None infers it from the text alone.
     """
 
     name: str
@@ -37,9 +39,11 @@ class RetentionTask(Protocol):
 
     def prompts(self, examples: Sequence[Any]) -> list[str]: ...
 
-    def score(self, examples: Sequence[Any], outputs: Sequence[str]) -> tuple[float, dict[str, float]]: ...
+    def score(self, examples: Sequence[Any], outputs: Sequence[str],
+              ended: Sequence[bool] | None = None) -> tuple[float, dict[str, float]]: ...
 
-    def item_scores(self, examples: Sequence[Any], outputs: Sequence[str]) -> list[dict[str, float | None]]:
+    def item_scores(self, examples: Sequence[Any], outputs: Sequence[str],
+                    ended: Sequence[bool] | None = None) -> list[dict[str, Any]]:
         """One dict per prompt row, in the order of ``prompts(examples)``, with at least
         ``score`` (the row under the headline's rule), ``authors`` (under the authors' code) and
         ``standard`` (a standard metric's value, None where the task has none). ``score`` aggregates
@@ -47,7 +51,9 @@ class RetentionTask(Protocol):
         by ratios of summed counts where a task says so (RTE's ``authors_denominator``, CoNLL03's
         ``hits``/``denominator`` and ``authors_hits``/``authors_denominator`` per type); a
         row's ``score``/``authors`` is None when its denominator is 0. NQ's ``authors`` depends on
-        the rows before it (their loop's state), so rows count only from the file's first item."""
+        the rows before it (their loop's state), so rows count only from the file's first item.
+        Rows also give ``reference`` (the gold answer: a string, or a list where a task has several) and
+        ``prediction`` (the text the headline's rule was applied to, extracted from the output)."""
         ...
 
 

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
-from evaluation.retention.authors import authors_text, mean
+from evaluation.retention.authors import authors_texts, mean
 from evaluation.retention.base import (
     check_outputs,
     data_path,
@@ -41,19 +41,22 @@ class BoolQ:
         return [f"Please answer the given question based on the passage. The answer should be exact 'yes' or 'no'. "
                 f"passage: {e.passage} question: {e.question}. answer:" for e in examples]
 
-    def score(self, examples: Sequence[BoolQExample], outputs: Sequence[str]) -> tuple[float, dict[str, float]]:
-        rows = self.item_scores(examples, outputs)
+    def score(self, examples: Sequence[BoolQExample], outputs: Sequence[str],
+              ended: Sequence[bool] | None = None) -> tuple[float, dict[str, float]]:
+        rows = self.item_scores(examples, outputs, ended)
         valid = sum(_judge(e.answer, o)[0] for e, o in zip(examples, outputs))
         headline, details = label_accuracy(len(examples), valid, int(sum(r["score"] for r in rows)))
         details["authors_score"] = mean(r["authors"] for r in rows)  # after-edit script's total_accuracy
         details["authors_score_before"] = mean(r["authors_before"] for r in rows)  # unedited script's
         return headline, details
 
-    def item_scores(self, examples: Sequence[BoolQExample], outputs: Sequence[str]) -> list[dict[str, float | None]]:
+    def item_scores(self, examples: Sequence[BoolQExample], outputs: Sequence[str],
+                    ended: Sequence[bool] | None = None) -> list[dict[str, Any]]:
         """Rows add ``authors_before``: the unedited-model script's exact test (see authors_item_scores)."""
         check_outputs(self.name, len(examples), outputs)
-        after, before = authors_item_scores(examples, self.prompts(examples), outputs)
-        return [{"score": float(_judge(e.answer, o)[1]), "authors": a, "authors_before": b, "standard": None}
+        after, before = authors_item_scores(examples, authors_texts(self.prompts(examples), outputs, ended))
+        return [{"score": float(_judge(e.answer, o)[1]), "authors": a, "authors_before": b, "standard": None,
+                 "reference": "yes" if e.answer else "no", "prediction": o.strip().lower()}
                 for e, o, a, b in zip(examples, outputs, after, before)]
 
 
@@ -67,8 +70,7 @@ def _judge(answer: bool, output: str) -> tuple[bool, bool]:
     return True, (p == "yes") == answer
 
 
-def authors_item_scores(examples: Sequence[BoolQExample], prompts: Sequence[str],
-                        outputs: Sequence[str]) -> tuple[list[float], list[float]]:
+def authors_item_scores(examples: Sequence[BoolQExample], texts: Sequence[str]) -> tuple[list[float], list[float]]:
     """Per item, 1 when it lands in their TP or FN, under (after, before) = the two scripts' tests.
 
     Their prediction is ``text.split("answer:")[1]``: the first "answer:" in their string is the
@@ -80,8 +82,8 @@ def authors_item_scores(examples: Sequence[BoolQExample], prompts: Sequence[str]
     Both if/elif chains count each valid item once (an output holding both words is correct either way).
     """
     after, before = [], []
-    for e, p, o in zip(examples, prompts, outputs):
-        pred = authors_text(p, o).split("answer:")[1].lower()
+    for e, text in zip(examples, texts):  # their decoded strings (authors_texts)
+        pred = text.split("answer:")[1].lower()
         after.append(float(("yes" in pred and e.answer) or ("no" in pred and not e.answer)))
         before.append(float((pred == " yes" and e.answer) or (pred == " no" and not e.answer)))
     return after, before

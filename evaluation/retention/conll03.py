@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
-from evaluation.retention.authors import authors_text, mean
+from evaluation.retention.authors import authors_texts, mean
 from evaluation.retention.base import check_outputs, data_path, malformed
 from evaluation.retention.text import split_entity_list
 
@@ -119,8 +119,9 @@ class CoNLL03:
         return [f"Please identify {word} Entity from the given text. Text: {authors_sentence(e.words)} Entity:"
                 for e in examples for _, word in TYPES]
 
-    def score(self, examples: Sequence[CoNLLExample], outputs: Sequence[str]) -> tuple[float, dict[str, float]]:
-        rows = self.item_scores(examples, outputs)
+    def score(self, examples: Sequence[CoNLLExample], outputs: Sequence[str],
+              ended: Sequence[bool] | None = None) -> tuple[float, dict[str, float]]:
+        rows = self.item_scores(examples, outputs, ended)
         details: dict[str, float] = {}
         hit_rates, recalls = [], []
         tp_all = pred_all = gold_all = 0
@@ -165,13 +166,14 @@ class CoNLL03:
         })
         return hit_rate, details
 
-    def item_scores(self, examples: Sequence[CoNLLExample], outputs: Sequence[str]) -> list[dict[str, float | None]]:
+    def item_scores(self, examples: Sequence[CoNLLExample], outputs: Sequence[str],
+                    ended: Sequence[bool] | None = None) -> list[dict[str, Any]]:
         """One row per prompt (four per sentence, in TYPES order). ``hits`` / ``denominator`` are the
         row's share of the headline's per-type counts, ``authors_hits`` / ``authors_denominator`` of the
         authors' code; ``score`` and ``authors`` are their ratios (None when the denominator is 0). Both
         figures are per-type sums of hits over sums of denominators, averaged over the types."""
         check_outputs(self.name, len(TYPES) * len(examples), outputs)
-        authors = authors_item_scores(examples, self.prompts(examples), outputs)
+        authors = authors_item_scores(examples, authors_texts(self.prompts(examples), outputs, ended))
         rows = []
         for k, (o, (a_hits, a_den)) in enumerate(zip(outputs, authors)):
             e, (tag, _) = examples[k // len(TYPES)], TYPES[k % len(TYPES)]
@@ -184,7 +186,7 @@ class CoNLL03:
                 hits = sum(ent in o for ent in ents)
             rows.append({"score": hits / den if den else None, "hits": float(hits), "denominator": float(den),
                          "authors": a_hits / a_den if a_den else None, "authors_hits": a_hits,
-                         "authors_denominator": a_den, "standard": None})
+                         "authors_denominator": a_den, "standard": None, "reference": ents, "prediction": o})
         return rows
 
 
@@ -195,8 +197,7 @@ def _type_rate(rows: Sequence[dict[str, float | None]], hits: str, den: str) -> 
     return sum(r[hits] for r in rows) / total if total else None
 
 
-def authors_item_scores(examples: Sequence[CoNLLExample], prompts: Sequence[str],
-                        outputs: Sequence[str]) -> list[tuple[float, float]]:
+def authors_item_scores(examples: Sequence[CoNLLExample], texts: Sequence[str]) -> list[tuple[float, float]]:
     """test-NER(-after).py per prompt: (what it adds to their count_T, what it adds to their total_T).
 
     Their prediction is ``text.split("Entity:")[1]``: the continuation, cut at a repeated "Entity:".
@@ -209,9 +210,9 @@ def authors_item_scores(examples: Sequence[CoNLLExample], prompts: Sequence[str]
       nothing else: added here to the MISC prompt of the sentence after it.
     """
     out = []
-    for k, (p, o) in enumerate(zip(prompts, outputs)):
+    for k, text in enumerate(texts):  # their decoded strings (authors_texts)
         e, (tag, _) = examples[k // len(TYPES)], TYPES[k % len(TYPES)]
-        pred = authors_text(p, o).split("Entity:")[1]
+        pred = text.split("Entity:")[1]
         ents = authors_entities(e.words, e.labels, tag)
         count = total = 0
         if not ents and len(pred) == 0:

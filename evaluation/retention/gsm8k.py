@@ -3,9 +3,9 @@ prompt and the model only has to state the final number."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
-from evaluation.retention.authors import authors_text, mean
+from evaluation.retention.authors import authors_texts, mean
 from evaluation.retention.base import (
     check_outputs,
     data_path,
@@ -47,8 +47,9 @@ class GSM8K:
         return [f"Q: {e.question} A:Let's think step by step. {e.rationale} Therefore, the answer (arabic numerals) is:"
                 for e in examples]
 
-    def score(self, examples: Sequence[GSM8KExample], outputs: Sequence[str]) -> tuple[float, dict[str, float]]:
-        rows = self.item_scores(examples, outputs)
+    def score(self, examples: Sequence[GSM8KExample], outputs: Sequence[str],
+              ended: Sequence[bool] | None = None) -> tuple[float, dict[str, float]]:
+        rows = self.item_scores(examples, outputs, ended)
         # The authors: `if answers in predict` -- the gold string is a substring of the output.
         rate = mean(r["score"] for r in rows)
         with_digit = sum(any(c.isdigit() for c in o) for o in outputs)
@@ -63,18 +64,19 @@ class GSM8K:
             "n_with_digit": float(with_digit),
         }
 
-    def item_scores(self, examples: Sequence[GSM8KExample], outputs: Sequence[str]) -> list[dict[str, float | None]]:
+    def item_scores(self, examples: Sequence[GSM8KExample], outputs: Sequence[str],
+                    ended: Sequence[bool] | None = None) -> list[dict[str, Any]]:
         check_outputs(self.name, len(examples), outputs)
-        authors = authors_item_scores(examples, self.prompts(examples), outputs)
+        authors = authors_item_scores(examples, authors_texts(self.prompts(examples), outputs, ended))
         return [{"score": float(e.answer in o),
                  "authors": a,
-                 "standard": float(e.answer.replace(",", "") in o.replace(",", ""))}
+                 "standard": float(e.answer.replace(",", "") in o.replace(",", "")),
+                 "reference": e.answer, "prediction": o}
                 for e, o, a in zip(examples, outputs, authors)]
 
 
-def authors_item_scores(examples: Sequence[GSM8KExample], prompts: Sequence[str], outputs: Sequence[str]) -> list[float]:
+def authors_item_scores(examples: Sequence[GSM8KExample], texts: Sequence[str]) -> list[float]:
     """test-reasoning(-after).py per item: ``answers in text.split(MARKER)[1]``. The marker occurs once in
     their string (no question or rationale holds it, and 5 new tokens cannot repeat it), so the split
     gives the continuation: equal to the headline's test on every output but for the decode clean-up."""
-    return [float(e.answer in authors_text(p, o).split(MARKER)[1])
-            for e, p, o in zip(examples, prompts, outputs)]
+    return [float(e.answer in text.split(MARKER)[1]) for e, text in zip(examples, texts)]  # authors_texts

@@ -5,9 +5,9 @@ import json
 import os
 import re
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
-from evaluation.retention.authors import authors_text, mean
+from evaluation.retention.authors import authors_texts, mean
 from evaluation.retention.base import (
     check_outputs,
     data_path,
@@ -72,19 +72,22 @@ class MuTual:
         return [f"Q: {e.article} Which choice is correct? Answer Chioces: (A){e.options[0]}(B){e.options[1]}"
                 f"(C){e.options[2]}(D){e.options[3]} A: Among A through D, the answer is" for e in examples]
 
-    def score(self, examples: Sequence[MuTualExample], outputs: Sequence[str]) -> tuple[float, dict[str, float]]:
-        rows = self.item_scores(examples, outputs)
+    def score(self, examples: Sequence[MuTualExample], outputs: Sequence[str],
+              ended: Sequence[bool] | None = None) -> tuple[float, dict[str, float]]:
+        rows = self.item_scores(examples, outputs, ended)
         valid = sum(_judge(e.answer, o)[0] for e, o in zip(examples, outputs))
         headline, details = label_accuracy(len(examples), valid, int(sum(r["score"] for r in rows)))
         details["authors_score"] = mean(r["authors"] for r in rows)  # after-edit script: correct / 886
         details["authors_score_before"] = mean(r["authors_before"] for r in rows)  # unedited script's
         return headline, details
 
-    def item_scores(self, examples: Sequence[MuTualExample], outputs: Sequence[str]) -> list[dict[str, float | None]]:
+    def item_scores(self, examples: Sequence[MuTualExample], outputs: Sequence[str],
+                    ended: Sequence[bool] | None = None) -> list[dict[str, Any]]:
         """Rows add ``authors_before``: the unedited-model script's test, without the "Chi" rule."""
         check_outputs(self.name, len(examples), outputs)
-        after, before = authors_item_scores(examples, self.prompts(examples), outputs)
-        return [{"score": float(_judge(e.answer, o)[1]), "authors": a, "authors_before": b, "standard": None}
+        after, before = authors_item_scores(examples, authors_texts(self.prompts(examples), outputs, ended))
+        return [{"score": float(_judge(e.answer, o)[1]), "authors": a, "authors_before": b, "standard": None,
+                 "reference": e.answer, "prediction": o.split("the answer is")[-1]}
                 for e, o, a, b in zip(examples, outputs, after, before)]
 
 
@@ -97,15 +100,14 @@ def _judge(answer: str, output: str) -> tuple[bool, bool]:
     return True, answer in p
 
 
-def authors_item_scores(examples: Sequence[MuTualExample], prompts: Sequence[str],
-                        outputs: Sequence[str]) -> tuple[list[float], list[float]]:
+def authors_item_scores(examples: Sequence[MuTualExample], texts: Sequence[str]) -> tuple[list[float], list[float]]:
     """Per item, 1 when their ``correct`` counts it, under (after, before) = test-dialogue-after.py and
     test-dialogue.py. Their prediction is ``text.split("the answer is")[-1]``: the prompt ends with the
     marker, so that is the one new token (or ``<|endoftext|>``, which holds no capital A-D). Only the
     after-edit script sends an output holding "Chi" to `other` first."""
     after, before = [], []
-    for e, p, o in zip(examples, prompts, outputs):
-        pred = authors_text(p, o).split("the answer is")[-1]
+    for e, text in zip(examples, texts):  # their decoded strings (authors_texts)
+        pred = text.split("the answer is")[-1]
         hit = any(letter in pred for letter in LETTERS) and e.answer in pred
         before.append(float(hit))
         after.append(float(hit and "Chi" not in pred))

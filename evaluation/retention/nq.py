@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
-from evaluation.retention.authors import authors_text, mean
+from evaluation.retention.authors import authors_texts, mean
 from evaluation.retention.base import (
     check_outputs,
     data_path,
@@ -58,8 +58,9 @@ class NQ:
         return [f"Refer to the passage below and answer the following question. Passage: {e.passage} "
                 f"Question: {e.question}" for e in examples]
 
-    def score(self, examples: Sequence[NQExample], outputs: Sequence[str]) -> tuple[float, dict[str, float]]:
-        rows = self.item_scores(examples, outputs)
+    def score(self, examples: Sequence[NQExample], outputs: Sequence[str],
+              ended: Sequence[bool] | None = None) -> tuple[float, dict[str, float]]:
+        rows = self.item_scores(examples, outputs, ended)
         preds = [_prediction(o) for o in outputs]
         n = len(examples)
         rate = mean(r["score"] for r in rows)
@@ -72,20 +73,22 @@ class NQ:
             "n_correct": float(sum(r["score"] for r in rows)),
         }
 
-    def item_scores(self, examples: Sequence[NQExample], outputs: Sequence[str]) -> list[dict[str, float | None]]:
+    def item_scores(self, examples: Sequence[NQExample], outputs: Sequence[str],
+                    ended: Sequence[bool] | None = None) -> list[dict[str, Any]]:
         """``authors`` is what the item adds to their count: 0, 1 or more, and it depends on the items
         before it (their loop's ``flag``), so rows must come in file order, from the file's first item."""
         check_outputs(self.name, len(examples), outputs)
-        authors = authors_item_scores(examples, self.prompts(examples), outputs)
+        authors = authors_item_scores(examples, authors_texts(self.prompts(examples), outputs, ended))
         rows = []
         for e, o, a in zip(examples, outputs, authors):
             p = _prediction(o)
             rows.append({"score": float(contains_answer_span(p, e.answers)), "authors": a,
-                         "standard": float(exact_match_any(p, e.answers))})
+                         "standard": float(exact_match_any(p, e.answers)), "reference": list(e.answers),
+                         "prediction": p})
         return rows
 
 
-def authors_item_scores(examples: Sequence[NQExample], prompts: Sequence[str], outputs: Sequence[str]) -> list[float]:
+def authors_item_scores(examples: Sequence[NQExample], texts: Sequence[str]) -> list[float]:
     """test-OpenDomainQA(-after).py per item, in file order: what each adds to their count.
 
     Their prediction is ``text.split("Answer:")[-1].replace("\n", " ")`` on the whole decoded string.
@@ -94,5 +97,5 @@ def authors_item_scores(examples: Sequence[NQExample], prompts: Sequence[str], o
     and question too (a gold answer in the passage counts). Their loop's bugs are replayed
     (:func:`authors_nq_counts`): double counts, and a ``flag`` never reset between items.
     """
-    preds = [authors_text(p, o).split("Answer:")[-1].replace("\n", " ") for p, o in zip(prompts, outputs)]
+    preds = [text.split("Answer:")[-1].replace("\n", " ") for text in texts]  # their decoded strings
     return [float(c) for c in authors_nq_counts(preds, [e.answers for e in examples])]

@@ -2,10 +2,16 @@
 
 Each line is one prompt row of a task, in the order of ``task.prompts(examples)``:
 
-``{"id", "prompt", "continuation", "score", "authors", "standard", "routed", "reused"}``
+``{"id", "prompt", "continuation", "stop", "tokens", "reference", "prediction", "score", "authors",
+"standard", "routed", "reused"}``
 
 * ``id``: the example's index in the task's file order (``"12"``), with the prompt's index inside the
   example where a task asks several prompts per example (CoNLL03: ``"12.3"``);
+* ``stop``: why generation stopped (``eos``: the model's end token; ``budget``: the task's number of new
+  tokens), ``tokens``: how many tokens it generated (the end token not counted). ``stop`` decides the
+  string the authors' decode showed, so re-scoring a row needs it;
+* ``reference``: the gold answer (a list where a task has several: NQ's answers, CoNLL03's entities of
+  the prompt's type); ``prediction``: the text the headline's rule was applied to;
 * ``score`` / ``authors`` / ``standard``: the row's value under the headline's rule, under the authors'
   code, and under a standard metric where the task has one (``task.item_scores``; CoNLL03 adds
   ``hits`` and ``denominator``);
@@ -40,16 +46,19 @@ def item_ids(n_examples: int, n_prompts: int) -> list[str]:
     return [str(i) for i in range(n_examples)] if per == 1 else [f"{i // per}.{i % per}" for i in range(n_prompts)]
 
 
-def item_rows(task: RetentionTask, examples: Sequence[Any], outputs: Sequence[str],
-              routed: Sequence[bool] | None = None, reused: Sequence[bool] | None = None) -> list[dict[str, Any]]:
-    """One record per prompt row: its id, prompt, continuation, per-item scores and routing."""
+def item_rows(task: RetentionTask, examples: Sequence[Any], outputs: Sequence[str], stops: Sequence[str],
+              tokens: Sequence[int], routed: Sequence[bool] | None = None,
+              reused: Sequence[bool] | None = None) -> list[dict[str, Any]]:
+    """One record per prompt row: its id, prompt, continuation and how it stopped, per-item scores and routing."""
     prompts = task.prompts(examples)
-    if len(outputs) != len(prompts):
-        raise ValueError(f"{task.name}: {len(outputs)} outputs for {len(prompts)} prompts")
-    scores = task.item_scores(examples, outputs)
+    if not len(outputs) == len(stops) == len(tokens) == len(prompts):
+        raise ValueError(f"{task.name}: {len(outputs)} outputs, {len(stops)} stop reasons and {len(tokens)} token "
+                         f"counts for {len(prompts)} prompts")
+    scores = task.item_scores(examples, outputs, [s == "eos" for s in stops])
     rows = []
-    for k, (iid, prompt, out, sc) in enumerate(zip(item_ids(len(examples), len(prompts)), prompts, outputs, scores)):
-        rows.append({"id": iid, "prompt": prompt, "continuation": out, **sc,
+    for k, (iid, prompt, sc) in enumerate(zip(item_ids(len(examples), len(prompts)), prompts, scores)):
+        rows.append({"id": iid, "prompt": prompt, "continuation": outputs[k], "stop": stops[k],
+                     "tokens": int(tokens[k]), **sc,
                      "routed": None if routed is None else bool(routed[k]),
                      "reused": False if reused is None else bool(reused[k])})
     return rows
@@ -86,14 +95,18 @@ def stored_tasks(folder: str | Path, pass_name: str) -> Iterator[tuple[str, Path
             yield path.stem, path
 
 
-def write_report_items(suite: Gu2024Suite, report: RetentionReport, folder: str | Path, pass_name: str) -> dict[str, list[dict[str, Any]]]:
-    """Write one JSON-lines file per task of ``report`` (its ``outputs``) under ``folder/retention_outputs/<pass_name>/``; returns the rows per task."""
+def write_report_items(suite: Gu2024Suite, report: RetentionReport, folder: str | Path, pass_name: str,
+                       tasks: Sequence[str] | None = None) -> dict[str, list[dict[str, Any]]]:
+    """Write one JSON-lines file per task of ``report`` (``tasks``: only these) under
+    ``folder/retention_outputs/<pass_name>/``; returns the rows per task."""
     if pass_name not in PASSES:
         raise ValueError(f"pass_name must be one of {PASSES}, got {pass_name!r}")
     written = {}
     for name, outputs in report.outputs.items():
-        rows = item_rows(suite.tasks[name], suite.examples(name), outputs, report.routed.get(name),
-                         report.reused_rows.get(name))
+        if tasks is not None and name not in tasks:
+            continue
+        rows = item_rows(suite.tasks[name], suite.examples(name), outputs, report.stops[name], report.tokens[name],
+                         report.routed.get(name), report.reused_rows.get(name))
         write_items(task_file(folder, pass_name, name), rows)
         written[name] = rows
     return written

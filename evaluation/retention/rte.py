@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
-from evaluation.retention.authors import authors_text
+from evaluation.retention.authors import authors_texts
 from evaluation.retention.base import (
     check_outputs,
     data_path,
@@ -41,8 +41,9 @@ class RTE:
     def prompts(self, examples: Sequence[RTEExample]) -> list[str]:
         return [f"{e.sentence1} entails the {e.sentence2}. True or False? answer:" for e in examples]
 
-    def score(self, examples: Sequence[RTEExample], outputs: Sequence[str]) -> tuple[float, dict[str, float]]:
-        rows = self.item_scores(examples, outputs)
+    def score(self, examples: Sequence[RTEExample], outputs: Sequence[str],
+              ended: Sequence[bool] | None = None) -> tuple[float, dict[str, float]]:
+        rows = self.item_scores(examples, outputs, ended)
         valid = sum(_judge(e.label, o.lower())[0] for e, o in zip(examples, outputs))
         headline, details = label_accuracy(len(examples), valid, int(sum(r["score"] for r in rows)))
         # their total_accuracy = (TP + FN) / (TP + FN + TN + FP + others)
@@ -50,13 +51,15 @@ class RTE:
         details["authors_score"] = sum(r["authors"] for r in rows) / den if den else 0.0
         return headline, details
 
-    def item_scores(self, examples: Sequence[RTEExample], outputs: Sequence[str]) -> list[dict[str, float | None]]:
+    def item_scores(self, examples: Sequence[RTEExample], outputs: Sequence[str],
+                    ended: Sequence[bool] | None = None) -> list[dict[str, Any]]:
         """Rows add ``authors_denominator``: the row's count in their denominator (2 when the output holds
         both words); ``authors_score`` is sum(authors) / sum(authors_denominator)."""
         check_outputs(self.name, len(examples), outputs)
-        authors = authors_item_scores(examples, self.prompts(examples), outputs)
+        authors = authors_item_scores(examples, authors_texts(self.prompts(examples), outputs, ended))
         return [{"score": float(_judge(e.label, o.lower())[1]), "authors": num, "authors_denominator": den,
-                 "standard": None} for e, o, (num, den) in zip(examples, outputs, authors)]
+                 "standard": None, "reference": e.label, "prediction": o.lower()}
+                for e, o, (num, den) in zip(examples, outputs, authors)]
 
 
 def _judge(label: str, p: str) -> tuple[bool, bool]:
@@ -68,16 +71,15 @@ def _judge(label: str, p: str) -> tuple[bool, bool]:
     return True, says_true if label == "entailment" else says_false
 
 
-def authors_item_scores(examples: Sequence[RTEExample], prompts: Sequence[str],
-                        outputs: Sequence[str]) -> list[tuple[float, float]]:
+def authors_item_scores(examples: Sequence[RTEExample], texts: Sequence[str]) -> list[tuple[float, float]]:
     """test-NLI(-after).py per item: (its count in TP + FN, its count in TP + FN + TN + FP + others).
 
     Their prediction is ``text.split("answer:")[-1]``: the prompt ends with the marker and one new token
     cannot hold it, so that is the continuation (or ``<|endoftext|>``, which holds neither word). Their
     two independent ``if``s count an output holding both words twice (TP and TN, or FP and FN)."""
     out = []
-    for e, p, o in zip(examples, prompts, outputs):
-        pred = authors_text(p, o).split("answer:")[-1].lower()
+    for e, text in zip(examples, texts):  # their decoded strings (authors_texts)
+        pred = text.split("answer:")[-1].lower()
         t, f = "true" in pred, "false" in pred
         if not (t or f):
             out.append((0.0, 1.0))  # others

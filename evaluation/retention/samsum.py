@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
-from evaluation.retention.authors import EOT, authors_text, mean
+from evaluation.retention.authors import EOT, authors_texts, mean
 from evaluation.retention.base import check_outputs, data_path, malformed, require
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
@@ -57,10 +57,11 @@ class SAMSum:
     def prompts(self, examples: Sequence[SAMSumExample]) -> list[str]:
         return [f"{e.dialogue}\nTL;DR:" for e in examples]
 
-    def score(self, examples: Sequence[SAMSumExample], outputs: Sequence[str]) -> tuple[float, dict[str, float]]:
+    def score(self, examples: Sequence[SAMSumExample], outputs: Sequence[str],
+              ended: Sequence[bool] | None = None) -> tuple[float, dict[str, float]]:
         check_outputs(self.name, len(examples), outputs)
         per_type = _rouge_score_rows(examples, outputs)
-        authors = authors_item_scores(examples, self.prompts(examples), outputs)
+        authors = authors_item_scores(examples, authors_texts(self.prompts(examples), outputs, ended))
         n = len(examples)
         mean_f = mean(sum(f.values()) / len(ROUGE_TYPES) for f in per_type)
         details = {"rouge_mean": mean_f}
@@ -69,13 +70,16 @@ class SAMSum:
                         "n_empty": float(sum(not o.split("DR:")[-1].strip() for o in outputs))})
         return mean_f, details
 
-    def item_scores(self, examples: Sequence[SAMSumExample], outputs: Sequence[str]) -> list[dict[str, float | None]]:
+    def item_scores(self, examples: Sequence[SAMSumExample], outputs: Sequence[str],
+                    ended: Sequence[bool] | None = None) -> list[dict[str, Any]]:
         check_outputs(self.name, len(examples), outputs)
-        authors = authors_item_scores(examples, self.prompts(examples), outputs)
+        authors = authors_item_scores(examples, authors_texts(self.prompts(examples), outputs, ended))
         rows = []
-        for f, a in zip(_rouge_score_rows(examples, outputs), authors):
+        for e, o, f, a in zip(examples, outputs, _rouge_score_rows(examples, outputs), authors):
             s = sum(f.values()) / len(ROUGE_TYPES)
-            rows.append({"score": s, "authors": a, "standard": s})  # the headline is rouge-score's mean F
+            # the headline is rouge-score's mean F
+            rows.append({"score": s, "authors": a, "standard": s, "reference": e.summary,
+                         "prediction": o.split("DR:")[-1]})
         return rows
 
 
@@ -95,21 +99,20 @@ def _rouge_score_rows(examples: Sequence[SAMSumExample], outputs: Sequence[str])
     return rows
 
 
-def authors_item_scores(examples: Sequence[SAMSumExample], prompts: Sequence[str], outputs: Sequence[str]) -> list[float]:
+def authors_item_scores(examples: Sequence[SAMSumExample], texts: Sequence[str]) -> list[float]:
     """test-summarization(-after).py per item: (ROUGE-1 F + ROUGE-2 F + ROUGE-L F) / 3 from pltrdy's
     ``Rouge().get_scores(predict, summary)`` (case- and punctuation-sensitive whitespace tokens,
     sentences split on ".", summary-level ROUGE-L), on ``predict = text.split("DR:")[-1][:-13]``.
 
-    The cut of 13 characters always happens: it removes "<|endoftext|>" when GPT-2 stopped early and
-    real text when it ran the 25 tokens. A non-empty continuation is taken as having run its budget
-    (see authors_text), so the cut takes its last 13 characters; an empty one leaves just the end
-    token, cut to "". A prediction of at most 1 character scores 0 (their guard). One whose every
+    The cut of 13 characters always happens: it removes "<|endoftext|>" when the model stopped at its end
+    token (their string, ``texts`` from authors_texts, ends with it) and real text when it ran the 25
+    tokens. A prediction of at most 1 character scores 0 (their guard). One whose every
     sentence is empty (only full stops) makes pltrdy raise, which would have stopped their run: 0 here.
     """
     rouge = _authors_rouge()
     out = []
-    for e, p, o in zip(examples, prompts, outputs):
-        pred = authors_text(p, o).split("DR:")[-1][:-len(EOT)]
+    for e, text in zip(examples, texts):
+        pred = text.split("DR:")[-1][:-len(EOT)]
         if len(pred) <= 1:
             out.append(0.0)
             continue

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
-from evaluation.retention.authors import authors_text, mean
+from evaluation.retention.authors import authors_texts, mean
 from evaluation.retention.base import (
     check_outputs,
     data_path,
@@ -12,6 +12,8 @@ from evaluation.retention.base import (
     malformed,
     read_tsv,
 )
+
+LABELS = {0: "negative", 1: "positive"}
 
 
 @dataclass(frozen=True)
@@ -39,17 +41,20 @@ class SST2:
         return [f"For each snippet of text,label the sentiment of the text as positive or negative.The answer should "
                 f"be exact 'positive' or 'negative'. text: {e.sentence} answer:" for e in examples]
 
-    def score(self, examples: Sequence[SST2Example], outputs: Sequence[str]) -> tuple[float, dict[str, float]]:
-        rows = self.item_scores(examples, outputs)
+    def score(self, examples: Sequence[SST2Example], outputs: Sequence[str],
+              ended: Sequence[bool] | None = None) -> tuple[float, dict[str, float]]:
+        rows = self.item_scores(examples, outputs, ended)
         valid = sum(_judge(e.label, o.lower())[0] for e, o in zip(examples, outputs))
         headline, details = label_accuracy(len(examples), valid, int(sum(r["score"] for r in rows)))
         details["authors_score"] = mean(r["authors"] for r in rows)  # their total_accuracy
         return headline, details
 
-    def item_scores(self, examples: Sequence[SST2Example], outputs: Sequence[str]) -> list[dict[str, float | None]]:
+    def item_scores(self, examples: Sequence[SST2Example], outputs: Sequence[str],
+                    ended: Sequence[bool] | None = None) -> list[dict[str, Any]]:
         check_outputs(self.name, len(examples), outputs)
-        authors = authors_item_scores(examples, self.prompts(examples), outputs)
-        return [{"score": float(_judge(e.label, o.lower())[1]), "authors": a, "standard": None}
+        authors = authors_item_scores(examples, authors_texts(self.prompts(examples), outputs, ended))
+        return [{"score": float(_judge(e.label, o.lower())[1]), "authors": a, "standard": None,
+                 "reference": LABELS[e.label], "prediction": o.lower()}
                 for e, o, a in zip(examples, outputs, authors)]
 
 
@@ -61,13 +66,14 @@ def _judge(label: int, p: str) -> tuple[bool, bool]:
     return True, (pos and label == 1) or (neg and label == 0)  # their TP + FN
 
 
-def authors_item_scores(examples: Sequence[SST2Example], prompts: Sequence[str], outputs: Sequence[str]) -> list[float]:
+def authors_item_scores(examples: Sequence[SST2Example], texts: Sequence[str]) -> list[float]:
     """test-SentimentAnalysis(-after).py per item: 1 when it lands in their TP or FN. Their prediction is
     ``text.split("answer:")[-1]``, the one new token (the prompt ends with the marker). Their if/elif
-    chain counts each valid item once, so their total_accuracy is the mean of these."""
+    chain counts each valid item once, so their total_accuracy is the mean of these. ``texts``: their decoded
+    strings (authors_texts)."""
     out = []
-    for e, p, o in zip(examples, prompts, outputs):
-        pred = authors_text(p, o).split("answer:")[-1].lower()
+    for e, text in zip(examples, texts):
+        pred = text.split("answer:")[-1].lower()
         if "positive" in pred and e.label == 1:
             out.append(1.0)  # TP
         elif "negative" in pred and e.label == 0:

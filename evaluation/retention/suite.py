@@ -18,12 +18,11 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from filelock import FileLock, Timeout
 
-from evaluation.common.atomic import file_stem, write_json_atomic
+from evaluation.common.atomic import file_stem, remove_temp_files, write_json_atomic
 from evaluation.common.errors import ConfigError, HarnessError
 from evaluation.common.integrity import CorruptFile, check_seal, file_sha256, seal
 from evaluation.retention.base import RetentionTask, data_path
@@ -32,11 +31,23 @@ from evaluation.retention.conll03 import CoNLL03
 from evaluation.retention.gsm8k import GSM8K
 from evaluation.retention.mutual import MuTual
 from evaluation.retention.nq import NQ
+from evaluation.retention.report import (
+    TASK_FIELDS,
+    RetentionReport,
+    fill,
+    row_of,
+    rows_of,
+    valid_stored_fields,
+)
 from evaluation.retention.rte import RTE
 from evaluation.retention.samsum import SAMSum
 from evaluation.retention.sst2 import SST2
 
-GenerateFn = Callable[..., list[str]]  # generate(prompts, max_new_tokens, desc="") -> continuations
+if TYPE_CHECKING:  # the suite reads generated rows; importing the generator (torch) is the caller's
+    from evaluation.editing.generation import Continuation
+
+# generate(prompts, max_new_tokens, desc="") -> one Continuation (text, tokens, stop reason) per prompt
+GenerateFn = Callable[..., list["Continuation"]]
 # in_scope(prompts) -> (B,) bool tensor: the editor's router acts on each prompt; None: no router
 InScopeFn = Callable[[Sequence[str]], Any]
 
@@ -47,46 +58,11 @@ TASKS: dict[str, type] = {"gsm8k": GSM8K, "rte": RTE, "nq": NQ, "boolq": BoolQ, 
 # Bump when prompts, decoding lengths or scoring change: cached reports made before are then ignored.
 # 2: details gain authors_score (each task scored as the authors' code computes it; NQ's
 # authors_loop_rate folded into it), BoolQ and MuTual authors_score_before.
-SCORING_VERSION = 2
+# 3: each row's stop reason and token count are stored; the authors' string ends with the end token
+# exactly where the model stopped at it (authors_score changes where a non-empty output ended early).
+SCORING_VERSION = 3
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class RetentionReport:
-    scores: dict[str, float]  # headline per task (0..1) and "average"
-    details: dict[str, dict[str, float]] = field(default_factory=dict)
-    seconds: dict[str, float] = field(default_factory=dict)  # generation + scoring, when it was generated
-    reused: list[str] = field(default_factory=list)  # tasks read back from the cache, not generated now
-    # per task, one continuation per prompt row (task.prompts order), and per row whether the editor's
-    # router put it in scope (None: no router, or the unedited pass)
-    outputs: dict[str, list[str]] = field(default_factory=dict)
-    routed: dict[str, list[bool] | None] = field(default_factory=dict)
-    # per task, the rows whose continuation is the unedited pass's (out of scope), not generated again
-    reused_rows: dict[str, list[bool]] = field(default_factory=dict)
-    # tasks another run was generating, left for ``collect`` (evaluate(defer_others=True)); no average yet
-    pending: list[str] = field(default_factory=list)
-
-    @property
-    def cached(self) -> bool:
-        """Every task came from the cache."""
-        return bool(self.details) and set(self.reused) >= set(self.details)
-
-    def ratio_to(self, base: "RetentionReport") -> dict[str, float | None]:
-        """Each score over ``base``'s; None (JSON null) where the base scores 0 and the ratio is undefined."""
-        return {k: (v / base.scores[k] if base.scores.get(k) else None) for k, v in self.scores.items()}
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "RetentionReport":
-        return cls(scores=dict(d["scores"]), details={k: dict(v) for k, v in d.get("details", {}).items()},
-                   seconds=dict(d.get("seconds", {})), reused=list(d.get("reused", [])),
-                   outputs={k: list(v) for k, v in d.get("outputs", {}).items()},
-                   routed={k: (None if v is None else list(v)) for k, v in d.get("routed", {}).items()},
-                   reused_rows={k: list(v) for k, v in d.get("reused_rows", {}).items()},
-                   pending=list(d.get("pending", [])))
 
 
 def _task_list(tasks: Sequence[str] | str) -> list[str]:
@@ -179,43 +155,49 @@ class Gu2024Suite:
             return None
         if not isinstance(blob, dict) or blob.get("key") != cache_key or blob.get("settings") != self.task_settings(name):
             return None
-        if not _valid_stored_fields(blob):
+        if not valid_stored_fields(blob):
             # a damaged or hand-edited file: generate the task again (and overwrite it) rather than fail
             log.warning("ignoring %s: its score, details or seconds are missing or not numbers", path)
             return None
         return blob
 
-    def _store(self, path: str, cache_key: str, name: str, score: float, details: dict[str, float],
-               seconds: float, outputs: list[str], routed: list[bool] | None, reused_rows: list[bool]) -> None:
+    def _store(self, path: str, cache_key: str, name: str, task: Mapping[str, Any]) -> None:
+        """One task's :data:`TASK_FIELDS` (score, details, ..., its rows) under its key and settings."""
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        blob = {"key": cache_key, "settings": self.task_settings(name), "score": score, "details": details,
-                "seconds": seconds, "outputs": outputs, "routed": routed, "reused_rows": reused_rows}
+        blob = {"key": cache_key, "settings": self.task_settings(name), **{k: task[k] for k in TASK_FIELDS}}
         write_json_atomic(path, seal(blob), indent=1, sort_keys=True)
 
     def _continuations(self, name: str, prompts: list[str], generate: GenerateFn, in_scope: InScopeFn | None,
-                       unedited: RetentionReport | None) -> tuple[list[str], list[bool] | None, list[bool]]:
-        """Every row's continuation, whether the router put it in scope, and whether it was taken over
-        from the unedited pass instead of generated (only rows out of scope, when ``reuse_unedited``)."""
+                       unedited: RetentionReport | None) -> dict[str, Any]:
+        """Every row's continuation (``outputs``, ``stops``, ``tokens``), whether the router put it in scope
+        (``routed``), and whether it was taken over from the unedited pass instead of generated
+        (``reused_rows``: only rows out of scope, when ``reuse_unedited``)."""
         task = self.tasks[name]
         mask = in_scope(prompts) if in_scope is not None else None
         routed = None if mask is None else [bool(x) for x in mask.tolist()]
-        base = unedited.outputs.get(name) if unedited is not None and self.reuse_unedited else None
+        base = rows_of(unedited, name) if unedited is not None and self.reuse_unedited else None
         if routed is None or base is None or len(base) != len(prompts):
             # no router (FT-L, ROME: the edits act on every input) or no unedited outputs: generate every row
-            return list(generate(prompts, task.max_new_tokens, desc=name)), routed, [False] * len(prompts)
-        todo = [i for i, r in enumerate(routed) if r]
-        outputs = list(base)
-        for i, out in zip(todo, generate([prompts[i] for i in todo], task.max_new_tokens, desc=name)):
-            outputs[i] = out
-        return outputs, routed, [not r for r in routed]
+            rows = [row_of(c) for c in generate(prompts, task.max_new_tokens, desc=name)]
+            reused = [False] * len(prompts)
+        else:
+            todo = [i for i, r in enumerate(routed) if r]
+            rows = list(base)
+            for i, c in zip(todo, generate([prompts[i] for i in todo], task.max_new_tokens, desc=name)):
+                rows[i] = row_of(c)
+            reused = [not r for r in routed]
+        return {"outputs": [t for t, _, _ in rows], "stops": [s for _, s, _ in rows],
+                "tokens": [n for _, _, n in rows], "routed": routed, "reused_rows": reused}
 
     def evaluate(self, generate: GenerateFn, *, cache_key: str | None = None, cache_dir: str | None = None,
                  in_scope: InScopeFn | None = None, unedited: RetentionReport | None = None,
-                 on_stored: Callable[[str], None] | None = None, defer_others: bool = False) -> RetentionReport:
+                 on_stored: Callable[[str, RetentionReport], None] | None = None,
+                 defer_others: bool = False) -> RetentionReport:
         """Run every task through ``generate``. With ``cache_key`` (naming the model, its state and its
         generation settings) and a cache folder (``cache_dir``, else the suite's), each task's score is
         read back when stored for the same key and task settings, and stored as soon as it is computed
-        (then ``on_stored(task)``: the run keeps its wall time so far beside what a resume restores).
+        (then ``on_stored(task, report so far)``: the run keeps its wall time so far beside what a resume
+        restores, and writes the task's per-example outputs).
 
         ``in_scope`` (an edited pass: the editor's router) marks the rows the edits act on; with the
         ``unedited`` pass's report, the other rows keep its continuations (see ``reuse_unedited``).
@@ -237,26 +219,25 @@ class Gu2024Suite:
             task = self.tasks[name]
             t0 = time.perf_counter()
             examples = self.examples(name)
-            outputs, routed, reused_rows = self._continuations(name, task.prompts(examples), generate, in_scope,
-                                                               unedited)
-            score, details = task.score(examples, outputs)
-            seconds = time.perf_counter() - t0
-            _fill(report, name, {"score": score, "details": details, "seconds": seconds, "outputs": outputs,
-                                 "routed": routed, "reused_rows": reused_rows})
+            rows = self._continuations(name, task.prompts(examples), generate, in_scope, unedited)
+            score, details = task.score(examples, rows["outputs"], [s == "eos" for s in rows["stops"]])
+            done = {"score": score, "details": details, "seconds": time.perf_counter() - t0, **rows}
+            fill(report, name, done)
             if name in paths:
-                self._store(paths[name], cache_key, name, score, details, seconds, outputs, routed, reused_rows)
+                self._store(paths[name], cache_key, name, done)
                 if on_stored is not None:
-                    on_stored(name)
+                    on_stored(name, report)
 
         def read_back(name: str) -> bool:
             blob = stored.get(name) or (self._load_cached(paths[name], cache_key, name) if name in paths else None)
             if blob is None:
                 return False
-            _fill(report, name, blob)
+            fill(report, name, blob)
             report.reused.append(name)
             return True
 
         def generate_or_read(name: str) -> None:  # under the task's lock
+            remove_temp_files(paths[name])  # a killed write's temporary: every write of this entry holds the lock
             if not read_back(name):  # stored by another run between our first look and the lock
                 run_task(name)
 
@@ -297,7 +278,7 @@ class Gu2024Suite:
                 blob = self._load_cached(path, cache_key, name)
             if blob is None:
                 raise PendingTaskLost(name)
-            _fill(report, name, blob)
+            fill(report, name, blob)
             report.reused.append(name)
         report.pending = []
         return self._complete(report)
@@ -311,21 +292,13 @@ class Gu2024Suite:
         """Tasks in the suite's order (each map and ``reused``), and the average."""
         order = {name: i for i, name in enumerate(self.task_names)}
         for table in (report.scores, report.details, report.seconds, report.outputs, report.routed,
-                      report.reused_rows):
+                      report.stops, report.tokens, report.reused_rows):
             items = sorted(table.items(), key=lambda kv: order[kv[0]])
             table.clear()
             table.update(items)
         report.reused.sort(key=order.__getitem__)
         report.scores["average"] = sum(report.scores[n] for n in self.task_names) / len(self.task_names)
         return report
-
-
-def _fill(report: RetentionReport, name: str, blob: Mapping[str, Any]) -> None:
-    """One task's score, details, seconds, outputs and routing (stored or just computed) into ``report``."""
-    report.scores[name], report.seconds[name] = blob["score"], blob["seconds"]
-    report.details[name] = dict(blob["details"])
-    report.outputs[name], report.routed[name] = list(blob["outputs"]), blob["routed"]
-    report.reused_rows[name] = list(blob["reused_rows"])
 
 
 class PendingTaskLost(HarnessError):
@@ -335,19 +308,6 @@ class PendingTaskLost(HarnessError):
         super().__init__(f"the unedited model's retention task {task} was being generated by another run, which "
                          f"stopped without storing it")
         self.task = task
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _valid_stored_fields(blob: dict[str, Any]) -> bool:
-    details, outputs, routed, reused = (blob.get(k) for k in ("details", "outputs", "routed", "reused_rows"))
-    return (_is_number(blob.get("score")) and _is_number(blob.get("seconds")) and isinstance(details, dict)
-            and all(isinstance(k, str) and _is_number(v) for k, v in details.items())
-            and isinstance(outputs, list) and all(isinstance(o, str) for o in outputs)
-            and (routed is None or (isinstance(routed, list) and len(routed) == len(outputs)))
-            and isinstance(reused, list) and len(reused) == len(outputs))
 
 
 class NoRetention:
@@ -360,8 +320,8 @@ class NoRetention:
 
     def evaluate(self, generate: GenerateFn | None = None, *, cache_key: str | None = None,
                  cache_dir: str | None = None, in_scope: InScopeFn | None = None,
-                 unedited: RetentionReport | None = None, on_stored: Callable[[str], None] | None = None,
-                 defer_others: bool = False) -> None:
+                 unedited: RetentionReport | None = None,
+                 on_stored: Callable[[str, RetentionReport], None] | None = None, defer_others: bool = False) -> None:
         return None
 
     def collect(self, report: None, *, cache_key: str, cache_dir: str | None = None) -> None:

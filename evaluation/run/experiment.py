@@ -43,7 +43,7 @@ from evaluation.run.resume_rules import (
     run_inputs,
     same_result,
 )
-from evaluation.run.settings import check_run_settings
+from evaluation.run.settings import check_caches_writable, check_run_settings
 from evaluation.run.stream import run_stream
 
 log = logging.getLogger(__name__)
@@ -116,6 +116,7 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path, choices: Mapping[str, s
                 log.info("resume=auto: %s already holds a finished run of this config; nothing to do", run_dir)
                 return {k: finished.get(k) for k in ("metrics", "curves", "forgetting", "timings")}
             resume = False  # a finished run of another config: set aside below, and this one starts afresh
+        check_caches_writable(cfg)  # a run with work to do: a cache it cannot write fails now, not after the stream
         # before any work: a bad resume fails at once
         checkpoints, resume_from = resume_checkpoints(cfg, run_dir, resume, inputs)
         if run_dir.resolve() not in checkpoints.directory.resolve().parents:  # a checkpoint.dir of its own: held too
@@ -206,6 +207,7 @@ def _run(cfg: DictConfig, run_dir: Path, choices: Mapping[str, str], checkpoints
             # (if that run stops without it, a resume generates it on the unedited model before restoring)
             retention_base = retention.evaluate(gen, cache_key=model_key, defer_others=checkpoints.every > 0)
         timings["retention_base_seconds"] = time.perf_counter() - start
+        write_report_items(retention, retention_base, run_dir, "unedited")  # kept if the run stops later
 
     # _partial_: Hydra would turn the LoadedModel dataclass into a config if passed as a kwarg
     editor: Editor = build(cfg.editor, model=loaded)
@@ -233,7 +235,9 @@ def _run(cfg: DictConfig, run_dir: Path, choices: Mapping[str, str], checkpoints
             "at_edit_time": at_edit_time(stream.forgetting),
         }
         if retention.enabled:
+            pending = list(retention_base.pending)
             retention_base = _collect_unedited(retention, retention_base, model_key, checkpoints, len(requests))
+            write_report_items(retention, retention_base, run_dir, "unedited", tasks=pending)
             start = time.perf_counter()
             gen = make_generate_fn(editor.model, editor.tokenizer, editor, cfg.eval_batch_size, cfg.progress,
                                  token_budget=cfg.generation_token_budget)
@@ -242,8 +246,9 @@ def _run(cfg: DictConfig, run_dir: Path, choices: Mapping[str, str], checkpoints
             store = run_dir / RETENTION_STORE
             resumable = checkpoints.every > 0  # the stream saved its end state, so resume=true can skip the edits
 
-            def keep_wall(_task: str) -> None:  # a resume restores the stream's end: count the tasks done since
-                seconds = stream.wall_seconds()
+            def on_stored(task: str, report: Any) -> None:
+                write_report_items(retention, report, run_dir, "edited", tasks=[task])  # kept if the run stops
+                seconds = stream.wall_seconds()  # a resume restores the stream's end: count the tasks done since
                 if resumable and checkpoints.last_saved == len(requests) and seconds is not None:
                     checkpoints.note_wall(seconds)
             # routing queries read before any edited module are the unedited model's: kept across runs
@@ -256,7 +261,7 @@ def _run(cfg: DictConfig, run_dir: Path, choices: Mapping[str, str], checkpoints
                                              (f"; to go on, {checkpoints.resume_hint}" if resumable else "")):
                 # rows out of the router's scope keep the unedited continuation (equal bit for bit)
                 after = retention.evaluate(gen, cache_key=edited_key, cache_dir=str(store), unedited=retention_base,
-                                           in_scope=in_scope, on_stored=keep_wall)
+                                           in_scope=in_scope, on_stored=on_stored)
             timings["retention_seconds"] = time.perf_counter() - start
             metrics["retention"] = after.scores
             metrics["retention_base"] = retention_base.scores
@@ -280,6 +285,9 @@ def _run(cfg: DictConfig, run_dir: Path, choices: Mapping[str, str], checkpoints
         flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         for group in ("at_edit_time", "retention", "retention_base", "retention_ratio"):  # e.g. each task, the ratio
             flat.update({f"{group}/{k}": v for k, v in metrics.get(group, {}).items() if v is not None})
+        for group in ("retention", "retention_base"):  # each task's score as the authors' code computes it
+            flat.update({f"{group}_authors/{task}": d["authors_score"]
+                         for task, d in metrics.get(f"{group}_details", {}).items() if "authors_score" in d})
         logger.summary(flat)
         stream_info = {"resumed_from": stream.resumed_from, "skipped": stream.skipped,
                        "checkpoints": str(checkpoints.directory), "wandb_run_id": run_id}
