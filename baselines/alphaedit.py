@@ -13,7 +13,7 @@ averaged over MEMIT's prefix groups, the residual spread over the layers, sequen
 - update (float32, as the authors):  dW_l^T = (P_l (K_l K_l^T + Kp_l) + L2 I)^-1 P_l K_l R^T,
   which lies in P_l's range, so dW_l k = 0 for every k the projector removes.
 
-Two reported failures of other implementations are avoided by construction (README "MEMIT and AlphaEdit"):
+Two reported failures of other implementations are avoided by construction (docs/locate_then_edit.md):
 EasyEdit #613 (``cache_c`` a module-level global that accumulated across runs meant to be independent): Kp_l
 belongs to one editor instance, starts at zero with it, and is restored only from that run's checkpoint;
 EasyEdit #518 (0.24 / 0.20 against the authors' 94.56 / 90.96 after 2,000 ZsRE edits, with one edit per call):

@@ -5,7 +5,7 @@
     python -m benchmarks.width_sweep --estimate-only                              # time a small point, print estimates
     python -m benchmarks.width_sweep elder:editor.lr=1e-3 --out outputs/ws_lr     # an override for one editor
 
-On SmolLM2-135M (576 wide), ELDER forgets earlier batches as later ones are trained (README, "Earlier
+On SmolLM2-135M (576 wide), ELDER forgets earlier batches as later ones are trained (docs/editors.md, "Earlier
 batches are forgotten"), and it is tempting to blame the model's size: the paper's LLaMA2-7B is 4096
 wide. This sweep holds everything else fixed and varies only the width:
 
@@ -51,7 +51,7 @@ it), so a stopped sweep goes on where it was.
 Before the sweep, the script times a short stream (two batches) per editor at the two smallest
 widths. It fits seconds = a + b * (FLOPs per token) and prints the estimated time of every point
 (``--estimate-only`` stops there). Defaults: widths 128, 256, 512, 768, depth 8, 100 edits,
-``eval_every`` 4, one thread. See the report in the README for measured times.
+``eval_every`` 4, one thread. See docs/findings.md ("Is it the model's size?") for measured times.
 
 Caveats, both part of the design:
 

@@ -5,7 +5,7 @@
 ``counterfact-facts``: one true fact per line, "{prompt} {ground_truth}.", from CounterFact's train split
 (10,000 human-templated sentences, none of them an edit of the stream's counterfact-edit.json records; some
 subjects recur). The authors' corpus is 100,000 Wikipedia texts, which are not here; this is the closest text
-of the world's facts that is. Never build a corpus from the retention suite's items (README "MEMIT and AlphaEdit").
+of the world's facts that is. Never build a corpus from the retention suite's items (docs/locate_then_edit.md).
 """
 from __future__ import annotations
 

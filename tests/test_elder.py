@@ -44,7 +44,7 @@ def test_parameter_count_at_paper_shapes(arch: str, query: int, layers: range, e
 def test_stream_learns_every_edit(arch: str) -> None:
     # One batch of four: on these 64-wide random models a later batch overwrites an earlier one
     # (measured: the first batch of 8 ZsRE edits drops to 0 after the second), so the stream's
-    # learning is asserted per batch; the real model's multi-batch figures are in the README.
+    # learning is asserted per batch; the real model's multi-batch figures are in docs/findings.md.
     loaded = tiny_model(arch)
     requests = zsre_requests(4)
     base = predict(Unedited(loaded), *locality_inputs(requests))

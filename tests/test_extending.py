@@ -1,4 +1,4 @@
-"""What the README's "Extending" section promises: a new editor is one module and one YAML, a new model
+"""What the "Extending" section of docs/development.md promises: a new editor is one module and one YAML, a new model
 is one YAML, and the packages import one another in one direction only."""
 from __future__ import annotations
 

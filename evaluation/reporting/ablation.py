@@ -1,5 +1,5 @@
 """The ablation table: runs of one editor on one model and dataset that differ in editor settings, one row each,
-labelled by the settings in which they differ (README "MEMIT and AlphaEdit": the statistics' corpus, the value
+labelled by the settings in which they differ (docs/locate_then_edit.md, "Measured": the statistics' corpus, the value
 settings).
 
     python -m evaluation.tables ablation outputs/multirun/corpus_smollm2_n100 --out results/corpus_smollm2_n100

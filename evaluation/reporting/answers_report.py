@@ -1,5 +1,5 @@
-"""Teacher forcing against generation, at edit time and after the stream (README "Teacher forcing and
-generation"): one table per model and dataset, every editor a row, and a bar figure.
+"""Teacher forcing against generation, at edit time and after the stream (docs/answers.md, "Teacher forcing
+and generation"): one table per model and dataset, every editor a row, and a bar figure.
 
     python -m evaluation.tables answers outputs/multirun/answers_smollm2_n100 --out results/answers_smollm2_n100
 """

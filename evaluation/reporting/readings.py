@@ -26,7 +26,7 @@ from evaluation.reporting.selection import (
 ROW_KEYS = ("editor", "elder_reading", "key_position", "lr", "protocol", "revisit", "edits")
 METRICS = ("reliability", "generalization", "locality")
 PROTOCOL_NOTE = (
-    "Protocol is dataset.protocol (data/protocol.py; README, \"The stream protocol\"): one_per_fact edits each "
+    "Protocol is dataset.protocol (data/protocol.py; docs/configuration.md, \"Data\"): one_per_fact edits each "
     "fact once, by its prompt; grouped makes each of a fact's trained phrasings an entry (on ROME's CounterFact "
     "its prompt and first paraphrase; on ZsRE, one paraphrase per record, only its prompt, so grouping only "
     "shuffles) and shuffles them; revisit R puts each trained phrasing R times at random positions. Edits "

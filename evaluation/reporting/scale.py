@@ -1,4 +1,4 @@
-"""The scale report (README "Scale"): each editor's edit scores, time per edit and parameters against the number of
+"""The scale report (docs/speed.md, "Scale"): each editor's edit scores, time per edit and parameters against the number of
 edits of one long stream (its curve points, e.g. ``eval_at=[1000,2000,5000]`` of a 10,000-edit run), log x.
 
     python -m evaluation.tables scale outputs/multirun/table1_smollm2_memory --dataset counterfact \

@@ -24,8 +24,8 @@ def build_table1(frame: pd.DataFrame, opts: Options) -> Report:
     report = Report("table1", f"Table 1: reliability and generalization (%) after {n_edits} sequential edits",
                     notes=common_notes(frame))
     report.notes.append("Rel./Gen. are teacher-forced exact match, as the paper scores them; \"(generated)\": exact "
-                        "match of the model's own greedy answer (README \"Teacher forcing and generation\"), — for runs "
-                        "made before it was recorded.")
+                        "match of the model's own greedy answer (docs/answers.md, \"Teacher forcing and generation\"), "
+                        "— for runs made before it was recorded.")
     cells = Cells(frame, ("editor", "elder_reading", "model", "dataset"))
     found = [*cells.ok, *cells.failed]
     # ROME's own CounterFact records are the paper's CounterFact: a column of their own, same paper numbers

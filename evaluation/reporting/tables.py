@@ -22,7 +22,7 @@ a heatmap of batch x edits done and accuracy against the age of the edit, with t
     python -m evaluation.tables forgetting outputs/real/elder_smollm2_zsre_1000 --out results/forgetting_smollm2
 
 and ``answers`` (each editor's edits scored teacher-forced and from its generated answers, at edit time and
-after the stream; README "Teacher forcing and generation"):
+after the stream; docs/answers.md, "Teacher forcing and generation"):
 
     python -m evaluation.tables answers outputs/multirun/answers_smollm2_n100 --out results/answers_smollm2_n100
 """

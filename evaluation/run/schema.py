@@ -94,7 +94,7 @@ class DatasetConf:
     order: str = "file"
     order_clusters: Optional[int] = None  # lemoe_cluster's k; null: ceil(num_edits / editor.batch_size)
     order_sequence: str = "first"  # lemoe_cluster: clusters by their first edit in the file | size: largest first
-    # the stream protocol (data/protocol.py; README "Data"): one_per_fact (default: each fact once, its prompt
+    # the stream protocol (data/protocol.py; docs/configuration.md "Data"): one_per_fact (default: each fact once, its prompt
     # trained, its paraphrases held out) | grouped (GRACE/MELO: the prompt and the first floor(m/2) of its m
     # paraphrases trained, the rest held out, every trained phrasing a stream entry, shuffled with dataset.seed)
     protocol: str = "one_per_fact"
