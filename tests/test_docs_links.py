@@ -33,7 +33,8 @@ def relative_links(page: Path) -> list[str]:
 def test_anchor_follows_githubs_rules():
     assert anchor("Does ELDER reproduce?") == "does-elder-reproduce"
     assert anchor("What a run writes: `results.json`") == "what-a-run-writes-resultsjson"
-    assert anchor("Scoring decisions (evidence: the authors' scripts)") == "scoring-decisions-evidence-the-authors-scripts"
+    assert anchor("Scoring decisions (evidence: the authors' scripts)") == (
+        "scoring-decisions-evidence-the-authors-scripts")
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))

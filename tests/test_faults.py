@@ -140,6 +140,21 @@ def test_a_signal_while_writing_the_codes_is_one_line_and_keeps_the_results(tmp_
     assert (tmp_path / "results.json").is_file()
 
 
+def test_a_signal_before_the_first_edit_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import evaluation.run.experiment as experiment
+
+    def killed(*args: Any, **kwargs: Any) -> None:  # the unedited model's locality pass, as a SIGTERM would stop it
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+        pytest.fail("the signal did not stop the run")
+
+    monkeypatch.setattr(experiment, "base_locality_predictions", killed)
+    with pytest.raises(HarnessError, match="stopped by SIGTERM before the first edit .* nothing is lost: rerun the "
+                                           "same command"):
+        run_experiment(cfg(), tmp_path, {})
+    assert not (tmp_path / "results.json").exists()
+
+
 def test_a_checkpoint_dir_shared_by_two_runs_is_refused_and_keeps_the_first_runs_checkpoints(tmp_path: Path) -> None:
     shared = tmp_path / "shared_checkpoints"
     run_experiment(cfg(f"checkpoint.dir={shared}"), tmp_path / "a", {})

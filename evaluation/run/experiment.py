@@ -172,28 +172,33 @@ def _run(cfg: DictConfig, run_dir: Path, choices: Mapping[str, str], checkpoints
     dataset = build(cfg.dataset)
     requests = dataset.load()  # before the model: bad data fails in seconds
     reading: AnswerReading = build(cfg.answers)  # and a bad answer reading
-    start = time.perf_counter()
-    loaded = build(cfg.model)
-    timings["model_load_seconds"] = time.perf_counter() - start
-    dataset.check_fits(requests, loaded.tokenizer, model_context(loaded.model))  # before any work on them
-    # the stream's edit order (dataset.order): the file's, or LEMoE's plan on the model's prompt embeddings;
-    # before the unedited locality, which is read per request in stream order
-    requests = dataset.in_stream_order(requests, loaded.tokenizer, loaded.model.get_input_embeddings(),
-                                       batch_size=OmegaConf.select(cfg, "editor.batch_size", default=1), seed=cfg.seed)
-    compile_blocks(loaded, **cfg.compile)  # before the editors wrap anything: they are traced with the blocks
-    retention = build(cfg.retention)
+    # nothing here is worth a checkpoint (what is reused is cached), but a stop still says so in one line
+    with stop_on_signals(lambda sig: f"stopped by {sig} before the first edit (loading the model and reading "
+                                     f"the unedited model's answers); nothing is lost: rerun the same command"):
+        start = time.perf_counter()
+        loaded = build(cfg.model)
+        timings["model_load_seconds"] = time.perf_counter() - start
+        dataset.check_fits(requests, loaded.tokenizer, model_context(loaded.model))  # before any work on them
+        # the stream's edit order (dataset.order): the file's, or LEMoE's plan on the model's prompt embeddings;
+        # before the unedited locality, which is read per request in stream order
+        requests = dataset.in_stream_order(requests, loaded.tokenizer, loaded.model.get_input_embeddings(),
+                                           batch_size=OmegaConf.select(cfg, "editor.batch_size", default=1),
+                                           seed=cfg.seed)
+        compile_blocks(loaded, **cfg.compile)  # before the editors wrap anything: they are traced with the blocks
+        retention = build(cfg.retention)
 
-    # names the unedited model and how it generates; the edited model's key adds the editor and its state
-    weights = str(inputs.get("model_weights") or "")  # where the config text does not pin the weights' content
-    model_key = (f"{choices.get('model', 'model')}-{_config_key(cfg.model)}"
-                 + (f"-w{hashlib.sha256(weights.encode()).hexdigest()[:12]}" if weights else "")
-                 + (f"-{cfg.autocast}" if cfg.autocast else ""))
-    # the unedited model's view: locality reference (teacher-forced and generated) and retention baseline
-    unedited = Unedited(loaded)
-    base_locality = base_locality_predictions(unedited, requests, batch_size=cfg.eval_batch_size,
-                                              desc="unedited locality" if cfg.progress else None)
-    scorer, base_answers = answer_scoring(reading, unedited, requests, cfg.eval_batch_size, cfg.generation_token_budget,
-                                          f"{model_key}-{_config_key(cfg.compile)}", cfg.progress)
+        # names the unedited model and how it generates; the edited model's key adds the editor and its state
+        weights = str(inputs.get("model_weights") or "")  # where the config text does not pin the weights' content
+        model_key = (f"{choices.get('model', 'model')}-{_config_key(cfg.model)}"
+                     + (f"-w{hashlib.sha256(weights.encode()).hexdigest()[:12]}" if weights else "")
+                     + (f"-{cfg.autocast}" if cfg.autocast else ""))
+        # the unedited model's view: locality reference (teacher-forced and generated) and retention baseline
+        unedited = Unedited(loaded)
+        base_locality = base_locality_predictions(unedited, requests, batch_size=cfg.eval_batch_size,
+                                                  desc="unedited locality" if cfg.progress else None)
+        scorer, base_answers = answer_scoring(reading, unedited, requests, cfg.eval_batch_size,
+                                              cfg.generation_token_budget, f"{model_key}-{_config_key(cfg.compile)}",
+                                              cfg.progress)
     retention_base = None
     if retention.enabled:
         start = time.perf_counter()
