@@ -121,19 +121,18 @@ def test_a_resume_auto_sweep_skips_a_job_another_process_is_running(tmp_path: Pa
     assert not (tmp_path / "job" / "results.json").exists()
 
 
+def sigterm_here(*args: Any, **kwargs: Any) -> None:
+    """Stands in for a step of the run: the step is interrupted as a SIGTERM would interrupt it."""
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(5)
+    pytest.fail("the signal did not stop the run")
+
+
 def test_a_signal_while_writing_the_codes_is_one_line_and_keeps_the_results(tmp_path: Path,
                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    import signal
-    import time
-
     from baselines.grace import GraceEditor
 
-    def killed(self, run_dir, requests, data_dir):  # the codes dump, interrupted as a SIGTERM would
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(5)
-        pytest.fail("the signal did not stop the dump")
-
-    monkeypatch.setattr(GraceEditor, "write_artifacts", killed)
+    monkeypatch.setattr(GraceEditor, "write_artifacts", sigterm_here)  # the codes dump
     with pytest.raises(HarnessError, match="stopped by SIGTERM while writing the editor's extra files .* the results "
                                            "are whole"):
         run_experiment(cfg(), tmp_path, {})
@@ -143,12 +142,7 @@ def test_a_signal_while_writing_the_codes_is_one_line_and_keeps_the_results(tmp_
 def test_a_signal_before_the_first_edit_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import evaluation.run.experiment as experiment
 
-    def killed(*args: Any, **kwargs: Any) -> None:  # the unedited model's locality pass, as a SIGTERM would stop it
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(5)
-        pytest.fail("the signal did not stop the run")
-
-    monkeypatch.setattr(experiment, "base_locality_predictions", killed)
+    monkeypatch.setattr(experiment, "base_locality_predictions", sigterm_here)  # the unedited model's locality
     with pytest.raises(HarnessError, match="stopped by SIGTERM before the first edit .* nothing is lost: rerun the "
                                            "same command"):
         run_experiment(cfg(), tmp_path, {})
