@@ -129,7 +129,7 @@ def common_notes(frame: pd.DataFrame) -> list[str]:
     ok = frame[frame["status"] == "ok"] if not frame.empty else frame
     notes = ["Reproduced values are means over the runs (seeds) of each cell, ± the sample standard deviation "
              "where a cell has more than one run; \"paper\" is the number printed in the ELDER paper "
-             "(arXiv 2408.11869, see docs/ELDER_SPEC section 7); Δ = reproduced − paper."]
+             "(arXiv 2408.11869, its tables as constants in evaluation/reporting/paper.py); Δ = reproduced − paper."]
     if not ok.empty:
         notes.append(f"{len(ok)} finished run(s).")
         skipped = ok[pd.to_numeric(ok["skipped_edits"], errors="coerce").fillna(0) > 0]
