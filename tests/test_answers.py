@@ -255,7 +255,8 @@ def _stream(tmp_path: Path, resume_at: int | None) -> Any:
                       resume=resume, scorer=scorer, base_answers=answers, edit_time=True)
 
 
-def test_edit_time_scores_and_a_resumed_stream_equal_the_uninterrupted_one(tmp_path: Path, one_thread: None) -> None:
+def test_edit_time_scores_and_a_resumed_stream_equal_the_uninterrupted_one(tmp_path: Path, one_thread: None,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
     full = _stream(tmp_path, None)
     # GRACE edits one request a batch: an edit-time point after each of the first four, the final evaluation
     # after the fifth
@@ -267,8 +268,10 @@ def test_edit_time_scores_and_a_resumed_stream_equal_the_uninterrupted_one(tmp_p
     final = [row for row in full.answers if row["at"] == "final"]
     assert {r["kind"] for r in final} == {"reliability", "generalization", "locality"}
     assert set(full.metrics) >= {"reliability_generated", "generalization_generated_contains", "locality_generated"}
-    resumed = _stream(tmp_path, 2)
+    with caplog.at_level("WARNING"):
+        resumed = _stream(tmp_path, 2)
     assert resumed.resumed_from == 2
+    assert "forgetting record" not in caplog.text  # edit-time points are forgetting points without a curve point
     assert (resumed.metrics, resumed.forgetting, resumed.answers) == (full.metrics, full.forgetting, full.answers)
 
 

@@ -158,9 +158,11 @@ def _restore(state: StreamState, ckpt: StreamCheckpoint) -> None:
     result.forgetting = list(ckpt.forgetting)
     result.answers = list(ckpt.answers)
     result.costs = list(ckpt.costs)
-    if len(result.forgetting) != len(result.curves):  # a checkpoint made before the record existed
-        log.warning("the checkpoint %s holds %d curve points but %d forgetting points: the forgetting record of "
-                    "this run starts after it", ckpt.path, len(result.curves), len(result.forgetting))
+    # a checkpoint made before the record existed (edit-time points add forgetting points without a curve point,
+    # so the two counts differ in every checkpoint since: only a record missing outright is news)
+    if result.curves and not result.forgetting:
+        log.warning("the checkpoint %s holds %d curve points but no forgetting record: the forgetting record of "
+                    "this run starts after it", ckpt.path, len(result.curves))
     result.skipped = list(ckpt.skipped)
     result.edit_seconds, result.eval_seconds = ckpt.edit_seconds, ckpt.eval_seconds
     result.resumed_from = state.position = ckpt.position
