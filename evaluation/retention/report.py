@@ -74,8 +74,9 @@ def row_of(c: "Continuation") -> tuple[str, str, int]:
 
 
 def rows_of(report: RetentionReport, name: str) -> list[tuple[str, str, int]] | None:
-    """``(text, stop, tokens)`` of each of a report's rows of one task; None where it has none."""
-    if name not in report.outputs:
+    """``(text, stop, tokens)`` of each of a report's rows of one task; None where it has none (or a report
+    made before stop reasons were recorded: its rows are generated again rather than reused without one)."""
+    if name not in report.outputs or name not in report.stops or name not in report.tokens:
         return None
     return list(zip(report.outputs[name], report.stops[name], report.tokens[name]))
 
