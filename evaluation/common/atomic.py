@@ -123,6 +123,12 @@ def remove_temp_files(path: str | Path) -> list[Path]:
     return _remove(temp_files(path.parent, glob.escape(path.name)))
 
 
+def remove_folder_temp_files(folder: str | Path) -> list[Path]:
+    """Remove every temporary file that interrupted atomic writes left in ``folder``; only for a folder the caller
+    holds alone (a run folder, its checkpoints): no other writer can be live there."""
+    return _remove(temp_files(folder))
+
+
 def remove_stale_temp_files(folder: str | Path, target: str = "*",
                             older_than: float = STALE_TEMP_SECONDS) -> list[Path]:
     """Remove the temporary files of atomic writes to files named like ``target`` in ``folder`` (a cache shared by

@@ -29,8 +29,7 @@ class RetentionReport:
 
     def task_fields(self, name: str) -> dict[str, Any]:
         """One task's :data:`TASK_FIELDS` (what a cache entry stores besides its key and settings)."""
-        return {"score": self.scores[name], "details": self.details[name], "seconds": self.seconds[name],
-                **{k: getattr(self, k)[name] for k in TASK_FIELDS[3:]}}
+        return {key: getattr(self, attr)[name] for key, attr in TASK_FIELDS.items()}
 
     @property
     def cached(self) -> bool:
@@ -56,17 +55,17 @@ class RetentionReport:
                    pending=list(d.get("pending", [])))
 
 
-#: what a stored task holds besides its key and settings (and what fill reads)
-TASK_FIELDS = ("score", "details", "seconds", "outputs", "stops", "tokens", "routed", "reused_rows")
+#: what a stored task holds besides its key and settings, each with the report's per-task map it fills
+TASK_FIELDS = {"score": "scores", "details": "details", "seconds": "seconds", "outputs": "outputs", "stops": "stops",
+               "tokens": "tokens", "routed": "routed", "reused_rows": "reused_rows"}
 
 
 def fill(report: RetentionReport, name: str, blob: Mapping[str, Any]) -> None:
-    """One task's :data:`TASK_FIELDS` (stored or just computed) into ``report``."""
-    report.scores[name], report.seconds[name] = blob["score"], blob["seconds"]
-    report.details[name] = dict(blob["details"])
-    report.outputs[name], report.routed[name] = list(blob["outputs"]), blob["routed"]
-    report.stops[name], report.tokens[name] = list(blob["stops"]), list(blob["tokens"])
-    report.reused_rows[name] = list(blob["reused_rows"])
+    """One task's :data:`TASK_FIELDS` (stored or just computed) into ``report``, lists and dicts copied."""
+    for key, attr in TASK_FIELDS.items():
+        value = blob[key]
+        getattr(report, attr)[name] = list(value) if isinstance(value, list) else (
+            dict(value) if isinstance(value, dict) else value)
 
 
 def row_of(c: "Continuation") -> tuple[str, str, int]:

@@ -31,7 +31,11 @@ from typing import IO, Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
-from evaluation.common.atomic import write_atomic, write_json_atomic
+from evaluation.common.atomic import (
+    remove_folder_temp_files,
+    write_atomic,
+    write_json_atomic,
+)
 from evaluation.common.errors import ConfigError, HarnessError
 from evaluation.common.integrity import (
     CorruptFile,
@@ -300,8 +304,7 @@ class CheckpointManager:
         for p in files[: max(0, len(files) - (self.keep - 1))]:
             p.unlink(missing_ok=True)
             digest_path(p).unlink(missing_ok=True)
-        for stray in self.directory.glob(".*.tmp"):  # left by a crash mid-write (the folder is this run's)
-            stray.unlink(missing_ok=True)
+        remove_folder_temp_files(self.directory)  # left by a crash mid-write (the folder is this run's)
 
     def clear(self) -> None:
         for _, p in self.files():
@@ -309,8 +312,7 @@ class CheckpointManager:
             digest_path(p).unlink(missing_ok=True)
         (self.directory / LATEST).unlink(missing_ok=True)
         (self.directory / OWNER).unlink(missing_ok=True)
-        for stray in self.directory.glob(".*.tmp"):
-            stray.unlink(missing_ok=True)
+        remove_folder_temp_files(self.directory)
 
     @staticmethod
     def read(path: str | Path) -> StreamCheckpoint:

@@ -22,7 +22,11 @@ from typing import Mapping
 
 from filelock import FileLock, Timeout
 
-from evaluation.common.atomic import write_json_atomic, write_text_atomic
+from evaluation.common.atomic import (
+    remove_folder_temp_files,
+    write_json_atomic,
+    write_text_atomic,
+)
 from evaluation.common.errors import HarnessError
 from evaluation.retention.outputs import OUTPUTS_DIR
 from evaluation.run.results import RESULTS
@@ -117,9 +121,7 @@ class RunFolder:
 
     def remove_temp_files(self) -> None:
         """Temporary files of atomic writes that a kill interrupted (no live writer: the folder is ours)."""
-        for stray in self.path.glob(".*.tmp"):
-            stray.unlink(missing_ok=True)
-            log.info("removed %s, left by an interrupted write", stray)
+        remove_folder_temp_files(self.path)
 
     def set_aside_earlier_run(self) -> None:
         """A fresh run here: rename the outputs of the run that used the folder before, so they stay on
