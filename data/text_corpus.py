@@ -1,4 +1,7 @@
-"""A local text corpus for the second-moment statistics (``editor.mom2_corpus=FILE``), from files already here.
+"""Text corpora from files: the one reader of a text file (:func:`read_texts`) that every corpus setting uses
+(ROME's and MEMIT's ``editor.mom2_corpus``, WISE's ``editor.loc_corpus``, MEMOIR's ``editor.background``, the
+superposition report's ``--corpus``), and a local corpus for the second-moment statistics built from files
+already here:
 
     python -m data.text_corpus counterfact-facts ~/.cache/elder-harness/corpora/counterfact_facts.txt
 
@@ -14,8 +17,49 @@ import json
 from pathlib import Path
 
 from evaluation.common.atomic import write_text_atomic
+from evaluation.common.errors import ConfigError
+
+TEXT_SUFFIXES = (".txt", ".jsonl")
 
 SOURCES = {"counterfact-facts": "counterfact/counterfact-train.json"}
+
+
+def read_texts(path: str | Path, setting: str, limit: int | None = None, text_field: str = "text",
+               instead: str = "", field_setting: str = "") -> list[str]:
+    """The first ``limit`` (all: None) non-empty texts of a ``.txt`` file (one per line) or a ``.jsonl`` file
+    (each line a JSON object whose ``text_field`` is the text), outer white space stripped.
+
+    Anything wrong is one :class:`ConfigError` naming ``setting`` (the key or option that gave ``path``):
+    no such file, another suffix, a JSONL line without the field, no text. ``instead`` names what else the
+    setting takes (e.g. "'model' (texts the model samples itself)") and ``field_setting`` the key that sets
+    ``text_field``, for the messages."""
+    file = Path(path).expanduser()
+    kinds = f"a .txt file with one text per line, or a .jsonl file with a '{text_field}' field"
+    if not file.is_file():
+        raise ConfigError(f"{setting}={path} is neither {instead} nor an existing file ({kinds})" if instead else
+                          f"{setting}={path} does not exist ({kinds})")
+    suffix = file.suffix.lower()
+    if suffix not in TEXT_SUFFIXES:
+        raise ConfigError(f"{setting} must be a .txt or .jsonl file ({kinds}), got {path}")
+    texts: list[str] = []
+    with open(file, encoding="utf-8") as fh:
+        for number, line in enumerate(fh, 1):
+            if limit is not None and len(texts) >= limit:
+                break
+            if not line.strip():
+                continue
+            if suffix == ".jsonl":
+                try:
+                    line = str(json.loads(line)[text_field])
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    where = f" (set another with {field_setting})" if field_setting else ""
+                    raise ConfigError(f"{file}:{number} is not a JSON object with a '{text_field}' field{where}") \
+                        from None
+            if line.strip():
+                texts.append(line.strip())
+    if not texts:
+        raise ConfigError(f"{setting}={path} holds no text")
+    return texts
 
 
 def counterfact_facts(data_dir: Path) -> list[str]:

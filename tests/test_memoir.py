@@ -170,7 +170,7 @@ def test_instantiate_from_config_and_reject_bad_settings() -> None:
            ({"threshold": 0.0}, r"editor.threshold must be in \(0, 1\]"),
            ({"prompt_feature_agg": "max"}, "editor.prompt_feature_agg must be one of"),
            ({"overlap": "cosine"}, "editor.overlap must be one of"),
-           ({"background": "/nonexistent/bg.txt"}, "editor.background must be 'model'"),
+           ({"background": "/nonexistent/bg.txt"}, "editor.background=/nonexistent/bg.txt is neither 'model'"),
            ({"context_template_length_params": [[5]]}, "editor.context_template_length_params must be"),
            ({"iterations": 0}, "editor.iterations must be positive")]
     for fields, message in bad:

@@ -141,7 +141,7 @@ def test_bad_settings_are_one_line_errors() -> None:
              ({"mask_ratio": 1.5}, r"editor.mask_ratio must be in \(0, 1\]"),
              ({"merge_alg": "slerp"}, "editor.merge_alg must be one of"),
              ({"key_position": "last"}, "editor.key_position must be one of"),
-             ({"loc_corpus": "/nonexistent/loc.txt"}, "editor.loc_corpus=/nonexistent/loc.txt does not exist")]
+             ({"loc_corpus": "/nonexistent/loc.txt"}, "editor.loc_corpus=/nonexistent/loc.txt is neither .* nor an existing file")]
     for fields, message in cases:
         with pytest.raises(ConfigError, match=message) as err:
             editor(**fields)

@@ -16,7 +16,7 @@ from baselines.memoir.memory import (
     MemoirRoute,
     PromptFeatureQuery,
     ResidualMemoryLayer,
-    read_texts,
+    read_background,
 )
 from data.requests import EditRequest
 from evaluation.common.errors import ConfigError
@@ -56,7 +56,8 @@ class MEMOIRConfig:
     # mean_decentered (authors' default): prompt-token mean minus the background mean | mean | last (prompt token)
     prompt_feature_agg: str = "mean_decentered"
     # texts whose mean feature is the background: "model" (texts the unedited model samples itself, seeded) or a
-    # .txt file, one text per line (authors: 100 ZsRE locality prompts saved by an earlier run)
+    # text file (data.text_corpus.read_texts: .txt, one text per line, or .jsonl) (authors: 100 ZsRE locality
+    # prompts saved by an earlier run)
     background: str = MODEL_BACKGROUND
     background_samples: int = 100  # texts averaged (authors: the first 100 saved)
     background_length: int = 24  # tokens per sampled text (background=model; open)
@@ -141,7 +142,7 @@ class MEMOIREditor(Editor):
             raise ConfigError(f"editor.context_template_length_params must be [new tokens, how many] pairs of "
                               f"positive numbers, got {lengths}")
         if c.prompt_feature_agg == "mean_decentered" and c.background != MODEL_BACKGROUND:
-            read_texts(c.background, 1)
+            read_background(c.background, 1)
         if c.top_k is not None:
             if not 1 <= c.top_k <= d_in:
                 raise ConfigError(f"editor.top_k={c.top_k} must be between 1 and the memory's input width {d_in}")
@@ -222,7 +223,7 @@ class MEMOIREditor(Editor):
                      for ids in sample_texts(self.model, self.tokenizer, corpus)]
             texts = [t for t in texts if t.strip()] or ["."]
         else:
-            texts = read_texts(c.background, c.background_samples)
+            texts = read_background(c.background, c.background_samples)
         # the memory is still zero and no mask is stored: these are the unedited model's features
         self.background_mean = self.query_vectors(texts).to(self.memory.device).mean(0)
 

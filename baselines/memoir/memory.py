@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from evaluation.common.errors import ConfigError
+from data.text_corpus import read_texts
 from evaluation.editing.query import MaskedSequenceQuery, prompt_mean
 
 MODEL_BACKGROUND = "model"
@@ -64,12 +63,6 @@ class PromptFeatureQuery(MaskedSequenceQuery):
         return prompt_mean(x.detach(), positions, self.padding(x))
 
 
-def read_texts(path: str, n: int) -> list[str]:
-    file = Path(path).expanduser()
-    if not file.is_file() or file.suffix.lower() != ".txt":
-        raise ConfigError(f"editor.background must be '{MODEL_BACKGROUND}' (texts the model samples itself) or an "
-                          f"existing .txt file with one text per line, got {path!r}")
-    texts = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()][:n]
-    if not texts:
-        raise ConfigError(f"editor.background={path} holds no text")
-    return texts
+def read_background(path: str, n: int) -> list[str]:
+    """The first ``n`` texts of the background file (``editor.background``)."""
+    return read_texts(path, "editor.background", n, instead=f"'{MODEL_BACKGROUND}' (texts the model samples itself)")

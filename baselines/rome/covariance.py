@@ -23,7 +23,6 @@ Every editor computes the statistics on the unedited model (at its first edit, o
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +39,7 @@ from baselines.rome.compute_key import (
     pad,
     run_until,
 )
+from data.text_corpus import read_texts
 from evaluation.common.atomic import file_stem, write_atomic
 from evaluation.common.errors import ConfigError
 
@@ -60,33 +60,7 @@ class SecondMoment:
 
 def read_corpus(path: str | Path, n_samples: int, text_field: str = "text") -> list[str]:
     """The first ``n_samples`` non-empty texts of a .txt (one per line) or .jsonl file."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"editor.mom2_corpus={path} does not exist (a .txt file with one text per line, "
-                         f"or a .jsonl file with a '{text_field}' field)")
-    suffix = path.suffix.lower()
-    if suffix not in (".txt", ".jsonl"):
-        raise ConfigError(f"editor.mom2_corpus must be a .txt or .jsonl file, got {path}")
-    texts: list[str] = []
-    with open(path, encoding="utf-8") as fh:
-        for number, line in enumerate(fh, 1):
-            line = line.strip()
-            if not line:
-                continue
-            if suffix == ".jsonl":
-                try:
-                    text = json.loads(line)[text_field]
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise ConfigError(f"{path}:{number} is not a JSON object with a '{text_field}' field "
-                                     f"(editor.mom2_text_field)") from None
-                line = str(text).strip()
-                if not line:
-                    continue
-            texts.append(line)
-            if len(texts) == n_samples:
-                break
-    if not texts:
-        raise ConfigError(f"editor.mom2_corpus={path} holds no text")
+    texts = read_texts(path, "editor.mom2_corpus", n_samples, text_field, field_setting="editor.mom2_text_field")
     if len(texts) < n_samples:
         log.warning("mom2 corpus %s has %d texts, fewer than mom2_n_samples=%d; using all of them",
                     path, len(texts), n_samples)

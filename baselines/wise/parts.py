@@ -10,6 +10,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from data.text_corpus import read_texts
 from evaluation.common.errors import ConfigError
 from evaluation.editing.query import MaskedSequenceQuery
 
@@ -52,27 +53,20 @@ class SideMemoryLayer(nn.Module):
 
 
 def read_loc_corpus(path: str) -> list[str]:
-    """The unrelated texts of ``loc_corpus`` (see WISEConfig)."""
+    """The unrelated texts of ``loc_corpus`` (see WISEConfig): a .json of ZsRE/CounterFact records, or a text
+    file (:func:`data.text_corpus.read_texts`)."""
     p = Path(path).expanduser()
-    if not p.is_file():
-        raise ConfigError(f"editor.loc_corpus={path} does not exist (a .json of CounterFact/ZsRE records, a .txt "
-                          f"with one text per line, or a .jsonl with a 'text' field)")
-    suffix = p.suffix.lower()
-    if suffix == ".json":
-        texts = []
-        for r in json.loads(p.read_text(encoding="utf-8")):
-            if "loc" in r and "loc_ans" in r:  # the authors' ZsRE train records
-                texts.append(f"{str(r['loc']).strip()} {str(r['loc_ans']).strip()}")
-            elif "prompt" in r and "ground_truth" in r:  # CounterFact (EasyEdit's flat format)
-                truth = r["ground_truth"][0] if isinstance(r["ground_truth"], list) else r["ground_truth"]
-                texts.append(f"{str(r['prompt']).strip()} {str(truth).strip()}")
-            else:
-                raise ConfigError(f"editor.loc_corpus={path}: a record has neither loc/loc_ans nor prompt/ground_truth")
-    elif suffix in (".txt", ".jsonl"):
-        lines = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
-        texts = [str(json.loads(line)["text"]).strip() for line in lines] if suffix == ".jsonl" else lines
-    else:
-        raise ConfigError(f"editor.loc_corpus must be a .json, .txt or .jsonl file, got {path}")
+    if p.suffix.lower() != ".json" or not p.is_file():
+        return read_texts(path, "editor.loc_corpus", instead="a .json of CounterFact/ZsRE records")
+    texts = []
+    for r in json.loads(p.read_text(encoding="utf-8")):
+        if "loc" in r and "loc_ans" in r:  # the authors' ZsRE train records
+            texts.append(f"{str(r['loc']).strip()} {str(r['loc_ans']).strip()}")
+        elif "prompt" in r and "ground_truth" in r:  # CounterFact (EasyEdit's flat format)
+            truth = r["ground_truth"][0] if isinstance(r["ground_truth"], list) else r["ground_truth"]
+            texts.append(f"{str(r['prompt']).strip()} {str(truth).strip()}")
+        else:
+            raise ConfigError(f"editor.loc_corpus={path}: a record has neither loc/loc_ans nor prompt/ground_truth")
     texts = [t for t in texts if t]
     if not texts:
         raise ConfigError(f"editor.loc_corpus={path} holds no text")

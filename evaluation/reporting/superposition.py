@@ -13,7 +13,9 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from data.text_corpus import read_texts
 from evaluation.common.atomic import write_atomic, write_json_atomic, write_text_atomic
+from evaluation.common.errors import HarnessError
 
 #: the authors' notebooks draw the P matrix (Compute_PMatrix.py), the paper's p(k_i, k_j) of the interference term
 MEASURES = ("p", "cos")
@@ -142,13 +144,6 @@ def collect_keys(loaded: Any, requests: Sequence[Any], layers: Sequence[int], fa
     return {i: torch.cat(v) for i, v in parts.items()}
 
 
-def read_corpus(path: Path, n_texts: int, field: str) -> list[str]:
-    """The first ``n_texts`` non-empty texts: a .txt line each, or a .jsonl object's ``field``."""
-    lines = [x for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
-    texts = (str(json.loads(x)[field]).strip() if path.suffix == ".jsonl" else x.strip() for x in lines)
-    return [t for t in texts if t][:n_texts]
-
-
 def second_moments(loaded: Any, texts: Sequence[str], layers: Sequence[int], max_length: int,
                    batch_size: int = 8) -> tuple[dict[int, torch.Tensor], int]:
     """C = sum(k k^T) / count over every token of ``texts`` (layer_stats.py's uncentred ``mom2``), per layer."""
@@ -224,7 +219,7 @@ def analyse(overrides: Sequence[str], n: int, layers: str = "all", fact_token: s
     c_inv: dict[int, torch.Tensor | None] = dict.fromkeys(chosen)
     if whitening == "corpus":
         path = Path(corpus or f"{cfg.paths.data_dir}/retention/test-ClosedDomainQA.jsonl").expanduser()
-        texts = read_corpus(path, corpus_texts, corpus_field)
+        texts = read_texts(path, "--corpus", corpus_texts, corpus_field, field_setting="--corpus-field")
         mom2, count = second_moments(loaded, texts, chosen, corpus_max_length)
         if count < (d := max(m.shape[0] for m in mom2.values())):
             raise SystemExit(f"error: {count} corpus tokens for {d}-dimensional keys: C is singular; give more text")
@@ -385,9 +380,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         out.mkdir(parents=True, exist_ok=True)
         command = "python -m evaluation.reporting.superposition " + " ".join(sys.argv[1:] if argv is None else argv)
         for model in own.get("model", "smollm2").split(","):
-            r = analyse([f"model={model}", *rest], int(own.get("n", 1000)), own.get("layers", "all"),
-                        args.fact_token, args.whitening, args.corpus, args.corpus_field, args.corpus_texts,
-                        args.corpus_max_length, command)
+            try:
+                r = analyse([f"model={model}", *rest], int(own.get("n", 1000)), own.get("layers", "all"),
+                            args.fact_token, args.whitening, args.corpus, args.corpus_field, args.corpus_texts,
+                            args.corpus_max_length, command)
+            except HarnessError as err:
+                raise SystemExit(f"error: {err}") from None
             write_json_atomic(out / f"{r['model']}.json", r)
             print(f"{r['model']}: {len(r['layers'])} layers in {r['seconds']['total']} s -> {out / (r['model'] + '.json')}")
     reports = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
