@@ -85,8 +85,8 @@ def test_the_slurm_preset_requeues_a_run_at_its_time_limit_and_resumes_it() -> N
 def test_a_submitit_job_signalled_before_its_time_limit_saves_is_requeued_and_resumes_to_the_same_results(
         basic: Path, tmp_path: Path) -> None:
     """The time-limit signal finishes the batch, saves a checkpoint there and hands the job to submitit, which
-    requeues it with the same overrides; with resume=auto (as the SLURM preset sets) it goes on from there."""
-    proc = subprocess.Popen(sweep_cmd(tmp_path, "seed=0", "resume=auto", LOCAL), cwd=REPO, env=ENV,
+    requeues it with the same overrides; it goes on from there, also without resume=auto (a plain launcher)."""
+    proc = subprocess.Popen(sweep_cmd(tmp_path, "seed=0", LOCAL), cwd=REPO, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     job = tmp_path / "s0"
     wait_for_checkpoint(proc, job, 4)
@@ -100,6 +100,7 @@ def test_a_submitit_job_signalled_before_its_time_limit_saves_is_requeued_and_re
     stopped_at = int(log.split("stopped by SIGUSR2 after ")[1].split()[0])
     assert 4 <= stopped_at <= 12, log[-3000:]
     assert "Requeued job" in log  # submitit's own requeue (the controller starts the job again)
+    assert "this submitit job was requeued after saving" in log
     res = results(job)
     assert res["stream"]["resumed_from"] == stopped_at  # from the checkpoint the signal saved, not an older one
     assert comparable(res) == comparable(results(basic / "s0"))  # every metric and curve point
@@ -174,7 +175,7 @@ def test_at_a_time_limit_the_stream_saves_at_the_boundary_then_submitit_requeues
         run_signalled_stream(submitit_job, 1, checkpoints)
     assert stop.value.code == LOCAL_REQUEUE_RETURN_CODE  # submitit's requeue: its controller starts the job again
     saved = CheckpointManager(tmp_path / "checkpoints").load_latest()
-    assert saved is not None and (saved.position, saved.reason) == (2, "signal SIGUSR2")  # the batch finished
+    assert saved is not None and (saved.position, saved.reason) == (2, "requeue on SIGUSR2")  # the batch finished
     requeued = DelayedSubmission.load(submitit_job.submitted_pickle)  # the same call, one time limit used up
     assert isinstance(requeued.function, Requeueable) and requeued._timeout_countdown == 0
     # the stream gave the signals back: submitit's handlers again (SIGTERM from the requeue itself is ignored)
@@ -207,3 +208,21 @@ def test_a_second_submitit_signal_hands_the_job_to_submitit_at_once(submitit_job
             os.kill(os.getpid(), usr)
     assert stop.value.code == LOCAL_REQUEUE_RETURN_CODE
     assert DelayedSubmission.load(submitit_job.submitted_pickle)._timeout_countdown == 0
+
+
+def test_without_resume_only_a_submitit_job_goes_on_from_a_checkpoint_saved_for_its_requeue(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from evaluation.run.resume_rules import saved_for_a_requeue
+
+    manager = CheckpointManager(tmp_path / "checkpoints", every=0)
+    manager.directory.mkdir()
+    latest = manager.directory / "latest.json"
+    pointer = {"file": "step-000002.pt", "position": 2, "run_id": "r"}
+    latest.write_text(json.dumps({**pointer, "reason": "requeue on SIGUSR2"}))
+    monkeypatch.delenv("SUBMITIT_EXECUTOR", raising=False)
+    assert not saved_for_a_requeue(manager)  # a run started by hand in that folder starts afresh
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "local")
+    assert saved_for_a_requeue(manager)
+    for reason in ("signal SIGTERM", "periodic", "requeue on SIGTERM"):  # stopped, not requeued; another signal
+        latest.write_text(json.dumps({**pointer, "reason": reason}))
+        assert not saved_for_a_requeue(manager)

@@ -83,7 +83,7 @@ class StreamCheckpoint:
     data_hash: str = ""  # of the edits done (uid, prompt, target), to refuse resuming on other data
     run_id: str | None = None  # the W&B run to resume
     fingerprint: dict[str, Any] = field(default_factory=dict)  # config keys that must match on resume
-    reason: str = "periodic"  # periodic | end | signal SIGTERM | nan | oom
+    reason: str = "periodic"  # periodic | end | signal SIGTERM | requeue on SIGUSR2 | nan | oom
     curve_due: bool = False  # a curve point at ``position`` is owed (evaluation interrupted, or the stream grew)
     # the final evaluation's metrics, saved once the whole stream is evaluated: resuming a finished
     # stream (to add retention tasks) then skips that evaluation

@@ -40,6 +40,11 @@ def preemption_signal() -> signal.Signals | None:
     return signal.Signals(JobEnvironment._usr_sig())  # submitit's own reading of the name: no second copy
 
 
+def requeue_reason(signal_name: str) -> str:
+    """The reason a checkpoint saved on submitit's notice records (the requeued job looks for it)."""
+    return f"requeue on {signal_name}"
+
+
 @contextlib.contextmanager
 def handling_signals(handler: Callable[[int, Any], None],
                      signals: Sequence[signal.Signals] = SIGNALS) -> Iterator[dict[int, Any]]:

@@ -15,6 +15,7 @@ from evaluation.common.integrity import file_sha256
 from evaluation.editing.models import weights_identity
 from evaluation.run.checkpoint import CheckpointManager, StreamCheckpoint
 from evaluation.run.folder import run_dir_override
+from evaluation.run.interrupts import preemption_signal, requeue_reason
 from evaluation.run.results import RESULTS, BadResults, read_results
 from evaluation.run.stream import ON_NAN
 
@@ -76,6 +77,12 @@ def resume_checkpoints(cfg: DictConfig, run_dir: Path, resume: bool | str | None
     manager.owner = str(run_dir.resolve())
     manager.check_owner()  # a checkpoint.dir shared with another run: refused before it is read or cleared
     resume = cfg.resume if resume is None else resume
+    if not resume and saved_for_a_requeue(manager):
+        # submitit requeued this job with its own overrides after the stream saved for it: going on is what the
+        # save was for (without it a job under a plain submitit launcher would start over at every time limit)
+        log.info("this submitit job was requeued after saving %s for it: resuming it (resume=true)",
+                 manager.directory / str((manager.pointer() or {}).get("file")))
+        resume = True
     if not resume:
         return manager, None  # an earlier run's checkpoints are cleared by the caller, which holds the folder
     ckpt = manager.load_latest()
@@ -109,6 +116,16 @@ def resume_checkpoints(cfg: DictConfig, run_dir: Path, resume: bool | str | None
                           f"editor.batch_size, on_nan, model.device and paths may change), or start a new run")
     log.info("resuming from %s (%d edits done, saved on %s)", ckpt.path, ckpt.position, ckpt.reason)
     return manager, ckpt
+
+
+def saved_for_a_requeue(manager: CheckpointManager) -> bool:
+    """Whether this is a submitit job whose folder's newest checkpoint was saved on submitit's notice, to be
+    requeued (evaluation.run.stream_signals): the requeued job then goes on from it."""
+    signal = preemption_signal()
+    if signal is None:
+        return False
+    pointer = manager.pointer()
+    return pointer is not None and pointer.get("reason") == requeue_reason(signal.name)
 
 
 #: run settings that change how a run is carried out or recorded, not what it measures (resume=auto)

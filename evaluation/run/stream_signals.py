@@ -25,6 +25,7 @@ from evaluation.run.interrupts import (
     SIGNALS,
     handling_signals,
     preemption_signal,
+    requeue_reason,
     stop_on_signals,
 )
 from evaluation.run.stream_state import Callback, StreamState
@@ -127,7 +128,10 @@ class StopOnSignals(Callback):
         guard = self.guard
         if guard is not None and guard.received is not None:
             good = state.good
-            path = self.saver.saved_at(good.position) or self.saver.save(good, f"signal {guard.received}")
+            if guard.preempted:  # saved even where a periodic save is there: the reason tells the requeued job
+                path = self.saver.save(good, requeue_reason(guard.received))
+            else:
+                path = self.saver.saved_at(good.position) or self.saver.save(good, f"signal {guard.received}")
             message = (f"stopped by {guard.received} after {good.position} of {state.n} edits. "
                        f"{self.saver.note(path, good.position)}")
             if guard.preempted and guard.can_hand_over():
