@@ -20,8 +20,24 @@ from evaluation.run.schema import register
 REPO_ROOT = Path(__file__).resolve().parent
 register()
 
-#: write failures that are the machine's, not the harness's: reported in one line, like bad input
-_CANNOT_WRITE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
+#: failures that are the machine's, not the harness's, reported in one line like bad input: no room left, and a
+#: file or folder this user may not open (for reading or writing: the errno does not say which)
+_NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_NO_ACCESS = {errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def machine_failure(err: OSError, run_dir: str) -> HarnessError | None:
+    """The one line for an OSError that is the machine's (no room, no access), None for any other."""
+    if err.errno in _NO_ROOM:
+        what, fix = f"cannot write {err.filename or 'a file'}", "Free space (or choose a writable folder with " \
+                                                                "hydra.run.dir=DIR)"
+    elif err.errno in _NO_ACCESS:
+        what, fix = (f"cannot open {err.filename or 'a file'}", "Give this user access to it (or choose a "
+                     "writable folder with hydra.run.dir=DIR, or another path in the config)")
+    else:
+        return None
+    return HarnessError(f"{what}: {err.strerror}. {fix}; a run that saved checkpoints continues with "
+                        f"`resume=true {run_dir_override(run_dir)}`")
 
 
 class SweepJobFailed(HarnessError, CompactHydraException):
@@ -60,11 +76,9 @@ def main(cfg: DictConfig) -> float | None:
         try:
             result = run_experiment(cfg, run_dir, dict(hc.runtime.choices), hydra_record=hydra_record(cfg))
         except OSError as err:
-            if err.errno not in _CANNOT_WRITE:
+            if (failure := machine_failure(err, run_dir)) is None:
                 raise
-            raise HarnessError(f"cannot write {err.filename or 'a file'}: {err.strerror}. Free space (or choose a "
-                               f"writable folder with hydra.run.dir=DIR); a run that saved checkpoints continues "
-                               f"with `resume=true {run_dir_override(run_dir)}`") from None
+            raise failure from None
     except HarnessError as err:
         if isinstance(err, RunFolderBusy) and hc.mode == RunMode.MULTIRUN and cfg.get("resume") == "auto":
             # another process is running this very job (e.g. the same sweep started twice): nothing left to do here

@@ -613,3 +613,16 @@ def test_sigterm_in_the_final_evaluation_says_how_to_go_on_in_one_line_also_in_r
     resumed = run_cli(["resume=true"], run_dir)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     read_results(run_dir / "results.json")
+
+
+def test_a_machine_failure_is_named_as_what_it_is_with_its_own_fix() -> None:
+    import errno
+
+    from run import machine_failure
+
+    full = machine_failure(OSError(errno.ENOSPC, "No space left on device", "/out/results.json"), "/out")
+    assert str(full).startswith("cannot write /out/results.json: No space left on device. Free space")
+    denied = machine_failure(PermissionError(errno.EACCES, "Permission denied", "/data/edits.json"), "/out")
+    assert str(denied).startswith("cannot open /data/edits.json: Permission denied. Give this user access to it")
+    assert "resume=true hydra.run.dir=/out" in str(full) and "resume=true hydra.run.dir=/out" in str(denied)
+    assert machine_failure(FileNotFoundError(errno.ENOENT, "No such file", "/x"), "/out") is None  # a bug: raised
