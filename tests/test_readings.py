@@ -405,3 +405,17 @@ def test_the_protocol_preset_runs_each_protocol_at_equal_edits_and_at_equal_fact
             assert (dataset, stream) in points
     # grouped at 40 facts: ZsRE has one paraphrase per record (40 entries), ROME's CounterFact two (80)
     assert ("zsre", ("grouped", 1, 40)) in points and ("counterfact_rome", ("grouped", 1, 80)) in points
+
+
+def test_editors_named_with_editors_get_a_missing_row_before_they_have_a_run(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    _reading_run(runs, "a", "lemoe", None, "prompt_last", 1e-3, "zsre", 0.5)
+    out = tmp_path / "t"
+    assert main(["table1", str(runs), "--out", str(out)]) == 0
+    assert "| WISE" not in out.with_suffix(".md").read_text()  # a sweep's editor without a run: not even a row
+    assert main(["table1", str(runs), "--out", str(out), "--editors", "lemoe,wise"]) == 0
+    text = out.with_suffix(".md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| WISE"))
+    assert row.startswith("| WISE | missing | — |")
+    assert "- WISE / smollm2 / ZsRE: missing" in text and "- WISE / smollm2 / CounterFact: missing" in text
+    assert next(line for line in text.splitlines() if line.startswith("| LEMoE")).startswith("| LEMoE | 50.00 |")

@@ -55,7 +55,7 @@ def build_answers(frame: pd.DataFrame, opts: Options) -> Report:
                         "next; end: after the whole stream. Loc.: agreement with the unedited model (TF: argmax "
                         "tokens on the locality answer; gen.: the same generated answer). — : not recorded.")
     cells = Cells(frame, ("editor", "model", "dataset"))
-    editors = editor_rows(k[0] for k in [*cells.ok, *cells.failed])
+    editors = editor_rows((k[0] for k in [*cells.ok, *cells.failed]), opts.editors)
     bars: dict[tuple, list[tuple[str, list[Optional[Stat]]]]] = {}
     for model in models_for(frame, opts):
         for dataset in [d for d in dict.fromkeys((*paper.DATASETS, *paper.READING_DATASETS)) if any(

@@ -26,6 +26,7 @@ class Options:
     points: Sequence[int] = ()  # model_axis: the stream lengths to read (default MODEL_AXIS_POINTS)
     protocol: Optional[str] = None  # keep only runs of this stream protocol (data/protocol.py)
     revisit: Optional[int] = None  # ... and this revisit count
+    editors: Sequence[str] = ()  # editors given a row even without a run (their cells read "missing")
 
 
 def label_for(mapping: Mapping[str, str], key: Any) -> str:
@@ -144,9 +145,10 @@ def elder_runs(frame: pd.DataFrame, opts: Options) -> tuple[pd.DataFrame, int]:
     return only(frame, editor="elder"), n_edits
 
 
-def editor_rows(editors_found: Iterable[str]) -> list[str]:
-    """The paper's editors in its order, then every other editor that has runs (a new editor needs no list)."""
-    return [*paper.EDITORS, *sorted(set(editors_found) - set(paper.EDITORS) - {"none"})]
+def editor_rows(editors_found: Iterable[str], expected: Iterable[str] = ()) -> list[str]:
+    """The paper's editors in its order, then every other editor that has runs or is ``expected`` (``--editors``:
+    a sweep's editors, so one not run yet shows as missing rather than not at all; a new editor needs no list)."""
+    return [*paper.EDITORS, *sorted({*editors_found, *expected} - set(paper.EDITORS) - {"none"})]
 
 
 def reading_order(variant: tuple) -> tuple:

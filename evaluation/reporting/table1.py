@@ -45,7 +45,7 @@ def build_table1(frame: pd.DataFrame, opts: Options) -> Report:
         readings = sorted({k[1] for k in found if k[0] == "elder" and k[2] == model and k[1] is not None},
                           key=lambda r: reading_order(("elder", r, None, None)))
         rows = []
-        for editor, reading in [*((e, None) for e in editor_rows(k[0] for k in found)), *(("elder", r) for r in readings)]:
+        for editor, reading in [*((e, None) for e in editor_rows((k[0] for k in found), opts.editors)), *(("elder", r) for r in readings)]:
             label = label_for(paper.EDITOR_LABELS, editor)
             if reading is not None:
                 label += f" ({label_for(paper.READING_LABELS, reading)})"

@@ -47,7 +47,7 @@ def build_table2(frame: pd.DataFrame, opts: Options) -> Report:
         columns = ["Editor"]
         for ds in paper.DATASETS:
             columns += [f"{label_for(paper.DATASET_LABELS, ds)} avg.", "paper", "Δ"]
-        editors = editor_rows(k[0] for k in [*cells.ok, *cells.failed])
+        editors = editor_rows((k[0] for k in [*cells.ok, *cells.failed]), opts.editors)
         rows = [["Base (unedited)"]]
         for ds in paper.DATASETS:
             stat = base.stat((model, ds), "retention_base.average", 100)

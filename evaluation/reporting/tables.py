@@ -145,6 +145,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--points", type=int, nargs="+", metavar="EDITS",
                         help=f"model_axis: the stream lengths to read from the curves (default: "
                              f"{' '.join(map(str, MODEL_AXIS_POINTS))})")
+    parser.add_argument("--editors", type=lambda v: [e for e in v.split(",") if e], default=[], metavar="A,B",
+                        help="table1/table2/answers: editors that get a row even without a finished run (a sweep's "
+                             "editors: one not run yet shows as missing, not as absent)")
     parser.add_argument("--allow-empty", action="store_true",
                         help="write the table even when no run under the given folders has finished")
     args = parser.parse_args(argv)
@@ -174,7 +177,7 @@ def _build_and_write(args: argparse.Namespace, argv: Optional[Sequence[str]], ou
     opts = Options(models=args.model, paper_model=args.paper_model, num_edits=args.num_edits, dataset=args.dataset,
                    out=out, paths=args.runs, from_curves=args.from_curves, age_bin=args.age_bin,
                    normalise=args.normalise, points=args.points or (),
-                   protocol=args.protocol, revisit=args.revisit)
+                   protocol=args.protocol, revisit=args.revisit, editors=args.editors)
     frame = runs_frame(rows)
     report = BUILDERS[args.name](frame, opts)
     given = argv if argv is not None else sys.argv[1:]
