@@ -193,6 +193,10 @@ class LEMoEEditor(Editor):
         # a learned router's threshold also decides which training rows reach the expert
         return ("threshold",) if self.config.routing == "anchor" else ()
 
+    @classmethod
+    def batch_limit(cls, config: Any) -> tuple[int, str] | None:
+        return config.max_experts, "editor.max_experts"  # one pre-allocated expert per batch
+
     def __init__(self, model: LoadedModel, config: LEMoEConfig | None = None, **fields: Any) -> None:
         super().__init__(model, config, **fields)
         c = self.config

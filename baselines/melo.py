@@ -252,6 +252,10 @@ class MeloEditor(Editor):
 
     Config = MeloConfig
 
+    @classmethod
+    def batch_limit(cls, config: Any) -> tuple[int, str] | None:
+        return config.num_blocks, "editor.num_blocks"  # one LoRA block per batch
+
     def __init__(self, model: LoadedModel, config: MeloConfig | None = None, **fields: Any) -> None:
         super().__init__(model, config, **fields)
         c = self.config

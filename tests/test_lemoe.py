@@ -3,6 +3,8 @@ exact resume, configs, and the clustering-based edit order (data/order.py)."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,8 @@ from evaluation.common.errors import ConfigError, HarnessError
 from evaluation.editing.encoding import encode_pairs
 from evaluation.editing.forward import target_logits
 from evaluation.run.experiment import build, run_experiment
-from tests.conftest import compose_config, tiny_model, zsre_requests
+from tests.conftest import REPO, compose_config, tiny_model, zsre_requests
+from tests.test_resume import ENV
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -225,3 +228,15 @@ def test_smollm2_learns_each_of_its_first_batches_and_keeps_the_earlier_expert()
 
     rows = predict(ed, [r.prompt for r in requests[:50]], [r.target for r in requests[:50]])
     assert sum(p.exact for p in rows) / 50 >= 0.95  # the first batch, still learned after the second
+
+
+def test_a_stream_longer_than_the_experts_allow_is_one_line_before_the_model_loads(tmp_path) -> None:
+    proc = subprocess.run([sys.executable, str(REPO / "run.py"), "model=tiny_llama", "editor=lemoe",
+                           "editor.max_experts=2", "editor.batch_size=3", "dataset.num_edits=7", "retention=none",
+                           "logger=none", f"hydra.run.dir={tmp_path}"], cwd=REPO, env=ENV, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: LEMoEEditor takes at most editor.max_experts=2 edit batches of editor.batch_size=3 (6 edits), but "
+        "the stream has 7 edits (3 batches): set editor.max_experts=3 (or a larger editor.batch_size)")
+    assert "unedited locality" not in proc.stderr and not (tmp_path / "checkpoints").exists()

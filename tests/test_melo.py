@@ -7,6 +7,7 @@ from hydra.utils import instantiate
 
 from baselines.melo import NO_LORA, ClusterDB, MeloEditor
 from evaluation.common.errors import ConfigError
+from evaluation.editing.editor import check_batch_limit
 from evaluation.editing.encoding import encode_pairs
 from evaluation.editing.forward import target_logits
 from evaluation.editing.generation import make_generate_fn
@@ -149,3 +150,12 @@ def test_block_parameters_at_gpt2xl_shape() -> None:
     assert editor.block_params() == 2 * 2 * (1600 + 6400)  # layers x rank x (d_in + d_out) = 32,000
     assert editor.trainable_params() == 0  # 1000 edits in batches of 4: 250 blocks, 8.0M parameters
     assert editor.adapters[0].lora_A.shape == (350, 1600, 2) and editor.adapters[0].scaling == 350.0
+
+
+def test_a_stream_needing_more_lora_blocks_than_melo_has_is_refused_with_the_setting_to_raise() -> None:
+    config = MeloEditor.Config(layers=[1], query_layer=0, num_blocks=2, batch_size=4)
+    check_batch_limit(MeloEditor, config, 8)  # two batches of four: every block used, none short
+    with pytest.raises(ConfigError, match=r"MeloEditor takes at most editor.num_blocks=2 edit batches of "
+                                          r"editor.batch_size=4 \(8 edits\), but the stream has 9 edits \(3 batches\): "
+                                          r"set editor.num_blocks=3"):
+        check_batch_limit(MeloEditor, config, 9)

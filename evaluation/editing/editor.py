@@ -78,6 +78,22 @@ def optimise(optimizer: torch.optim.Optimizer, steps: int, loss_fn: Callable[[],
     return losses
 
 
+def check_batch_limit(editor_class: type["Editor"], config: Any, num_edits: int) -> None:
+    """One line, before any work, where a stream of ``num_edits`` needs more edit batches than the editor has
+    slots for (:meth:`Editor.batch_limit`), rather than a failure when the slots run out mid-stream."""
+    limit_of = getattr(editor_class, "batch_limit", None)  # a duck-typed editor (e.g. a test's) has none
+    limit = limit_of(config) if limit_of is not None else None
+    if limit is None:
+        return
+    slots, setting = limit
+    size = getattr(config, "batch_size", 1)
+    needed = -(-num_edits // size)
+    if needed > slots:
+        raise ConfigError(f"{editor_class.__name__} takes at most {setting}={slots} edit batches of "
+                          f"editor.batch_size={size} ({slots * size} edits), but the stream has {num_edits} edits "
+                          f"({needed} batches): set {setting}={needed} (or a larger editor.batch_size)")
+
+
 def make_config(config_class: type, config: Any = None, fields: dict[str, Any] | None = None) -> Any:
     """``config`` (a ``config_class``) with ``fields`` replaced, or a new one from ``fields``; a field the
     class does not have is named in one line (Hydra's schema catches it earlier for configs it composes)."""
@@ -113,6 +129,12 @@ class Editor(nn.Module, ABC):
     #: settings read only when inputs are routed, never while editing: a trained editor may take other values
     #: of them (``python -m evaluation.scope_report RUN --sweep threshold=...`` measures their trade-off)
     inference_settings: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def batch_limit(cls, config: Any) -> tuple[int, str] | None:
+        """How many edit batches an editor of ``config`` (its Config, or the composed ``editor`` node) can take,
+        and the setting that raises it, for editors that pre-allocate one slot per batch; None: no limit."""
+        return None
 
     def __init__(self, model: LoadedModel, config: Any = None, **fields: Any) -> None:
         super().__init__()

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 from transformers import set_seed
 
@@ -21,7 +21,7 @@ from evaluation.common.atomic import write_jsonl_atomic
 from evaluation.common.errors import ConfigError, HarnessError
 from evaluation.editing.answers import AnswerReading
 from evaluation.editing.compilation import compile_blocks
-from evaluation.editing.editor import Editor
+from evaluation.editing.editor import Editor, check_batch_limit
 from evaluation.editing.generation import make_generate_fn
 from evaluation.editing.unedited import Unedited
 from evaluation.retention.outputs import write_report_items
@@ -171,6 +171,7 @@ def _run(cfg: DictConfig, run_dir: Path, choices: Mapping[str, str], checkpoints
 
     dataset = build(cfg.dataset)
     requests = dataset.load()  # before the model: bad data fails in seconds
+    check_batch_limit(get_class(cfg.editor._target_), cfg.editor, len(requests))  # and an editor too small for them
     reading: AnswerReading = build(cfg.answers)  # and a bad answer reading
     # nothing here is worth a checkpoint (what is reused is cached), but a stop still says so in one line
     with stop_on_signals(lambda sig: f"stopped by {sig} before the first edit (loading the model and reading "

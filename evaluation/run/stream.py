@@ -28,7 +28,7 @@ from typing import Any, Sequence
 
 from data.requests import EditRequest
 from evaluation.common.errors import ConfigError
-from evaluation.editing.editor import Editor
+from evaluation.editing.editor import Editor, check_batch_limit
 from evaluation.run.answer_metrics import AnswerScorer, BaseAnswers
 from evaluation.run.callbacks import (
     ON_NAN,
@@ -126,6 +126,7 @@ def run_stream(editor: Editor, requests: Sequence[EditRequest], base_locality: S
     bs = editor.batch_size
     if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:  # the rule where the batch size is used
         raise ConfigError(f"editor.batch_size must be a positive integer, got {bs!r}")
+    check_batch_limit(type(editor), editor.config, len(requests))  # run_experiment checks before loading the model
     state = StreamState(editor, requests)
     if started is not None:
         state.result.wall_start = started
