@@ -126,7 +126,7 @@ def run_stream(editor: Editor, requests: Sequence[EditRequest], base_locality: S
     bs = editor.batch_size
     if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:  # the rule where the batch size is used
         raise ConfigError(f"editor.batch_size must be a positive integer, got {bs!r}")
-    check_batch_limit(type(editor), editor.config, len(requests))  # run_experiment checks before loading the model
+    check_batch_limit(type(editor), getattr(editor, "config", None), len(requests))  # run_experiment: before the model
     state = StreamState(editor, requests)
     if started is not None:
         state.result.wall_start = started
