@@ -96,7 +96,8 @@ def test_terminated_then_killed_stream_resumes_to_exactly_the_uninterrupted_metr
     assert stopped_at % 4 == 0 and 4 <= stopped_at <= 8, err[-2000:]
     ckpt = CheckpointManager(tmp_path / "checkpoints").load_latest()
     assert ckpt is not None and ckpt.position == stopped_at
-    assert [c["edits"] for c in ckpt.curves] == list(range(4, stopped_at + 1, 4))  # nothing computed is lost
+    # nothing computed is lost; the point due where it stopped is owed, and evaluated first on resume
+    assert [c["edits"] for c in ckpt.curves] == list(range(4, stopped_at, 4)) and ckpt.curve_due
     run_id = ckpt.run_id
     assert run_id
 
@@ -311,3 +312,48 @@ def test_a_checkpoint_from_before_editors_were_modules_is_refused_in_one_line() 
     with pytest.raises(ValueError, match=r"another version of the harness \(checkpoint format 1, this version reads "
                                          r"format 2\); it cannot resume here: start the run again"):
         StreamCheckpoint.from_payload({"format": 1, "position": 4, "editor_state": {"adapters": []}})
+
+
+SLOW_POINT_RUN = (  # run.py whose curve point at 8 edits says so on stderr and then takes a minute
+    "import runpy, sys, time\n"
+    "import evaluation.run.stream as s\n"
+    "evaluate = s.evaluate_edits\n"
+    "def slow(editor, requests, *args, **kwargs):\n"
+    "    if len(requests) == 8:\n"
+    "        print('curve point at 8 started', file=sys.stderr, flush=True)\n"
+    "        time.sleep(60)\n"
+    "    return evaluate(editor, requests, *args, **kwargs)\n"
+    "s.evaluate_edits = slow\n"
+    "sys.argv = ['run.py'] + sys.argv[1:]\n"
+    "runpy.run_path('run.py', run_name='__main__')\n"
+)
+
+
+def test_a_signal_during_a_curve_point_stops_at_once_and_the_resumed_run_evaluates_it_first(
+        reference: dict, tmp_path: Path) -> None:
+    cmd = [sys.executable, "-c", SLOW_POINT_RUN, *ARGS, "logger=none", f"hydra.run.dir={tmp_path}"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    seen = []
+    for line in proc.stderr:  # the point has started
+        seen.append(line)
+        if "curve point at 8 started" in line:
+            break
+    else:
+        pytest.fail("".join(seen)[-3000:])
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert time.monotonic() - sent < 30  # the minute-long point was not waited for
+    assert proc.returncode == 2 and "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith(
+        "error: stopped by SIGTERM during the curve point at 8 of 16 edits (it is evaluated first when the run goes "
+        "on). The state after 8 edits is saved in ")
+    ckpt = CheckpointManager(tmp_path / "checkpoints").load_latest()
+    assert ckpt is not None and (ckpt.position, ckpt.curve_due) == (8, True)
+    assert [c["edits"] for c in ckpt.curves] == [4]
+    resumed = run_cli(["logger=none", "resume=true"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    res = results(tmp_path)
+    assert res["stream"]["resumed_from"] == 8 and [c["edits"] for c in res["curves"]] == [4, 8, 12, 16]
+    assert comparable(res) == comparable(reference)

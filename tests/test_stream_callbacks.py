@@ -223,3 +223,39 @@ def test_a_signal_stops_the_stream_at_the_next_batch_boundary_after_saving(tmp_p
     ckpt = manager.load_latest()
     assert ckpt is not None and ckpt.position == 4 and ckpt.reason == "signal SIGTERM"
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_a_signal_during_a_curve_point_gives_it_up_at_once_and_saves_the_edits_with_the_point_owed(
+        tmp_path: Path) -> None:
+    """On a long stream a point on the way can take hours: a signal does not wait for it."""
+    class SignalledAt(Evaluations):
+        def __call__(self, editor: Any, requests: Sequence[EditRequest], *args: Any, **kwargs: Any) -> dict[str, float]:
+            if len(requests) == 4:
+                os.kill(os.getpid(), signal.SIGTERM)  # the handler raises here: the point never returns
+                raise AssertionError("the curve point went on after the signal")
+            return super().__call__(editor, requests, *args, **kwargs)
+
+    evaluations, manager = SignalledAt(), CheckpointManager(tmp_path, every=0)
+    before = signal.getsignal(signal.SIGTERM)
+    editor = FakeEditor(batch_size=2)
+    callbacks = [CurvePoints([None] * 8, every=4, evaluate=evaluations), StopOnSignals(Saver(manager, requests(8)))]
+    with pytest.raises(StreamInterrupted, match=r"stopped by SIGTERM during the curve point at 4 of 8 edits \(it is "
+                                                r"evaluated first when the run goes on\)\. The state after 4 edits is "
+                                                r"saved in .*step-000004\.pt"):
+        run(editor, 8, callbacks)
+    assert len(editor.calls) == 2 and evaluations.upto == []
+    ckpt = manager.load_latest()
+    assert ckpt is not None and (ckpt.position, ckpt.reason, ckpt.curve_due) == (4, "signal SIGTERM", True)
+    assert ckpt.curves == [] and signal.getsignal(signal.SIGTERM) == before
+
+
+def test_a_signal_while_editing_the_batch_before_a_curve_point_stops_before_the_point(tmp_path: Path) -> None:
+    evaluations, manager = Evaluations(), CheckpointManager(tmp_path, every=0)
+    editor = FakeEditor(batch_size=2, signal_on=[2])
+    callbacks = [CurvePoints([None] * 8, every=4, evaluate=evaluations), StopOnSignals(Saver(manager, requests(8)))]
+    with pytest.raises(StreamInterrupted, match=r"stopped by SIGTERM after 4 of 8 edits \(the curve point due there "
+                                                r"is owed: it is evaluated first when the run goes on\)"):
+        run(editor, 8, callbacks)
+    assert evaluations.upto == []  # not started: the signal was there first
+    ckpt = manager.load_latest()
+    assert ckpt is not None and (ckpt.position, ckpt.curve_due) == (4, True)

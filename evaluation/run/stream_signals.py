@@ -108,11 +108,22 @@ class SignalGuard:
                   f"(send it again to {again} at once)")
 
 
+class _CurvePointStopped(Exception):
+    """A signal came during a curve point (``started``; raised from the handler), which is given up at once, or
+    before it, while the batch before it was edited."""
+
+    def __init__(self, started: bool) -> None:
+        super().__init__()
+        self.started = started
+
+
 class StopOnSignals(Callback):
     """SIGTERM/SIGINT while editing finish the batch, save ``state.good`` and stop with
-    :class:`StreamInterrupted` (a second signal stops at once); during the final evaluation they stop at
-    once with a message that says where the edits are saved. ``enabled=False``: handlers stay as they are.
-    submitit's notice to a job (time limit, preemption) saves the same way, then submitit requeues the job."""
+    :class:`StreamInterrupted` (a second signal stops at once). During a curve point on the way (on a long
+    stream one can take hours) they stop at once: the edits before it are saved with the point owed, and the
+    resumed run evaluates it first. During the final evaluation they stop at once with a message that says
+    where the edits are saved. ``enabled=False``: handlers stay as they are. submitit's notice to a job (time
+    limit, preemption) saves the same way, then submitit requeues the job."""
 
     def __init__(self, saver: Saver, enabled: bool = True, repeat_window: float = 1.0) -> None:
         self.saver, self.enabled, self.repeat_window = saver, enabled, repeat_window
@@ -127,29 +138,50 @@ class StopOnSignals(Callback):
     def on_edits_end(self, state: StreamState) -> None:
         guard = self.guard
         if guard is not None and guard.received is not None:
-            good = state.good
-            if guard.preempted:  # saved even where a periodic save is there: the reason tells the requeued job
-                path = self.saver.save(good, requeue_reason(guard.received))
-            else:
-                path = self.saver.saved_at(good.position) or self.saver.save(good, f"signal {guard.received}")
-            message = (f"stopped by {guard.received} after {good.position} of {state.n} edits. "
-                       f"{self.saver.note(path, good.position)}")
-            if guard.preempted and guard.can_hand_over():
-                message = self._requeue(guard, message)  # returns only where submitit does not requeue
-            raise StreamInterrupted(message)
+            raise self._stopped(state, guard, f"after {state.good.position} of {state.n} edits")
         self._release()  # the end checkpoint is written under the handlers from before the stream, as always
 
     def on_evaluation_start(self, state: StreamState, upto: int) -> None:
         if self.enabled and upto == state.n:  # only the final evaluation covers every edit
             self._final.enter_context(stop_on_signals(functools.partial(self._final_message, state.n)))
+        elif state.evaluating == "curve" and self.guard is not None:
+            if self.guard.received is not None:  # the signal came while the batch before the point was edited
+                raise _CurvePointStopped(started=False)
+            self.guard.on_first = functools.partial(self._stop_point, state)
 
     def on_evaluation_end(self, state: StreamState, upto: int, point: dict[str, float]) -> None:
         self._final.close()
+        if self.guard is not None:
+            self.guard.on_first = functools.partial(setattr, state, "stop")
 
     def on_exception(self, state: StreamState, err: BaseException) -> BaseException | None:
+        guard = self.guard
+        stopped = None
+        if isinstance(err, _CurvePointStopped) and guard is not None and guard.received is not None:
+            # state.good is the boundary before the point, the point owed (CurvePoints commits it so)
+            at, owed = f"{state.good.position} of {state.n} edits", "it is evaluated first when the run goes on"
+            stopped = self._stopped(state, guard, f"during the curve point at {at} ({owed})" if err.started else
+                                    f"after {at} (the curve point due there is owed: {owed})")
         self._release()
         self._final.close()
-        return None
+        return stopped
+
+    def _stop_point(self, state: StreamState, name: str) -> None:
+        state.stop = name
+        SignalGuard._say(f"{name} received during a curve point: giving it up, saving the edits before it")
+        raise _CurvePointStopped(started=True)
+
+    def _stopped(self, state: StreamState, guard: SignalGuard, when: str) -> StreamInterrupted:
+        """Save ``state.good`` (for a requeue where submitit's notice came) and say where it is."""
+        good, name = state.good, str(guard.received)
+        if guard.preempted:  # saved even where a periodic save is there: the reason tells the requeued job
+            path = self.saver.save(good, requeue_reason(name))
+        else:
+            path = self.saver.saved_at(good.position) or self.saver.save(good, f"signal {name}")
+        message = f"stopped by {name} {when}. {self.saver.note(path, good.position)}"
+        if guard.preempted and guard.can_hand_over():
+            message = self._requeue(guard, message)  # returns only where submitit does not requeue
+        return StreamInterrupted(message)
 
     def _requeue(self, guard: SignalGuard, message: str) -> str:
         """submitit requeues the job with the same overrides (it exits here); the message where it will not."""
