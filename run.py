@@ -28,16 +28,16 @@ _NO_ACCESS = {errno.EROFS, errno.EACCES, errno.EPERM}
 
 def machine_failure(err: OSError, run_dir: str) -> HarnessError | None:
     """The one line for an OSError that is the machine's (no room, no access), None for any other."""
+    name = err.filename or "a file"
     if err.errno in _NO_ROOM:
-        what, fix = f"cannot write {err.filename or 'a file'}", "Free space (or choose a writable folder with " \
-                                                                "hydra.run.dir=DIR)"
+        what = f"cannot write {name}: {err.strerror}. Free space (or choose a writable folder with hydra.run.dir=DIR)"
     elif err.errno in _NO_ACCESS:
-        what, fix = (f"cannot open {err.filename or 'a file'}", "Give this user access to it (or choose a "
-                     "writable folder with hydra.run.dir=DIR, or another path in the config)")
+        what = (f"cannot open {name}: {err.strerror}. Give this user access to it (or choose a writable folder "
+                f"with hydra.run.dir=DIR, or another path in the config)")
     else:
         return None
-    return HarnessError(f"{what}: {err.strerror}. {fix}; a run that saved checkpoints continues with "
-                        f"`resume=true {run_dir_override(run_dir)}`")
+    resume = f"resume=true {run_dir_override(run_dir)}"
+    return HarnessError(f"{what}; a run that saved checkpoints continues with `{resume}`")
 
 
 class SweepJobFailed(HarnessError, CompactHydraException):

@@ -108,9 +108,10 @@ class SignalGuard:
                   f"(send it again to {again} at once)")
 
 
-class _CurvePointStopped(Exception):
+class _CurvePointStopped(BaseException):
     """A signal came during a curve point (``started``; raised from the handler), which is given up at once, or
-    before it, while the batch before it was edited."""
+    before it, while the batch before it was edited. A BaseException, as KeyboardInterrupt: no ``except
+    Exception`` on the way may take it for an error of its own."""
 
     def __init__(self, started: bool) -> None:
         super().__init__()
@@ -189,8 +190,8 @@ class StopOnSignals(Callback):
         from submitit.core.utils import UncompletedJobError
 
         self.guard = None
-        log.warning("%s Handing the job back to submitit to requeue: with resume=auto (conf/experiment/"
-                    "cluster_slurm.yaml sets it) the requeued job continues from the newest checkpoint", message)
+        log.warning("%s Handing the job back to submitit to requeue: the requeued job continues from this "
+                    "checkpoint (evaluation.run.resume_rules.saved_for_a_requeue)", message)
         try:
             guard.hand_over()
         except UncompletedJobError as err:  # e.g. more time limits than hydra.launcher.max_num_timeout
