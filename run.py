@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from evaluation.common.errors import HarnessError
 from evaluation.run.folder import run_dir_override
-from evaluation.run.interrupts import Interrupted, SweepStopped
+from evaluation.run.interrupts import SIGNALS, Interrupted, SweepStopped
 from evaluation.run.schema import register
 
 REPO_ROOT = Path(__file__).resolve().parent
@@ -80,6 +81,11 @@ def main(cfg: DictConfig) -> float | None:
                 raise
             raise failure from None
     except HarnessError as err:
+        if isinstance(err, Interrupted):
+            # the stop is under way and the process exits: the same signal again (timeout around make sends it
+            # twice) must not kill it mid-exit, before or after its line is written
+            for sig in SIGNALS:
+                signal.signal(sig, signal.SIG_IGN)
         if isinstance(err, RunFolderBusy) and hc.mode == RunMode.MULTIRUN and cfg.get("resume") == "auto":
             # another process is running this very job (e.g. the same sweep started twice): nothing left to do here
             print(f"skipped: {err}", file=sys.stderr)

@@ -626,3 +626,31 @@ def test_a_machine_failure_is_named_as_what_it_is_with_its_own_fix() -> None:
     assert str(denied).startswith("cannot open /data/edits.json: Permission denied. Give this user access to it")
     assert "resume=true hydra.run.dir=/out" in str(full) and "resume=true hydra.run.dir=/out" in str(denied)
     assert machine_failure(FileNotFoundError(errno.ENOENT, "No such file", "/x"), "/out") is None  # a bug: raised
+
+
+PAUSE_BEFORE_EDITS = (  # run.py that says when it reads the unedited model's locality, then takes a minute there
+    "import runpy, sys, time\n"
+    "import evaluation.run.experiment as e\n"
+    "def pause(*args, **kwargs):\n"
+    "    print('reading the unedited locality', file=sys.stderr, flush=True)\n"
+    "    time.sleep(60)\n"
+    "e.base_locality_predictions = pause\n"
+    "sys.argv = ['run.py'] + sys.argv[1:]\n"
+    "runpy.run_path('run.py', run_name='__main__')\n"
+)
+
+
+def test_the_same_signal_twice_as_timeout_around_make_sends_it_is_one_stop_with_its_line(tmp_path: Path) -> None:
+    """``timeout 60 make run`` signals make and the run, and make passes it on: the run gets SIGTERM twice."""
+    proc = subprocess.Popen([sys.executable, "-c", PAUSE_BEFORE_EDITS, *BASE, f"hydra.run.dir={tmp_path}"], cwd=REPO,
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if "reading the unedited locality" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.05)  # the second lands once the first has stopped the work
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("error: stopped by SIGTERM before the first edit")

@@ -10,6 +10,7 @@ import contextlib
 import os
 import signal
 import threading
+import time
 from typing import Any, Callable, Iterator, Sequence
 
 from evaluation.common.errors import HarnessError
@@ -61,12 +62,42 @@ def handling_signals(handler: Callable[[int, Any], None],
             signal.signal(sig, old if old is not None else signal.SIG_DFL)
 
 
+class RepeatOfAStop:
+    """The handler a stop leaves behind for ``window`` seconds: the same signal again (``timeout`` around ``make``
+    signals both, and make passes it on to the run) is the stop already under way and is ignored, so the run
+    still says in one line why it stopped; a later one gets the handler from before, as if this were not here."""
+
+    def __init__(self, previous: Any, window: float) -> None:
+        self.previous = previous
+        self.until = time.monotonic() + window
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        if time.monotonic() < self.until:
+            return
+        signal.signal(signum, self.previous)
+        if callable(self.previous):
+            self.previous(signum, frame)
+        else:  # the default action (or none, where ignored), delivered again under it
+            os.kill(os.getpid(), signum)
+
+
 @contextlib.contextmanager
-def stop_on_signals(message: Callable[[str], str]) -> Iterator[None]:
-    """Inside the block, SIGTERM/SIGINT raise :class:`WorkInterrupted` with ``message(signal name)``."""
+def stop_on_signals(message: Callable[[str], str], repeat_window: float = 1.0) -> Iterator[None]:
+    """Inside the block, SIGTERM/SIGINT raise :class:`WorkInterrupted` with ``message(signal name)``; a repeat
+    within ``repeat_window`` seconds is the same stop (:class:`RepeatOfAStop`), also after the block."""
+    stopped: list[int] = []
 
     def handle(signum: int, frame: Any) -> None:
+        if stopped:
+            return  # the same stop delivered twice, while the first is still unwinding
+        stopped.append(signum)
         raise WorkInterrupted(message(signal.Signals(signum).name))
 
-    with handling_signals(handle):
-        yield
+    previous: dict[int, Any] = {}
+    try:
+        with handling_signals(handle) as previous:
+            yield
+    finally:
+        if stopped:
+            for sig, old in previous.items():
+                signal.signal(sig, RepeatOfAStop(old if old is not None else signal.SIG_DFL, repeat_window))
