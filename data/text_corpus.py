@@ -53,8 +53,8 @@ def read_texts(path: str | Path, setting: str, limit: int | None = None, text_fi
                     line = str(json.loads(line)[text_field])
                 except (json.JSONDecodeError, KeyError, TypeError):
                     where = f" (set another with {field_setting})" if field_setting else ""
-                    raise ConfigError(f"{file}:{number} is not a JSON object with a '{text_field}' field{where}") \
-                        from None
+                    message = f"{file}:{number} is not a JSON object with a '{text_field}' field{where}"
+                    raise ConfigError(message) from None
             if line.strip():
                 texts.append(line.strip())
     if not texts:
