@@ -77,11 +77,11 @@ def resume_checkpoints(cfg: DictConfig, run_dir: Path, resume: bool | str | None
     manager.owner = str(run_dir.resolve())
     manager.check_owner()  # a checkpoint.dir shared with another run: refused before it is read or cleared
     resume = cfg.resume if resume is None else resume
-    if not resume and saved_for_a_requeue(manager):
+    if not resume and (saved := saved_for_a_requeue(manager)):
         # submitit requeued this job with its own overrides after the stream saved for it: going on is what the
         # save was for (without it a job under a plain submitit launcher would start over at every time limit)
         log.info("this submitit job was requeued after saving %s for it: resuming it (resume=true)",
-                 manager.directory / str((manager.pointer() or {}).get("file")))
+                 manager.directory / saved)
         resume = True
     if not resume:
         return manager, None  # an earlier run's checkpoints are cleared by the caller, which holds the folder
@@ -118,14 +118,14 @@ def resume_checkpoints(cfg: DictConfig, run_dir: Path, resume: bool | str | None
     return manager, ckpt
 
 
-def saved_for_a_requeue(manager: CheckpointManager) -> bool:
-    """Whether this is a submitit job whose folder's newest checkpoint was saved on submitit's notice, to be
-    requeued (evaluation.run.stream_signals): the requeued job then goes on from it."""
+def saved_for_a_requeue(manager: CheckpointManager) -> str | None:
+    """In a submitit job whose folder's newest checkpoint was saved on submitit's notice, to be requeued
+    (evaluation.run.stream_signals), that checkpoint's file name: the requeued job goes on from it. Else None."""
     signal = preemption_signal()
-    if signal is None:
-        return False
-    pointer = manager.pointer()
-    return pointer is not None and pointer.get("reason") == requeue_reason(signal.name)
+    pointer = manager.pointer() if signal is not None else None
+    if pointer is None or signal is None or pointer.get("reason") != requeue_reason(signal.name):
+        return None
+    return str(pointer["file"])
 
 
 #: run settings that change how a run is carried out or recorded, not what it measures (resume=auto)

@@ -133,7 +133,7 @@ class StopOnSignals(Callback):
 
     def on_stream_start(self, state: StreamState) -> None:
         # the handler sets state.stop itself: the loop sees a signal at the very next boundary
-        self.guard = SignalGuard(self.enabled, self.repeat_window, on_first=functools.partial(setattr, state, "stop"))
+        self.guard = SignalGuard(self.enabled, self.repeat_window, on_first=self._stop_at_boundary(state))
         self.guard.__enter__()
 
     def on_edits_end(self, state: StreamState) -> None:
@@ -153,7 +153,7 @@ class StopOnSignals(Callback):
     def on_evaluation_end(self, state: StreamState, upto: int, point: dict[str, float]) -> None:
         self._final.close()
         if self.guard is not None:
-            self.guard.on_first = functools.partial(setattr, state, "stop")
+            self.guard.on_first = self._stop_at_boundary(state)
 
     def on_exception(self, state: StreamState, err: BaseException) -> BaseException | None:
         guard = self.guard
@@ -166,6 +166,11 @@ class StopOnSignals(Callback):
         self._release()
         self._final.close()
         return stopped
+
+    @staticmethod
+    def _stop_at_boundary(state: StreamState) -> Callable[[str], None]:
+        """The guard's first-signal action while editing: the loop sees ``state.stop`` at the next boundary."""
+        return functools.partial(setattr, state, "stop")
 
     def _stop_point(self, state: StreamState, name: str) -> None:
         state.stop = name
