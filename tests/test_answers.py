@@ -211,6 +211,44 @@ def test_the_unedited_locality_answers_are_cached_by_model_reading_and_prompts(t
     assert base_locality_answers(editor, requests, scorer, cache) == first and calls
 
 
+def test_the_unedited_teacher_forced_locality_is_cached_by_model_batch_size_and_probes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from evaluation.run import metrics
+    from tests.conftest import zsre_requests
+
+    requests = zsre_requests(5)
+    editor = Unedited(tiny_model("tiny_gpt2"))
+    cache = metrics.locality_prediction_cache(tmp_path, "tiny-key")
+    fresh = base_locality_predictions(editor, requests, 2)
+    first = base_locality_predictions(editor, requests, 2, cache=cache)
+
+    def rows(base: Any) -> list[tuple[list[int], list[int]]]:
+        return [(r.predicted.tolist(), r.target.tolist()) for group in base for r in group]
+
+    assert rows(first) == rows(fresh) and len(list(tmp_path.glob("*.json"))) == 1
+    calls: list[int] = []
+    original = metrics.predict
+    monkeypatch.setattr(metrics, "predict", lambda *a, **k: calls.append(1) or original(*a, **k))
+    read = base_locality_predictions(editor, requests, 2, cache=cache)
+    assert rows(read) == rows(first) and not calls  # read, not predicted
+    assert all(r.predicted.dtype == torch.long for group in read for r in group)
+    assert evaluate_edits(editor, requests, read, 2, progress=False) == evaluate_edits(
+        editor, requests, first, 2, progress=False)
+    calls.clear()  # evaluate_edits predicts the edited rows
+    # another batch size (other padding), another model or other probes: another file
+    base_locality_predictions(editor, requests, 3, cache=cache)
+    base_locality_predictions(editor, requests, 2, cache=metrics.locality_prediction_cache(tmp_path, "other"))
+    base_locality_predictions(editor, requests[:4], 2, cache=cache)
+    assert len(calls) == 3 and len(list(tmp_path.glob("*.json"))) == 4
+    # a file whose content was changed is not used
+    path = next(p for p in tmp_path.glob("tiny-key-*.json") if len(json.loads(p.read_text())["rows"]) == 5
+                and json.loads(p.read_text())["key"][1] == 2)
+    blob = json.loads(path.read_text())
+    blob["rows"][0][0] = [0]
+    path.write_text(json.dumps(blob))
+    assert rows(base_locality_predictions(editor, requests, 2, cache=cache)) == rows(first) and len(calls) == 4
+
+
 # --- the forgetting record's edit-time points ------------------------------------------------------------
 def test_edit_time_points_give_each_batch_its_score_just_after_editing() -> None:
     points = [

@@ -9,22 +9,16 @@ locality prompts (the reference the edited answers must equal), kept across runs
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 from data.requests import EditRequest
-from evaluation.common.atomic import file_stem, write_json_atomic
-from evaluation.common.integrity import CorruptFile, check_seal, seal
+from evaluation.common.list_cache import SealedListCache, digest_of
 from evaluation.editing.answers import AnswerReading
 from evaluation.editing.editor import Editor
 from evaluation.editing.generation import Continuation, generate_continuations
 from evaluation.run.metrics import first_occurrences, locality_inputs, split_rows
-
-log = logging.getLogger(__name__)
 
 #: the unedited model's locality answers: one tuple per request, one answer per locality probe
 BaseAnswers = Sequence[tuple[str, ...]]
@@ -54,45 +48,25 @@ class AnswerScorer:
 
 
 class AnswerCache:
-    """The unedited model's locality answers per (model, reading, prompt list), one sealed JSON file each in
-    ``directory``. ``model_key`` names the unedited model and what changes its numbers (as the retention
-    cache's key does). A file of another key, or whose content changed, is not used."""
+    """The unedited model's locality answers per (model, reading, prompt list), kept across runs
+    (:class:`~evaluation.common.list_cache.SealedListCache`)."""
 
     def __init__(self, directory: str | Path, model_key: str) -> None:
-        self.dir, self.model_key = Path(directory), model_key
+        self.files = SealedListCache(directory, model_key, "locality-answers", "answers")
 
-    def _key(self, reading: AnswerReading, prompts: Sequence[str]) -> list[Any]:
-        return [self.model_key, list(reading.generation_key()),
-                hashlib.sha256(json.dumps(list(prompts)).encode()).hexdigest()]
+    @staticmethod
+    def _key(reading: AnswerReading, prompts: Sequence[str]) -> list[Any]:
+        return [list(reading.generation_key()), digest_of(list(prompts))]
 
     def path(self, reading: AnswerReading, prompts: Sequence[str]) -> Path:
-        digest = hashlib.sha256(json.dumps(self._key(reading, prompts)).encode()).hexdigest()[:20]
-        stem = file_stem(self.model_key)
-        return self.dir / f"{stem}-locality-answers-{digest}.json"
+        return self.files.path(self._key(reading, prompts))
 
     def load(self, reading: AnswerReading, prompts: Sequence[str]) -> list[str] | None:
-        path = self.path(reading, prompts)
-        try:
-            blob = json.loads(path.read_text(encoding="utf-8"))
-            sealed = check_seal(blob, path)
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError, CorruptFile) as err:  # a torn or changed file: generate again
-            log.warning("ignoring the cached unedited answers %s (%s); generating them again", path, err)
-            return None
-        answers = blob.get("answers")
-        if (not sealed or blob.get("key") != self._key(reading, prompts) or not isinstance(answers, list)
-                or len(answers) != len(prompts)):
-            return None
-        return [str(a) for a in answers]
+        answers = self.files.load(self._key(reading, prompts), len(prompts))
+        return None if answers is None else [str(a) for a in answers]
 
     def save(self, reading: AnswerReading, prompts: Sequence[str], answers: Sequence[str]) -> None:
-        try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(self.path(reading, prompts),
-                              seal({"key": self._key(reading, prompts), "answers": list(answers)}))
-        except OSError as err:  # a cache that cannot be written costs time, not results
-            log.warning("could not cache the unedited locality answers in %s (%s)", self.dir, err.strerror)
+        self.files.save(self._key(reading, prompts), answers)
 
 
 def base_locality_answers(unedited: Editor, requests: Sequence[EditRequest], scorer: AnswerScorer,

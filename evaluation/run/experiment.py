@@ -32,7 +32,7 @@ from evaluation.run.checkpoint import CheckpointManager, StreamCheckpoint, state
 from evaluation.run.folder import ANSWERS, RunFolder, RunFolderBusy
 from evaluation.run.forgetting import at_edit_time
 from evaluation.run.interrupts import stop_on_signals
-from evaluation.run.metrics import base_locality_predictions
+from evaluation.run.metrics import base_locality_predictions, locality_prediction_cache
 from evaluation.run.results import (
     git_commit,
     write_results,
@@ -195,11 +195,12 @@ def _run(cfg: DictConfig, run_dir: Path, choices: Mapping[str, str], checkpoints
                      + (f"-{cfg.autocast}" if cfg.autocast else ""))
         # the unedited model's view: locality reference (teacher-forced and generated) and retention baseline
         unedited = Unedited(loaded)
-        base_locality = base_locality_predictions(unedited, requests, batch_size=cfg.eval_batch_size,
-                                                  desc="unedited locality" if cfg.progress else None)
+        forward_key = f"{model_key}-{_config_key(cfg.compile)}"  # compiled blocks may round differently
+        base_locality = base_locality_predictions(
+            unedited, requests, batch_size=cfg.eval_batch_size, desc="unedited locality" if cfg.progress else None,
+            cache=locality_prediction_cache(cfg.locality_cache_dir, forward_key) if cfg.locality_cache_dir else None)
         scorer, base_answers = answer_scoring(reading, unedited, requests, cfg.eval_batch_size,
-                                              cfg.generation_token_budget, f"{model_key}-{_config_key(cfg.compile)}",
-                                              cfg.progress)
+                                              cfg.generation_token_budget, forward_key, cfg.progress)
     retention_base = None
     if retention.enabled:
         start = time.perf_counter()

@@ -17,12 +17,14 @@ docs/answers.md).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Hashable, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from data.requests import EditRequest
+from evaluation.common.list_cache import SealedListCache, digest_of
 from evaluation.editing.editor import Editor
 from evaluation.editing.encoding import encode_pairs
 from evaluation.editing.forward import target_logits
@@ -113,15 +115,30 @@ def split_rows(rows: Sequence[Any], counts: Sequence[int]) -> list[Sequence[Any]
 BaseLocality = Sequence["RowPredictions | Sequence[RowPredictions]"]
 
 
+def locality_prediction_cache(directory: str | Path, model_key: str) -> SealedListCache:
+    """Where :func:`base_locality_predictions` keeps the unedited model's predictions across runs."""
+    return SealedListCache(directory, model_key, "locality-predictions", "rows")
+
+
 def base_locality_predictions(editor: Editor, requests: Sequence[EditRequest], batch_size: int = 32,
-                              desc: str | None = None) -> list[tuple[RowPredictions, ...]]:
+                              desc: str | None = None, cache: SealedListCache | None = None
+                              ) -> list[tuple[RowPredictions, ...]]:
     """The unedited model's locality predictions, grouped per request (one tuple entry per probe).
 
     One entry per request, so a stream prefix ``requests[:k]`` goes with ``base[:k]``; each fact's probes are
-    predicted once and shared by its requests."""
+    predicted once and shared by its requests. ``cache`` (:func:`locality_prediction_cache`) keeps them per
+    model, batch size (batches pad differently) and probe list."""
     facts, at_fact = first_occurrences([r.fact for r in requests])
     held = [requests[i] for i in facts]
-    flat = predict(editor, *locality_inputs(held), batch_size=batch_size, desc=desc)
+    prompts, targets = locality_inputs(held)
+    key = [batch_size, digest_of([prompts, targets])]
+    kept = cache.load(key, len(prompts)) if cache is not None else None
+    if kept is not None:
+        flat = [RowPredictions(torch.tensor(p, dtype=torch.long), torch.tensor(t, dtype=torch.long)) for p, t in kept]
+    else:
+        flat = predict(editor, prompts, targets, batch_size=batch_size, desc=desc)
+        if cache is not None:
+            cache.save(key, [[r.predicted.tolist(), r.target.tolist()] for r in flat])
     groups = [tuple(group) for group in split_rows(flat, [len(r.locality) for r in held])]
     return [groups[j] for j in at_fact]
 

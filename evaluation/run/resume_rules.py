@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 
 #: config leaves that say where files live, not what is computed
-_WHERE_FILES_LIVE = ("path", "cache_dir", "url", "sha256", "tokenizer_path", "data_dir")
+_WHERE_FILES_LIVE = ("path", "cache_dir", "locality_cache_dir", "url", "sha256", "tokenizer_path", "data_dir")
 #: config leaves that may change between a run and its resumption
 _MAY_CHANGE_ON_RESUME = (*_WHERE_FILES_LIVE, "device", "device_map", "num_edits")
 

@@ -135,6 +135,7 @@ class RunConf:
     edit_time_eval: bool = True  # score each batch right after it is edited (evaluation.run.callbacks.CurvePoints)
     generation_token_budget: Optional[int] = 1536  # padded prompt tokens per generation batch; None: eval_batch_size rows
     progress: bool = True
+    locality_cache_dir: Optional[str] = None  # the unedited model's teacher-forced locality predictions, kept
     threads: Optional[int] = None  # torch intra-op threads (None: torch's default)
     tags: List[str] = field(default_factory=list)
     # true: continue the run in hydra.run.dir from its last checkpoint; auto: that where there is one, nothing
