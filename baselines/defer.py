@@ -16,7 +16,6 @@ the base layer (the authors' ``untrained`` flag).
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -106,9 +105,6 @@ class DeferEditor(Editor):
         if self._editing:  # soft mixture at every token
             return Replacement(torch.ones_like(gate, dtype=torch.bool), values, positions, gate=gate)
         return Replacement(gate >= self.config.threshold, values, positions)
-
-    def scope(self, query_positions: torch.Tensor) -> contextlib.AbstractContextManager[None]:
-        return self.query.scope(query_positions)
 
     def query_site(self) -> str | None:
         return self.ffn_input_site(self.config.layer)

@@ -20,7 +20,6 @@ The value-replacement layer (baselines/value_replacement.py) is shared with ``ba
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -194,9 +193,6 @@ class GraceEditor(Editor):
             return None
         active, index = self.codebook.lookup(q)
         return Replacement(active, self.codebook.values[index], positions)
-
-    def scope(self, query_positions: torch.Tensor) -> contextlib.AbstractContextManager[None]:
-        return self.query.scope(query_positions)
 
     def query_site(self) -> str | None:
         return self.ffn_input_site(self.config.layer)

@@ -23,7 +23,6 @@ paper), the projection width, weight decay, iterations and the batch size (1000 
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import math
@@ -297,9 +296,6 @@ class LEMoEEditor(Editor):
         if self._training:
             self.train_route = route
         return route
-
-    def scope(self, query_positions: torch.Tensor) -> contextlib.AbstractContextManager[None]:
-        return self.query.scope(query_positions)
 
     def query_site(self) -> str | None:
         return "input_embeddings:prompt_mean"  # the experts are copies of a block; the embeddings are never edited

@@ -29,7 +29,6 @@ whole rank: U(+-1/sqrt(num_blocks * rank_per_block))), B at zero.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Sequence
@@ -330,9 +329,6 @@ class MeloEditor(Editor):
             return None
         blocks, active = self.db.search(self._key(q))
         return BlockRoute(blocks, active)
-
-    def scope(self, query_positions: torch.Tensor) -> contextlib.AbstractContextManager[None]:
-        return self.query.scope(query_positions)
 
     def query_site(self) -> str | None:
         return self.ffn_input_site(self.config.query_layer)  # below every LoRA layer (_validate)

@@ -10,6 +10,7 @@ It edits ``--edits`` requests with the editor (not timed against anything: setup
 - an edit-time point (one batch right after it is edited: reliability and generalization, no locality),
   both ways, averaged over the last ``--edit-time-points`` batches;
 - the unedited model's locality answers: generated, and read back from the answer cache;
+- a curve point's answers alone, with rows that have ended leaving their batch (the default) and kept to its end;
 
 and prints a Markdown table of seconds, the ratio with generation over without, and the overhead per edit.
 Every figure is measured in this one process.
@@ -97,6 +98,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     et_tf = sum(_timed(lambda: point(False, lo, hi, False))[1] for lo, hi in last) / len(last)
     et_both = sum(_timed(lambda: point(True, lo, hi, False))[1] for lo, hi in last) / len(last)
     rows.append((f"edit-time point, one batch of {bs}", et_tf, et_both, bs))
+    # the answers alone: rows that have ended leave their batch (the default) or stay to its end
+    prompts = [p for r in requests for p in (r.prompt, *r.paraphrases, *(q for q, _ in r.locality))]
+    kept_scorer = AnswerScorer(reading, args.batch_size, cfg.generation_token_budget, prune_every=None)
+    kept, kept_s = _timed(lambda: kept_scorer.answers(editor, prompts))
+    left, left_s = _timed(lambda: scorer.answers(editor, prompts))
+    assert left == kept, "rows leaving their batch changed an answer"
 
     print(f"\n{args.editor} on {args.model}, {args.dataset}, {len(requests)} edits ({edit_s:.1f} s of editing, "
           f"{edit_s / len(requests):.2f} s/edit); torch threads {torch.get_num_threads()}; answers={args.answers} "
@@ -107,6 +114,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"| {name} | {a:.2f} | {b:.2f} | {b / a:.2f}x | {(b - a) / n:.3f} |")
     print(f"| unedited locality answers: generated / read from the cache | {generate_s:.2f} | {read_s:.4f} | "
           f"{generate_s / read_s:.0f}x faster read | |")
+    print(f"\nThe {len(prompts)} answers of a curve point alone: {kept_s:.2f} s with every row kept to the end of its "
+          f"batch, {left_s:.2f} s with rows leaving every {scorer.prune_every} steps once they end "
+          f"({kept_s / left_s:.2f}x; the same answers).")
     per_edit_time = (et_both - et_tf) / bs
     print(f"\nEdit-time points over a stream: {et_both:.2f} s per batch with generation ({et_tf:.2f} s "
           f"teacher-forced only), {per_edit_time:.3f} s per edit of generation beside "

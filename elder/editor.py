@@ -1,7 +1,6 @@
 """The ELDER editor: mixture-of-LoRA layers, guided loss, allocation codes, deferral."""
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, List, Sequence
@@ -140,9 +139,6 @@ class ElderEditor(Editor):
             dist = min_hamming(routes.codes(self.config.num_loras), self.stored_codes)
             routes.active = dist < self.config.epsilon  # nearest code at least epsilon away: a task input
         return routes
-
-    def scope(self, query_positions: torch.Tensor) -> contextlib.AbstractContextManager[None]:
-        return self.query.scope(query_positions)
 
     def query_site(self) -> str | None:
         return self.ffn_input_site(self.config.query_layer)  # below every ELDER layer (_validate)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -17,6 +18,8 @@ class Routes:
     gates: torch.Tensor  # (L, B, N) softmax scores on the top-k, zero elsewhere (not renormalised)
     topk: torch.Tensor  # (L, B, k)
     active: torch.Tensor | None = None  # (B,) bool: False = deferred to the unedited model
+    #: the batch dimension of the (L, B, ...) fields (evaluation.editing.query.select_route)
+    ROW_DIMS: ClassVar[dict[str, int]] = {"log_scores": 1, "gates": 1, "topk": 1}
 
     def codes(self, num_loras: int) -> torch.Tensor:
         """(B, L*N) boolean allocation codes: ones at each layer's top-k."""

@@ -1,7 +1,6 @@
 """MEMOIR behind the shared Editor interface (the method, its sources and departures: baselines/memoir/__init__.py)."""
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass, field
 from typing import Any, List, Optional, Sequence
@@ -190,9 +189,6 @@ class MEMOIREditor(Editor):
         score = self.overlaps(self.hash_masks(q))  # (B, M)
         best, match = score.max(-1)  # the first maximum: ties go to the oldest mask
         return MemoirRoute(best >= self.config.threshold, self.masks[match], match, best)
-
-    def scope(self, query_positions: torch.Tensor) -> contextlib.AbstractContextManager[None]:
-        return self.query.scope(query_positions)
 
     def query_site(self) -> str | None:
         # the memory's own input: nothing this editor changes runs before it

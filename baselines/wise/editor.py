@@ -1,7 +1,6 @@
 """WISE behind the shared Editor interface (the method, its sources and departures: baselines/wise/__init__.py)."""
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Any, Optional, Sequence
 
@@ -197,9 +196,6 @@ class WISEEditor(Editor):
             rows = active & (memory == m)
             out[rows] = self._side(x[rows], weights[m])
         return torch.where(active[:, None, None], out.to(y.dtype), y)
-
-    def scope(self, query_positions: torch.Tensor) -> contextlib.AbstractContextManager[None]:
-        return self.query.scope(query_positions)
 
     def query_site(self) -> str | None:
         return None  # the scores depend on the side memories, which every edit changes

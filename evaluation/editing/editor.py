@@ -18,7 +18,7 @@ import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterator, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 from omegaconf import MISSING
@@ -183,15 +183,20 @@ class Editor(nn.Module, ABC):
         """What the speed benchmark compares this editor with; None if not defined."""
         return None
 
-    @contextlib.contextmanager
-    def scope(self, query_positions: torch.Tensor) -> Iterator[None]:
+    def scope(self, query_positions: torch.Tensor) -> contextlib.AbstractContextManager[None]:
         """Forward passes inside this block read sequence b's query at ``query_positions[b]``.
 
         ``query_positions`` is a (B,) long tensor: the last prompt token of each row. The first
         forward in the block fixes each sequence's route; later forwards in the same block (the
         decoding steps of ``generate`` with a KV cache) reuse it. Editors without routing ignore it.
         """
-        yield
+        return self.query.scope(query_positions) if self.query is not None else contextlib.nullcontext()
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Inside :meth:`scope`, after its first forward: the batch goes on with ``rows`` only ((b,) long indices
+        into it; generation drops the rows that have ended), so the routes taken are cut to them."""
+        if self.query is not None:
+            self.query.select(rows)
 
     def batch_scope(self, batch: EncodedBatch) -> contextlib.AbstractContextManager[None]:
         """:meth:`scope` for a teacher-forced batch, reading each row at ``self.key_position``.

@@ -10,6 +10,10 @@ shares (the decoding steps) and loses what it pads; a budget on ``rows * longest
 prompts in small batches and short ones in large batches. The LM head runs only where a token is
 generated: ``GenerationMixin.generate`` passes ``logits_to_keep=1`` to models whose ``forward`` takes it
 (LlamaForCausalLM and GPT2LMHeadModel do), so prefill projects the last position alone.
+
+A batch's rows end at different steps (a short answer, a long one); every :data:`PRUNE_EVERY` steps the rows
+that have ended leave it, with their KV cache, attention mask and routes (``Editor.select_rows``), so the
+decoding steps are paid only by rows still generating. A row computes the same beside any other rows.
 """
 from __future__ import annotations
 
@@ -21,8 +25,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from evaluation.editing.editor import Editor
+
+#: generation steps between the moments rows that have ended leave their batch (evaluation.editing.generation)
+PRUNE_EVERY = 4
 
 
 def token_budget_batches(lengths: Sequence[int], budget: int | None, max_rows: int) -> list[list[int]]:
@@ -76,16 +84,64 @@ def _ended(tokens: list[int], end_ids: set[int]) -> int | None:
     return next((k for k, t in enumerate(tokens) if t in end_ids), None)
 
 
+def _cache_field() -> str:
+    """What ``generate`` calls its KV cache, in its output and as an argument (``cache`` since transformers 5.x,
+    ``past_key_values`` before)."""
+    fields = getattr(GenerateDecoderOnlyOutput, "__dataclass_fields__", {})
+    return "cache" if "cache" in fields else "past_key_values"
+
+
+def _generate_batch(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, pad: int,
+                    scope: Editor | None, ended: Callable[[list[int]], bool],
+                    criteria: StoppingCriteriaList | None, prune_every: int | None) -> list[list[int]]:
+    """Each row's generated tokens (greedy, KV cache), run until it ends (``ended(tokens)``) or has
+    ``max_new_tokens``.
+
+    With ``prune_every``, generation goes in segments of that many steps and the rows that have ended leave the
+    batch between segments (their cache, attention mask and routes cut away): the rows left compute what they
+    would have beside them, and a batch stops paying for its early finishers. None: one ``generate`` call, which
+    runs every row until the last one ends."""
+    width, cache_name = ids.shape[1], _cache_field()
+    out: list[list[int] | None] = [None] * ids.shape[0]
+    live = torch.arange(ids.shape[0])  # the batch row of each row still generating
+    extra: dict[str, Any] = {}
+    remaining = max_new_tokens
+    while True:
+        step = remaining if prune_every is None else min(prune_every, remaining)
+        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=step, do_sample=False,
+                             pad_token_id=pad, use_cache=True, stopping_criteria=criteria,
+                             return_dict_in_generate=True, **extra)
+        seqs, new = gen.sequences, gen.sequences.shape[1] - ids.shape[1]
+        remaining -= new
+        tokens = seqs[:, width:].tolist()
+        # fewer steps than asked: every row had ended (generate stops there)
+        done = [remaining <= 0 or new < step or ended(t) for t in tokens]
+        for j, row in enumerate(live.tolist()):
+            if done[j]:
+                out[row] = tokens[j]
+        if all(done):
+            return out  # type: ignore[return-value]
+        cache = getattr(gen, cache_name)
+        mask = torch.cat([mask, mask.new_ones((mask.shape[0], new))], dim=1)
+        if any(done):
+            keep = torch.tensor([j for j, d in enumerate(done) if not d], dtype=torch.long, device=seqs.device)
+            cache.batch_select_indices(keep)
+            if scope is not None:
+                scope.select_rows(keep)
+            seqs, mask, live = seqs[keep], mask[keep], live[keep.cpu()]
+        ids, extra = seqs, {cache_name: cache}
+
+
 @torch.no_grad()
 def generate_continuations(model: nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int,
                            scope: Editor | None = None, batch_size: int = 32, token_budget: int | None = None,
                            stops: Callable[[str], bool] | None = None, progress: bool = False,
-                           desc: str = "") -> list[Continuation]:
+                           desc: str = "", prune_every: int | None = PRUNE_EVERY) -> list[Continuation]:
     """Greedy continuations of ``prompts`` through ``model`` (routed by ``scope``), batched and cached.
 
-    ``stops(text so far) -> bool`` ends a row early (besides its end token and ``max_new_tokens``); a
-    batch runs until its last row ends. Batches: see :func:`token_budget_batches`; continuations do not
-    depend on them."""
+    ``stops(text so far) -> bool`` ends a row early (besides its end token and ``max_new_tokens``). Batches:
+    see :func:`token_budget_batches`; rows that have ended leave their batch every ``prune_every`` steps (None:
+    a batch runs until its last row ends). Continuations depend on neither."""
     device = next(model.parameters()).device
     encoded = [tokenizer(p).input_ids for p in prompts]
     out: list[Continuation | None] = [None] * len(prompts)
@@ -93,6 +149,11 @@ def generate_continuations(model: nn.Module, tokenizer: Any, prompts: Sequence[s
     # a row ends at its end token; the rows ended before the batch's last are padded after it (a pad token
     # that is special is dropped from the text like the end token, so it ends a row too)
     end_ids = {i for i in (tokenizer.eos_token_id, pad) if i is not None and i in tokenizer.all_special_ids}
+
+    def ended(tokens: list[int]) -> bool:
+        end = _ended(tokens, end_ids)
+        return end is not None or (stops is not None and stops(tokenizer.decode(tokens, skip_special_tokens=True)))
+
     bar = tqdm(total=len(prompts), desc=desc or "generate", disable=not progress, leave=False)
     for idx in token_budget_batches([len(e) for e in encoded], token_budget, batch_size):
         width = max(len(encoded[i]) for i in idx)
@@ -106,10 +167,8 @@ def generate_continuations(model: nn.Module, tokenizer: Any, prompts: Sequence[s
         ctx = scope.scope(positions) if scope is not None else contextlib.nullcontext()
         criteria = StoppingCriteriaList([_StopRule(tokenizer, width, stops)]) if stops is not None else None
         with ctx:
-            gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                 do_sample=False, pad_token_id=pad, use_cache=True, stopping_criteria=criteria)
-        for j, i in enumerate(idx):
-            tokens = gen[j, width:].tolist()
+            rows = _generate_batch(model, ids, mask, max_new_tokens, pad, scope, ended, criteria, prune_every)
+        for i, tokens in zip(idx, rows):
             end = _ended(tokens, end_ids)
             kept = tokens if end is None else tokens[:end]
             text = tokenizer.decode(kept, skip_special_tokens=True)

@@ -7,10 +7,28 @@ the editor instance (never at module level) and is reset at the start of every :
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator
+import dataclasses
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
+
+
+def select_route(route: Any, rows: torch.Tensor) -> Any:
+    """``route`` (what a query derives: a dataclass of per-row tensors, a tensor, or None) for ``rows`` of the batch.
+
+    Every tensor field is per row, along dimension 0 unless the class maps the field to another in
+    ``ROW_DIMS`` (e.g. ELDER's (L, B, N) scores); other fields are kept (a flag such as "the prompt has run")."""
+    if route is None:
+        return None
+    if isinstance(route, torch.Tensor):
+        return route.index_select(0, rows.to(route.device))
+    if not dataclasses.is_dataclass(route) or isinstance(route, type):
+        raise TypeError(f"cannot select rows of a {type(route).__name__}: a route must be a dataclass of per-row tensors")
+    dims = getattr(route, "ROW_DIMS", {})
+    cut = {f.name: value.index_select(dims.get(f.name, 0), rows.to(value.device))
+           for f in dataclasses.fields(route) if isinstance(value := getattr(route, f.name), torch.Tensor)}
+    return dataclasses.replace(route, **cut)
 
 
 class RouteTaken(Exception):
@@ -61,6 +79,16 @@ class SequenceQuery:
             yield
         finally:
             self.positions, self.value, self.derived = None, None, None
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only ``rows`` ((b,) long indices into the batch) of the scope's queries and routes: the forwards
+        that follow (a generation's remaining steps) run those rows alone."""
+        if self.positions is None:
+            raise RuntimeError("select() outside a scope")
+        self.positions = self.positions.index_select(0, rows.to(self.positions.device))
+        if self.value is not None:
+            self.value = self.value.index_select(0, rows.to(self.value.device))
+        self.derived = select_route(self.derived, rows)
 
     def derive(self, q: torch.Tensor) -> object | None:
         """What ``on_query`` derives from query vectors given directly (B, d): the route a forward that
@@ -114,6 +142,11 @@ class MaskedSequenceQuery(SequenceQuery):
         """The kept attention mask where it fits the layer input ``x`` (B, T, d), else None (no padding known)."""
         mask = self.attention_mask
         return mask if mask is not None and mask.shape == x.shape[:2] else None
+
+    def select(self, rows: torch.Tensor) -> None:
+        super().select(rows)
+        if self.attention_mask is not None:
+            self.attention_mask = self.attention_mask.index_select(0, rows.to(self.attention_mask.device))
 
     @contextlib.contextmanager
     def scope(self, positions: torch.Tensor) -> Iterator[None]:

@@ -17,7 +17,11 @@ from data.requests import EditRequest
 from evaluation.common.list_cache import SealedListCache, digest_of
 from evaluation.editing.answers import AnswerReading
 from evaluation.editing.editor import Editor
-from evaluation.editing.generation import Continuation, generate_continuations
+from evaluation.editing.generation import (
+    PRUNE_EVERY,
+    Continuation,
+    generate_continuations,
+)
 from evaluation.run.metrics import first_occurrences, locality_inputs, split_rows
 
 #: the unedited model's locality answers: one tuple per request, one answer per locality probe
@@ -36,14 +40,17 @@ class AnswerScorer:
     """Generates answers through an editor's model under ``reading``, in batches of at most ``batch_size``
     rows and ``token_budget`` padded prompt tokens."""
 
-    def __init__(self, reading: AnswerReading, batch_size: int = 32, token_budget: int | None = None) -> None:
+    def __init__(self, reading: AnswerReading, batch_size: int = 32, token_budget: int | None = None,
+                 prune_every: int | None = PRUNE_EVERY) -> None:
         self.reading, self.batch_size, self.token_budget = reading, batch_size, token_budget
+        self.prune_every = prune_every  # rows that have ended leave their batch (None: kept to its end)
 
     def answers(self, editor: Editor, prompts: Sequence[str], desc: str | None = None) -> list[Answer]:
         """Each prompt's answer (the prompt put in the reading's context first)."""
         found = generate_continuations(editor.model, editor.tokenizer, [self.reading.prompt(p) for p in prompts],
                                        self.reading.max_new_tokens, editor, self.batch_size, self.token_budget,
-                                       stops=self.reading.stops, progress=desc is not None, desc=desc or "")
+                                       stops=self.reading.stops, progress=desc is not None, desc=desc or "",
+                                       prune_every=self.prune_every)
         return [Answer(c, self.reading.answer(c.text)) for c in found]
 
 
