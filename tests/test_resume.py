@@ -329,9 +329,9 @@ SLOW_POINT_RUN = (  # run.py whose curve point at 8 edits says so on stderr and 
 )
 
 
-def test_a_signal_during_a_curve_point_stops_at_once_and_the_resumed_run_evaluates_it_first(
-        reference: dict, tmp_path: Path) -> None:
-    cmd = [sys.executable, "-c", SLOW_POINT_RUN, *ARGS, "logger=none", f"hydra.run.dir={tmp_path}"]
+def _signal_the_slow_point(tmp_path: Path, *extra: str) -> None:
+    """Run SLOW_POINT_RUN, SIGTERM it once its point at 8 edits has started: it stops at once, with its line."""
+    cmd = [sys.executable, "-c", SLOW_POINT_RUN, *ARGS, "logger=none", f"hydra.run.dir={tmp_path}", *extra]
     proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stderr is not None
     seen = []
@@ -352,6 +352,13 @@ def test_a_signal_during_a_curve_point_stops_at_once_and_the_resumed_run_evaluat
     ckpt = CheckpointManager(tmp_path / "checkpoints").load_latest()
     assert ckpt is not None and (ckpt.position, ckpt.curve_due) == (8, True)
     assert [c["edits"] for c in ckpt.curves] == [4]
+
+
+def test_a_signal_during_a_curve_point_stops_at_once_and_the_resumed_run_evaluates_it_first(
+        reference: dict, tmp_path: Path) -> None:
+    _signal_the_slow_point(tmp_path)
+    # the resumed run evaluates the owed point before its first edit, under the same guard: a signal there too
+    _signal_the_slow_point(tmp_path, "resume=true")
     resumed = run_cli(["logger=none", "resume=true"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     res = results(tmp_path)

@@ -135,12 +135,14 @@ def run_stream(editor: Editor, requests: Sequence[EditRequest], base_locality: S
         if checkpoints is not None:
             checkpoints.last_saved = state.position
         log.info("resuming the stream after %d of %d edits from %s", state.position, state.n, resume.path)
-    # the order is part of the behaviour: e.g. the guards judge a batch before it is logged or evaluated,
-    # and the end checkpoint is written before the final evaluation's signal handlers are set
+    # the order is part of the behaviour: e.g. the guards judge a batch before it is logged or evaluated, the
+    # signal handlers are up before a resumed run's owed curve point (CurvePoints.on_stream_start), and the end
+    # checkpoint is written before the final evaluation's signal handlers are set
     callbacks = [OutOfMemoryGuard(saver, eval_batch_size), ProgressBar(progress), nan_guard, LogMetrics(logger),
+                 StopOnSignals(saver, handle_signals),
                  CurvePoints(base_locality, eval_every, eval_batch_size, progress, evaluate=_evaluate_edits,
                              scorer=scorer, base_answers=base_answers, edit_time=edit_time, at=eval_at),
-                 StopOnSignals(saver, handle_signals), Checkpointing(saver)]
+                 Checkpointing(saver)]
     return Stream(state, callbacks).run()
 
 
