@@ -262,7 +262,8 @@ class CurvePoints(Callback):
         return crossed or any(before < n <= after for n in self.at)
 
     def _curve_point(self, state: StreamState) -> None:
-        point = self.evaluate_upto(state, state.position)
+        # with bars: on a 10,000-edit stream the point at 5,000 edits takes an hour of one CPU thread
+        point = self.evaluate_upto(state, state.position, progress=self.progress)
         state.result.curves.append({"edits": state.position, **point, **self._sizes(state)})
         self._cost(state, state.position)
         state.curve_due = False
