@@ -60,7 +60,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     from evaluation.run.compose import compose_config
     from evaluation.run.experiment import build, seed_everything
-    from evaluation.run.metrics import base_locality_predictions, evaluate_edits
+    from evaluation.run.metrics import (
+        base_locality_predictions,
+        evaluate_edits,
+        locality_inputs,
+    )
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -99,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     et_both = sum(_timed(lambda: point(True, lo, hi, False))[1] for lo, hi in last) / len(last)
     rows.append((f"edit-time point, one batch of {bs}", et_tf, et_both, bs))
     # the answers alone: rows that have ended leave their batch (the default) or stay to its end
-    prompts = [p for r in requests for p in (r.prompt, *r.paraphrases, *(q for q, _ in r.locality))]
+    prompts = [r.prompt for r in requests] + [p for r in requests for p in r.paraphrases] + locality_inputs(requests)[0]
     kept_scorer = AnswerScorer(reading, args.batch_size, cfg.generation_token_budget, prune_every=None)
     kept, kept_s = _timed(lambda: kept_scorer.answers(editor, prompts))
     left, left_s = _timed(lambda: scorer.answers(editor, prompts))

@@ -84,11 +84,10 @@ def _ended(tokens: list[int], end_ids: set[int]) -> int | None:
     return next((k for k, t in enumerate(tokens) if t in end_ids), None)
 
 
-def _cache_field() -> str:
-    """What ``generate`` calls its KV cache, in its output and as an argument (``cache`` since transformers 5.x,
-    ``past_key_values`` before)."""
-    fields = getattr(GenerateDecoderOnlyOutput, "__dataclass_fields__", {})
-    return "cache" if "cache" in fields else "past_key_values"
+#: what ``generate`` calls its KV cache, in its output and as an argument (``cache`` since transformers 5.x,
+#: ``past_key_values`` before)
+_CACHE_FIELD = ("cache" if "cache" in getattr(GenerateDecoderOnlyOutput, "__dataclass_fields__", {})
+                else "past_key_values")
 
 
 def _generate_batch(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, pad: int,
@@ -101,7 +100,7 @@ def _generate_batch(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, max
     batch between segments (their cache, attention mask and routes cut away): the rows left compute what they
     would have beside them, and a batch stops paying for its early finishers. None: one ``generate`` call, which
     runs every row until the last one ends."""
-    width, cache_name = ids.shape[1], _cache_field()
+    width = ids.shape[1]
     out: list[list[int] | None] = [None] * ids.shape[0]
     live = torch.arange(ids.shape[0])  # the batch row of each row still generating
     extra: dict[str, Any] = {}
@@ -121,7 +120,7 @@ def _generate_batch(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, max
                 out[row] = tokens[j]
         if all(done):
             return out  # type: ignore[return-value]
-        cache = getattr(gen, cache_name)
+        cache = getattr(gen, _CACHE_FIELD)
         mask = torch.cat([mask, mask.new_ones((mask.shape[0], new))], dim=1)
         if any(done):
             keep = torch.tensor([j for j, d in enumerate(done) if not d], dtype=torch.long, device=seqs.device)
@@ -129,7 +128,7 @@ def _generate_batch(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, max
             if scope is not None:
                 scope.select_rows(keep)
             seqs, mask, live = seqs[keep], mask[keep], live[keep.cpu()]
-        ids, extra = seqs, {cache_name: cache}
+        ids, extra = seqs, {_CACHE_FIELD: cache}
 
 
 @torch.no_grad()
