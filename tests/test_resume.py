@@ -96,8 +96,11 @@ def test_terminated_then_killed_stream_resumes_to_exactly_the_uninterrupted_metr
     assert stopped_at % 4 == 0 and 4 <= stopped_at <= 8, err[-2000:]
     ckpt = CheckpointManager(tmp_path / "checkpoints").load_latest()
     assert ckpt is not None and ckpt.position == stopped_at
-    # nothing computed is lost; the point due where it stopped is owed, and evaluated first on resume
-    assert [c["edits"] for c in ckpt.curves] == list(range(4, stopped_at, 4)) and ckpt.curve_due
+    # nothing computed is lost: every curve point up to the stop is kept, or (the one due where it stopped,
+    # when the signal came before it was taken) owed and evaluated first on resume. A signal just after the
+    # checkpoint at 4 (the point at 4 taken before it) stops at once at 4 with nothing owed.
+    done = [c["edits"] for c in ckpt.curves]
+    assert done + [stopped_at] * ckpt.curve_due == list(range(4, stopped_at + 1, 4)), (done, ckpt.curve_due)
     run_id = ckpt.run_id
     assert run_id
 
