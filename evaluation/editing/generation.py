@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
+from evaluation.common.evaluation_parts import BatchRecord, Codec, batches_with
 from evaluation.editing.editor import Editor
 
 #: generation steps between the moments rows that have ended leave their batch (evaluation.editing.generation)
@@ -135,12 +136,14 @@ def _generate_batch(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, max
 def generate_continuations(model: nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int,
                            scope: Editor | None = None, batch_size: int = 32, token_budget: int | None = None,
                            stops: Callable[[str], bool] | None = None, progress: bool = False,
-                           desc: str = "", prune_every: int | None = PRUNE_EVERY) -> list[Continuation]:
+                           desc: str = "", prune_every: int | None = PRUNE_EVERY,
+                           record: BatchRecord[Continuation] | None = None) -> list[Continuation]:
     """Greedy continuations of ``prompts`` through ``model`` (routed by ``scope``), batched and cached.
 
     ``stops(text so far) -> bool`` ends a row early (besides its end token and ``max_new_tokens``). Batches:
     see :func:`token_budget_batches`; rows that have ended leave their batch every ``prune_every`` steps (None:
-    a batch runs until its last row ends). Continuations depend on neither."""
+    a batch runs until its last row ends). Continuations depend on neither. ``record``: batches saved before are
+    read from it, and those computed are added to it (evaluation.common.evaluation_parts)."""
     device = next(model.parameters()).device
     encoded = [tokenizer(p).input_ids for p in prompts]
     out: list[Continuation | None] = [None] * len(prompts)
@@ -153,8 +156,7 @@ def generate_continuations(model: nn.Module, tokenizer: Any, prompts: Sequence[s
         end = _ended(tokens, end_ids)
         return end is not None or (stops is not None and stops(tokenizer.decode(tokens, skip_special_tokens=True)))
 
-    bar = tqdm(total=len(prompts), desc=desc or "generate", disable=not progress, leave=False)
-    for idx in token_budget_batches([len(e) for e in encoded], token_budget, batch_size):
+    def compute(idx: list[int]) -> list[Continuation]:
         width = max(len(encoded[i]) for i in idx)
         ids = torch.full((len(idx), width), pad, dtype=torch.long)
         mask = torch.zeros((len(idx), width), dtype=torch.long)
@@ -167,17 +169,30 @@ def generate_continuations(model: nn.Module, tokenizer: Any, prompts: Sequence[s
         criteria = StoppingCriteriaList([_StopRule(tokenizer, width, stops)]) if stops is not None else None
         with ctx:
             rows = _generate_batch(model, ids, mask, max_new_tokens, pad, scope, ended, criteria, prune_every)
-        for i, tokens in zip(idx, rows):
+        found = []
+        for tokens in rows:
             end = _ended(tokens, end_ids)
             kept = tokens if end is None else tokens[:end]
             text = tokenizer.decode(kept, skip_special_tokens=True)
             # a row cut short by the stop rule is padded after it: no end token of its own
             reason = ("stop" if stops is not None and stops(text) else
                       "eos" if end is not None else "budget")
-            out[i] = Continuation(text, len(kept), reason)
+            found.append(Continuation(text, len(kept), reason))
+        return found
+
+    bar = tqdm(total=len(prompts), desc=desc or "generate", disable=not progress, leave=False)
+    batches = token_budget_batches([len(e) for e in encoded], token_budget, batch_size)
+    for idx, found in batches_with(record, batches, compute):
+        for i, continuation in zip(idx, found):
+            out[i] = continuation
         bar.update(len(idx))
     bar.close()
     return out  # type: ignore[return-value]
+
+
+#: a :class:`Continuation` as JSON and back (the saved parts of a long evaluation)
+CONTINUATIONS = Codec[Continuation](encode=lambda c: [c.text, c.tokens, c.stop],
+                                    decode=lambda v: Continuation(str(v[0]), int(v[1]), str(v[2])))
 
 
 GenerateFn = Callable[..., "list[Continuation]"]

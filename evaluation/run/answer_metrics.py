@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from data.requests import EditRequest
+from evaluation.common.evaluation_parts import EvaluationParts
 from evaluation.common.list_cache import SealedListCache, digest_of
 from evaluation.editing.answers import AnswerReading
 from evaluation.editing.editor import Editor
 from evaluation.editing.generation import (
+    CONTINUATIONS,
     PRUNE_EVERY,
     Continuation,
     generate_continuations,
@@ -45,13 +47,22 @@ class AnswerScorer:
         self.reading, self.batch_size, self.token_budget = reading, batch_size, token_budget
         self.prune_every = prune_every  # rows that have ended leave their batch (None: kept to its end)
 
-    def answers(self, editor: Editor, prompts: Sequence[str], desc: str | None = None) -> list[Answer]:
-        """Each prompt's answer (the prompt put in the reading's context first)."""
-        found = generate_continuations(editor.model, editor.tokenizer, [self.reading.prompt(p) for p in prompts],
+    def answers(self, editor: Editor, prompts: Sequence[str], desc: str | None = None,
+                parts: EvaluationParts | None = None) -> list[Answer]:
+        """Each prompt's answer (the prompt put in the reading's context first). ``parts``: batches saved before
+        are read from there, and those generated are saved there (evaluation.common.evaluation_parts)."""
+        inputs = [self.reading.prompt(p) for p in prompts]
+        record = parts.record("answers", self.batch_key(inputs), CONTINUATIONS) if parts is not None else None
+        found = generate_continuations(editor.model, editor.tokenizer, inputs,
                                        self.reading.max_new_tokens, editor, self.batch_size, self.token_budget,
                                        stops=self.reading.stops, progress=desc is not None, desc=desc or "",
-                                       prune_every=self.prune_every)
+                                       prune_every=self.prune_every, record=record)
         return [Answer(c, self.reading.answer(c.text)) for c in found]
+
+
+    def batch_key(self, inputs: Sequence[str]) -> list[Any]:
+        """What a batch's answers depend on besides the model: the reading, the batches, the inputs."""
+        return [list(self.reading.generation_key()), self.batch_size, self.token_budget, digest_of(list(inputs))]
 
 
 class AnswerCache:

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from data.requests import EditRequest
 from evaluation.common.errors import ConfigError
+from evaluation.common.evaluation_parts import EvaluationParts
 from evaluation.editing.editor import EditStats
 from evaluation.run.answer_metrics import AnswerScorer, BaseAnswers
 from evaluation.run.checkpoint import (
@@ -35,6 +36,7 @@ from evaluation.run.checkpoint import (
     data_hash,
     non_finite,
     restore_rng,
+    state_digest,
     to_cpu,
 )
 from evaluation.run.forgetting import batch_point
@@ -226,15 +228,21 @@ class CurvePoints(Callback):
     generalization, teacher-forced and, with a ``scorer``, generated), where no curve point is taken: a
     forgetting point that holds that batch alone (``first_batch``; evaluation.run.forgetting), through the
     same evaluation. ``scorer``/``base_answers``: the generated-answer metrics (evaluation.run.answer_metrics);
-    the answers of the edit-time points and of the final evaluation are kept in ``StreamResult.answers``."""
+    the answers of the edit-time points and of the final evaluation are kept in ``StreamResult.answers``.
+
+    ``parts_root``/``parts_every_s``: curve points and the final evaluation save the batches they have done there
+    every ``parts_every_s`` seconds, and read back those of the same point and editor state saved by a run that
+    stopped during it (evaluation.common.evaluation_parts; None: nothing saved)."""
 
     def __init__(self, base_locality: Sequence[RowPredictions], every: int = 0, eval_batch_size: int = 32,
                  progress: bool = True, evaluate: Evaluate = evaluate_edits, *, scorer: AnswerScorer | None = None,
-                 base_answers: BaseAnswers | None = None, edit_time: bool = False, at: Sequence[int] = ()) -> None:
+                 base_answers: BaseAnswers | None = None, edit_time: bool = False, at: Sequence[int] = (),
+                 parts_root: Path | None = None, parts_every_s: float = 60.0) -> None:
         self.base_locality, self.every, self.eval_batch_size = base_locality, every, eval_batch_size
         self.at = tuple(sorted(set(at)))
         self.progress, self.evaluate = progress, evaluate
         self.scorer, self.base_answers, self.edit_time = scorer, base_answers, edit_time
+        self.parts_root, self.parts_every_s = parts_root, parts_every_s
 
     def on_stream_start(self, state: StreamState) -> None:
         if state.curve_due and state.position < state.n:  # owed by the run that saved the checkpoint
@@ -268,6 +276,13 @@ class CurvePoints(Callback):
         self._cost(state, state.position)
         state.curve_due = False
 
+    def _parts(self, state: StreamState, upto: int, kind: str) -> dict[str, EvaluationParts]:
+        """Where a curve point or the final evaluation saves its batches (an edit-time point is one batch's)."""
+        if self.parts_root is None or kind == "edit_time":
+            return {}
+        return {"parts": EvaluationParts(self.parts_root, upto, state_digest(state.keep()),
+                                         self.parts_every_s)}
+
     @staticmethod
     def _cost(state: StreamState, edits: int) -> None:
         r = state.result
@@ -287,7 +302,7 @@ class CurvePoints(Callback):
         rows: list[dict[str, Any]] | None = [] if kind != "curve" and self.scorer is not None else None
         point = self.evaluate(state.editor, state.requests[start:upto], self.base_locality[start:upto],
                               self.eval_batch_size, progress=progress, per_request_out=per_request,
-                              **self._generated(start, upto, kind == "edit_time", rows))
+                              **self._generated(start, upto, kind == "edit_time", rows), **self._parts(state, upto, kind))
         state.result.eval_seconds += time.perf_counter() - began
         state.result.forgetting.append(batch_point(upto, state.batch_size, per_request,
                                                    first_batch=start // state.batch_size if kind == "edit_time" else None))

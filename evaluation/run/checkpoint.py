@@ -24,6 +24,7 @@ import json
 import logging
 import random
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Callable, Iterable, Mapping, Sequence
@@ -37,6 +38,7 @@ from evaluation.common.atomic import (
     write_json_atomic,
 )
 from evaluation.common.errors import ConfigError, HarnessError
+from evaluation.common.evaluation_parts import point_of
 from evaluation.common.integrity import (
     CorruptFile,
     digest_line,
@@ -54,6 +56,7 @@ FORMAT_VERSION = 2
 LATEST = "latest.json"
 #: the run folder whose checkpoints a checkpoint folder holds (a shared checkpoint.dir is refused, never cleared)
 OWNER = "owner.json"
+PARTS_DIR = "evaluation-parts"  # the saved batches of evaluations under way (evaluation.common.evaluation_parts)
 _NAME = re.compile(r"^step-(\d+)\.pt$")
 
 
@@ -287,8 +290,25 @@ class CheckpointManager:
         write_json_atomic(self.directory / LATEST, latest, indent=1)
         ckpt.path, self.last_saved = path, ckpt.position
         self._prune(keep_path=path)
+        self._drop_parts(ckpt)
         log.info("checkpoint after %d edits (%s): %s", ckpt.position, ckpt.reason, path)
         return path
+
+    @property
+    def parts_dir(self) -> Path:
+        """Where curve points and the final evaluation save the batches they have done
+        (evaluation.common.evaluation_parts)."""
+        return self.directory / PARTS_DIR
+
+    def _drop_parts(self, ckpt: StreamCheckpoint) -> None:
+        """Remove the saved batches of the evaluation points ``ckpt`` holds (and of any before its position)."""
+        if not self.parts_dir.is_dir():
+            return
+        held = {c["edits"] for c in ckpt.curves}
+        for folder in self.parts_dir.iterdir():
+            upto = point_of(folder)
+            if upto is not None and (upto < ckpt.position or upto in held):
+                shutil.rmtree(folder, ignore_errors=True)
 
     def note_wall(self, seconds: float) -> None:
         """Write the run's wall time so far into the newest saved checkpoint (the stream's end, during the
@@ -312,6 +332,7 @@ class CheckpointManager:
             digest_path(p).unlink(missing_ok=True)
         (self.directory / LATEST).unlink(missing_ok=True)
         (self.directory / OWNER).unlink(missing_ok=True)
+        shutil.rmtree(self.parts_dir, ignore_errors=True)
         remove_folder_temp_files(self.directory)
 
     @staticmethod

@@ -228,7 +228,7 @@ def _run(cfg: DictConfig, run_dir: Path, choices: Mapping[str, str], checkpoints
         stream = run_stream(editor, requests, base_locality, logger, cfg.eval_every, cfg.eval_batch_size,
                             cfg.progress, checkpoints=checkpoints, resume=resume_from, on_nan=cfg.on_nan,
                             started=wall, scorer=scorer, base_answers=base_answers, edit_time=cfg.edit_time_eval,
-                            eval_at=cfg.eval_at)
+                            eval_at=cfg.eval_at, evaluation_parts_s=cfg.checkpoint.evaluation_every_s)
         timings["edit_seconds"] = stream.edit_seconds
         timings["eval_seconds"] = stream.eval_seconds
         metrics: dict[str, Any] = {

@@ -24,6 +24,12 @@ import torch
 from tqdm.auto import tqdm
 
 from data.requests import EditRequest
+from evaluation.common.evaluation_parts import (
+    BatchRecord,
+    Codec,
+    EvaluationParts,
+    batches_with,
+)
 from evaluation.common.list_cache import SealedListCache, digest_of
 from evaluation.editing.editor import Editor
 from evaluation.editing.encoding import encode_pairs
@@ -53,23 +59,33 @@ class RowPredictions:
 
 @torch.no_grad()
 def predict(editor: Editor, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 32,
-            desc: str | None = None) -> list[RowPredictions]:
-    """Teacher-forced argmax predictions at the target tokens, batched, routed per row."""
+            desc: str | None = None, record: BatchRecord[RowPredictions] | None = None) -> list[RowPredictions]:
+    """Teacher-forced argmax predictions at the target tokens, batched, routed per row. ``record``: batches saved
+    before are read from it, and those computed are added to it (evaluation.common.evaluation_parts)."""
     device = next(editor.model.parameters()).device
     # sort by length so batches pad little; restore the order at the end
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(targets[i]))
-    out: list[RowPredictions | None] = [None] * len(prompts)
-    starts = range(0, len(order), batch_size)
-    for s in tqdm(starts, desc=desc, disable=desc is None, leave=False):
-        idx = order[s:s + batch_size]
+    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+
+    def compute(idx: list[int]) -> list[RowPredictions]:
         batch = encode_pairs(editor.tokenizer, [prompts[i] for i in idx], [targets[i] for i in idx]).to(device)
         with editor.batch_scope(batch):
             tl = target_logits(editor.model, batch)
         pred = tl.logits.argmax(-1)
-        for j, i in enumerate(idx):
-            sel = tl.rows == j
-            out[i] = RowPredictions(pred[sel].cpu(), tl.targets[sel].cpu())
+        return [RowPredictions(pred[tl.rows == j].cpu(), tl.targets[tl.rows == j].cpu()) for j in range(len(idx))]
+
+    out: list[RowPredictions | None] = [None] * len(prompts)
+    for idx, rows in tqdm(batches_with(record, batches, compute), total=len(batches), desc=desc,
+                          disable=desc is None, leave=False):
+        for i, row in zip(idx, rows):
+            out[i] = row
     return out  # type: ignore[return-value]
+
+
+#: a row of :func:`predict` as JSON and back (the saved parts of a long evaluation)
+PREDICTIONS = Codec[RowPredictions](
+    encode=lambda r: [r.predicted.tolist(), r.target.tolist()],
+    decode=lambda v: RowPredictions(torch.tensor(v[0], dtype=torch.long), torch.tensor(v[1], dtype=torch.long)))
 
 
 def locality_agreement(base: Sequence[RowPredictions], edited: Sequence[RowPredictions]) -> float:
@@ -134,11 +150,11 @@ def base_locality_predictions(editor: Editor, requests: Sequence[EditRequest], b
     key = [batch_size, digest_of([prompts, targets])]
     kept = cache.load(key, len(prompts)) if cache is not None else None
     if kept is not None:
-        flat = [RowPredictions(torch.tensor(p, dtype=torch.long), torch.tensor(t, dtype=torch.long)) for p, t in kept]
+        flat = [PREDICTIONS.decode(v) for v in kept]
     else:
         flat = predict(editor, prompts, targets, batch_size=batch_size, desc=desc)
         if cache is not None:
-            cache.save(key, [[r.predicted.tolist(), r.target.tolist()] for r in flat])
+            cache.save(key, [PREDICTIONS.encode(r) for r in flat])
     groups = [tuple(group) for group in split_rows(flat, [len(r.locality) for r in held])]
     return [groups[j] for j in at_fact]
 
@@ -164,7 +180,8 @@ def evaluate_edits(editor: Editor, requests: Sequence[EditRequest], base_localit
                    batch_size: int = 32, progress: bool = True,
                    per_request_out: dict[str, list[float]] | None = None, *,
                    scorer: AnswerScorer | None = None, base_answers: BaseAnswers | None = None,
-                   locality: bool = True, answers_out: list[dict[str, Any]] | None = None) -> dict[str, float]:
+                   locality: bool = True, answers_out: list[dict[str, Any]] | None = None,
+                   parts: EvaluationParts | None = None) -> dict[str, float]:
     """All edit metrics for ``requests`` on the editor's current model.
 
     Per request, generalization (and its token accuracy) is the mean over the request's paraphrases
@@ -178,17 +195,23 @@ def evaluate_edits(editor: Editor, requests: Sequence[EditRequest], base_localit
     (normalised exact match), ``*_generated_contains`` (the target stands in the answer) and
     ``locality_generated`` (share of locality prompts whose answer equals ``base_answers``, the unedited
     model's); each prompt's answer is appended to ``answers_out`` as a row. ``locality=False``: reliability
-    and generalization only (the edit-time points).
+    and generalization only (the edit-time points). ``parts``: the batches done are saved there as they go, and
+    those saved before are read back (evaluation.common.evaluation_parts; the numbers are the same).
     """
+    def predicted(call: str, prompts: Sequence[str], targets: Sequence[str]) -> list[RowPredictions]:
+        record = parts.record(call, [batch_size, digest_of([list(prompts), list(targets)])], PREDICTIONS) \
+            if parts is not None else None
+        return predict(editor, prompts, targets, batch_size, tag(f"eval {call}"), record)
+
     tag = (lambda s: s) if progress else (lambda s: None)
     base = group_base_locality(base_locality, requests) if locality else []
     phrasings, at_phrasing = first_occurrences([(r.fact, r.prompt) for r in requests])
     facts, at_fact = first_occurrences([r.fact for r in requests])
     trained, held = [requests[i] for i in phrasings], [requests[i] for i in facts]
-    rel = predict(editor, [r.prompt for r in trained], [r.target for r in trained], batch_size, tag("eval reliability"))
+    rel = predicted("reliability", [r.prompt for r in trained], [r.target for r in trained])
     # all rows of all facts in one batched pass each, then cut back per fact
-    gen_flat = predict(editor, [p for r in held for p in r.paraphrases],
-                       [r.target for r in held for _ in r.paraphrases], batch_size, tag("eval generalization"))
+    gen_flat = predicted("generalization", [p for r in held for p in r.paraphrases],
+                         [r.target for r in held for _ in r.paraphrases])
     gen = split_rows(gen_flat, [len(r.paraphrases) for r in held])
     reliability = [p.exact for p in rel]
     generalization = [mean([p.exact for p in g]) for g in gen]
@@ -201,7 +224,7 @@ def evaluate_edits(editor: Editor, requests: Sequence[EditRequest], base_localit
     per_request = {"reliability": [reliability[j] for j in at_phrasing],
                    "generalization": [generalization[j] for j in at_fact]}
     if locality:
-        loc_flat = predict(editor, *locality_inputs(held), batch_size=batch_size, desc=tag("eval locality"))
+        loc_flat = predicted("locality", *locality_inputs(held))
         loc = split_rows(loc_flat, [len(r.locality) for r in held])
         locality_scores = [locality_agreement(base[i], es) for i, es in zip(facts, loc)]
         out["locality"] = mean(locality_scores)
@@ -209,7 +232,7 @@ def evaluate_edits(editor: Editor, requests: Sequence[EditRequest], base_localit
     if scorer is not None:
         generated, per_fact = _generated(editor, scorer, trained, held, [base_answers[i] for i in facts]
                                          if locality and base_answers is not None else None,
-                                         tag("eval generated answers"), answers_out)
+                                         tag("eval generated answers"), answers_out, parts)
         out.update(generated)
         per_request["reliability_generated"] = [per_fact["reliability"][j] for j in at_phrasing]
         per_request["generalization_generated"] = [per_fact["generalization"][j] for j in at_fact]
@@ -220,13 +243,14 @@ def evaluate_edits(editor: Editor, requests: Sequence[EditRequest], base_localit
 
 def _generated(editor: Editor, scorer: AnswerScorer, trained: Sequence[EditRequest], held: Sequence[EditRequest],
                base_answers: BaseAnswers | None, desc: str | None,
-               rows_out: list[dict[str, Any]] | None) -> tuple[dict[str, float], dict[str, list[float]]]:
+               rows_out: list[dict[str, Any]] | None, parts: EvaluationParts | None = None
+               ) -> tuple[dict[str, float], dict[str, list[float]]]:
     """The generated-answer metrics of the trained phrasings and held facts: the means, and per phrasing
     (reliability) and per fact (generalization) the exact match. Every prompt is generated in one call."""
     reading = scorer.reading
     paraphrases = [p for r in held for p in r.paraphrases]
     probes = locality_inputs(held)[0] if base_answers is not None else []
-    found = scorer.answers(editor, [r.prompt for r in trained] + paraphrases + probes, desc)
+    found = scorer.answers(editor, [r.prompt for r in trained] + paraphrases + probes, desc, parts)
     rel_ans, found = found[:len(trained)], found[len(trained):]
     gen_ans, loc_ans = found[:len(paraphrases)], found[len(paraphrases):]
 

@@ -109,6 +109,9 @@ class CheckpointConf:
     every: int = 100  # save the stream every N edits (batch boundaries) and at its end; 0: only on signal/NaN/OOM
     dir: str = "checkpoints"  # under the run folder
     keep: int = 2  # newest checkpoints kept
+    # a curve point or the final evaluation saves the batches it has done every N seconds (a stop loses at most
+    # that much of it; a 10,000-edit stream's take hours); 0: never
+    evaluation_every_s: float = 60.0
 
 
 @dataclass

@@ -111,7 +111,7 @@ def run_stream(editor: Editor, requests: Sequence[EditRequest], base_locality: S
                resume: StreamCheckpoint | None = None, on_nan: str = "stop",
                handle_signals: bool = True, started: float | None = None, scorer: AnswerScorer | None = None,
                base_answers: BaseAnswers | None = None, edit_time: bool = False,
-               eval_at: Sequence[int] = ()) -> StreamResult:
+               eval_at: Sequence[int] = (), evaluation_parts_s: float = 60.0) -> StreamResult:
     """Edit ``requests`` in batches of ``editor.batch_size``; evaluate every ``eval_every`` edits, after the edit
     counts in ``eval_at`` (each at the batch boundary that reaches it) and at the end.
 
@@ -119,7 +119,9 @@ def run_stream(editor: Editor, requests: Sequence[EditRequest], base_locality: S
     ``resume``: a checkpoint of this stream to continue from. ``on_nan``: ``stop`` or ``skip``.
     ``started``: ``time.perf_counter()`` when the run began (checkpoints keep its wall time so far).
     ``scorer``/``base_answers``: also score generated answers; ``edit_time``: score each batch right after it
-    is edited (:class:`~evaluation.run.callbacks.CurvePoints`).
+    is edited (:class:`~evaluation.run.callbacks.CurvePoints`). ``evaluation_parts_s``: with ``checkpoints``, curve
+    points and the final evaluation save the batches done every so many seconds (0: never), and a resumed run
+    reads back those of the point it stopped in (evaluation.common.evaluation_parts).
     """
     saver = Saver(checkpoints, requests)
     nan_guard = NonFiniteGuard(saver, on_nan)  # refuses a bad on_nan first
@@ -141,7 +143,9 @@ def run_stream(editor: Editor, requests: Sequence[EditRequest], base_locality: S
     callbacks = [OutOfMemoryGuard(saver, eval_batch_size), ProgressBar(progress), nan_guard, LogMetrics(logger),
                  StopOnSignals(saver, handle_signals),
                  CurvePoints(base_locality, eval_every, eval_batch_size, progress, evaluate=_evaluate_edits,
-                             scorer=scorer, base_answers=base_answers, edit_time=edit_time, at=eval_at),
+                             scorer=scorer, base_answers=base_answers, edit_time=edit_time, at=eval_at,
+                             parts_root=checkpoints.parts_dir if checkpoints is not None and evaluation_parts_s > 0
+                             else None, parts_every_s=evaluation_parts_s),
                  Checkpointing(saver)]
     return Stream(state, callbacks).run()
 
