@@ -301,7 +301,8 @@ class CurvePoints(Callback):
         per_request: dict[str, list[float]] = {}
         rows: list[dict[str, Any]] | None = [] if kind != "curve" and self.scorer is not None else None
         point = self.evaluate(state.editor, state.requests[start:upto], self.base_locality[start:upto],
-                              self.eval_batch_size, progress=progress, per_request_out=per_request,
+                              self.eval_batch_size, progress=progress and f"after {upto} edits: ",
+                              per_request_out=per_request,
                               **self._generated(start, upto, kind == "edit_time", rows), **self._parts(state, upto, kind))
         state.result.eval_seconds += time.perf_counter() - began
         state.result.forgetting.append(batch_point(upto, state.batch_size, per_request,

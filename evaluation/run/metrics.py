@@ -177,7 +177,7 @@ def group_base_locality(base_locality: BaseLocality, requests: Sequence[EditRequ
 
 
 def evaluate_edits(editor: Editor, requests: Sequence[EditRequest], base_locality: BaseLocality,
-                   batch_size: int = 32, progress: bool = True,
+                   batch_size: int = 32, progress: bool | str = True,
                    per_request_out: dict[str, list[float]] | None = None, *,
                    scorer: AnswerScorer | None = None, base_answers: BaseAnswers | None = None,
                    locality: bool = True, answers_out: list[dict[str, Any]] | None = None,
@@ -195,7 +195,7 @@ def evaluate_edits(editor: Editor, requests: Sequence[EditRequest], base_localit
     (normalised exact match), ``*_generated_contains`` (the target stands in the answer) and
     ``locality_generated`` (share of locality prompts whose answer equals ``base_answers``, the unedited
     model's); each prompt's answer is appended to ``answers_out`` as a row. ``locality=False``: reliability
-    and generalization only (the edit-time points). ``parts``: the batches done are saved there as they go, and
+    and generalization only (the edit-time points). ``progress``: show bars (a string: put before their names). ``parts``: the batches done are saved there as they go, and
     those saved before are read back (evaluation.common.evaluation_parts; the numbers are the same).
     """
     def predicted(call: str, prompts: Sequence[str], targets: Sequence[str]) -> list[RowPredictions]:
@@ -203,7 +203,7 @@ def evaluate_edits(editor: Editor, requests: Sequence[EditRequest], base_localit
             if parts is not None else None
         return predict(editor, prompts, targets, batch_size, tag(f"eval {call}"), record)
 
-    tag = (lambda s: s) if progress else (lambda s: None)
+    tag = (lambda s: f"{progress}{s}" if isinstance(progress, str) else s) if progress else (lambda s: None)
     base = group_base_locality(base_locality, requests) if locality else []
     phrasings, at_phrasing = first_occurrences([(r.fact, r.prompt) for r in requests])
     facts, at_fact = first_occurrences([r.fact for r in requests])
