@@ -206,9 +206,46 @@ def test_the_unedited_locality_answers_are_cached_by_model_reading_and_prompts(t
     # a file whose content was changed is not used
     path = cache.path(scorer.reading, [r.locality_prompt for r in requests])
     blob = json.loads(path.read_text())
-    blob["answers"][0] = "tampered"
+    blob["continuations"][0][0] = "tampered"
     path.write_text(json.dumps(blob))
     assert base_locality_answers(editor, requests, scorer, cache) == first and calls
+
+
+def test_a_locality_prompt_out_of_the_routers_scope_takes_the_unedited_answer_and_the_numbers_stay(
+        one_thread: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """GRACE edits three requests; the locality prompt of one of them is another's edit prompt (in scope), the
+    rest are not. Only the prompts in scope are generated; metrics and answers equal generating every prompt."""
+    import dataclasses
+
+    from baselines.grace import GraceEditor
+    from tests.conftest import zsre_requests
+
+    requests = zsre_requests(4)
+    requests[1] = dataclasses.replace(requests[1], locality_prompt=requests[0].prompt)
+    loaded = tiny_model("tiny_llama")
+    base = base_locality_predictions(Unedited(loaded), requests)
+    editor = GraceEditor(loaded, layer=2, iterations=30, eps=0.5)
+    editor.edit(requests[:3])
+    generated: list[int] = []
+
+    def run(reuse: bool) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        scorer = AnswerScorer(AnswerReading(stop="eos", max_new_tokens=6, reuse_unedited=reuse))
+        answers = base_locality_answers(Unedited(loaded), requests, scorer)
+        original = scorer.answers
+        monkeypatch.setattr(scorer, "answers", lambda ed, prompts, *a: generated.append(len(prompts))
+                            or original(ed, prompts, *a))
+        rows: list[dict[str, Any]] = []
+        point = evaluate_edits(editor, requests, base, progress=False, scorer=scorer, base_answers=answers,
+                               answers_out=rows)
+        return point, rows
+
+    reused, reused_rows = run(True)
+    assert [r["routed"] for r in reused_rows if r["kind"] == "locality"] == [False, True, False, False]
+    every, every_rows = run(False)
+    assert generated == [4 + 4 + 1, 4 + 4 + 4]  # reliability, generalization, the locality prompts generated
+    assert reused == every
+    assert [{**r, "routed": None} if r["kind"] == "locality" else r for r in reused_rows] == every_rows
+    assert not reused_rows[-3]["same"]  # the prompt in scope gets the edit's answer, not the unedited one
 
 
 def test_the_unedited_teacher_forced_locality_is_cached_by_model_batch_size_and_probes(
@@ -329,7 +366,7 @@ def test_a_run_keeps_its_answers_and_answers_none_switches_them_off(tmp_path: Pa
     assert out["metrics"]["reliability_generated"] == sum(r["exact"] for r in rows if r["kind"] == "reliability") / 4
     assert set(out["metrics"]["at_edit_time"]) == {"reliability", "generalization", "reliability_generated",
                                                    "generalization_generated"}
-    assert len(list((tmp_path / "cache").glob("*-locality-answers-*.json"))) == 1
+    assert len(list((tmp_path / "cache").glob("*-locality-continuations-*.json"))) == 1
     off = run_experiment(compose_config([*args, "answers=none"]), tmp_path / "off", choices)
     assert "reliability_generated" not in off["metrics"] and not (tmp_path / "off" / "answers.jsonl").exists()
     assert off["metrics"]["reliability"] == out["metrics"]["reliability"]  # teacher forcing is untouched

@@ -180,6 +180,13 @@ def test_resume_auto_keeps_a_finished_run_continues_an_interrupted_one_and_start
         m.setattr(experiment, "build", lambda *a, **k: pytest.fail("resume=auto redid a finished run"))
         again = experiment.run_experiment(compose_config([*overrides, "threads=2", "progress=true"]), run_dir, choices)
     assert again == fresh and (run_dir / "results.json").read_bytes() == written
+    # nor does taking out-of-scope rows from the unedited pass (the same bit for bit), also for a run made before
+    # the key existed (finished runs of a sweep are kept when a later version adds such a key)
+    payload = json.loads(written)
+    del payload["config"]["answers"]["reuse_unedited"]
+    from evaluation.run.resume_rules import same_result
+    assert same_result(compose_config([*overrides, "answers.reuse_unedited=false"]), payload)
+    assert not same_result(compose_config([*overrides, "answers.max_new_tokens=5"]), payload)
 
     # interrupted after 4 edits (its results and later checkpoint gone): continues, and ends as the full run
     (run_dir / "results.json").unlink()

@@ -59,6 +59,9 @@ class AnswerReading:
     context: str = "none"
     #: the unedited model's answers to the locality prompts, kept across runs (None: not kept)
     cache_dir: str | None = None
+    #: not part of the reading: a locality prompt the editor's router leaves out of scope takes the unedited
+    #: model's answer (equal bit for bit) instead of being generated again, as the retention suite does
+    reuse_unedited: bool = True
 
     def __post_init__(self) -> None:
         if self.stop not in STOP_RULES:

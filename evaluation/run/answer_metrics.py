@@ -27,7 +27,6 @@ from evaluation.editing.generation import (
 from evaluation.run.metrics import first_occurrences, locality_inputs, split_rows
 
 #: the unedited model's locality answers: one tuple per request, one answer per locality probe
-BaseAnswers = Sequence[tuple[str, ...]]
 
 
 @dataclass(frozen=True)
@@ -37,6 +36,8 @@ class Answer:
     continuation: Continuation
     answer: str
 
+
+BaseAnswers = Sequence[tuple[Answer, ...]]
 
 class AnswerScorer:
     """Generates answers through an editor's model under ``reading``, in batches of at most ``batch_size``
@@ -66,11 +67,11 @@ class AnswerScorer:
 
 
 class AnswerCache:
-    """The unedited model's locality answers per (model, reading, prompt list), kept across runs
-    (:class:`~evaluation.common.list_cache.SealedListCache`)."""
+    """The unedited model's continuations of the locality prompts per (model, reading, prompt list), kept across
+    runs (:class:`~evaluation.common.list_cache.SealedListCache`)."""
 
     def __init__(self, directory: str | Path, model_key: str) -> None:
-        self.files = SealedListCache(directory, model_key, "locality-answers", "answers")
+        self.files = SealedListCache(directory, model_key, "locality-continuations", "continuations")
 
     @staticmethod
     def _key(reading: AnswerReading, prompts: Sequence[str]) -> list[Any]:
@@ -79,33 +80,35 @@ class AnswerCache:
     def path(self, reading: AnswerReading, prompts: Sequence[str]) -> Path:
         return self.files.path(self._key(reading, prompts))
 
-    def load(self, reading: AnswerReading, prompts: Sequence[str]) -> list[str] | None:
-        answers = self.files.load(self._key(reading, prompts), len(prompts))
-        return None if answers is None else [str(a) for a in answers]
+    def load(self, reading: AnswerReading, prompts: Sequence[str]) -> list[Continuation] | None:
+        kept = self.files.load(self._key(reading, prompts), len(prompts))
+        return None if kept is None else [CONTINUATIONS.decode(c) for c in kept]
 
-    def save(self, reading: AnswerReading, prompts: Sequence[str], answers: Sequence[str]) -> None:
-        self.files.save(self._key(reading, prompts), answers)
+    def save(self, reading: AnswerReading, prompts: Sequence[str], continuations: Sequence[Continuation]) -> None:
+        self.files.save(self._key(reading, prompts), [CONTINUATIONS.encode(c) for c in continuations])
 
 
 def base_locality_answers(unedited: Editor, requests: Sequence[EditRequest], scorer: AnswerScorer,
-                          cache: AnswerCache | None = None, desc: str | None = None) -> list[tuple[str, ...]]:
+                          cache: AnswerCache | None = None, desc: str | None = None) -> list[tuple[Answer, ...]]:
     """The unedited model's answers to each request's locality prompts (one tuple per request; each fact's
     prompts generated once and shared by its requests), read from ``cache`` where it holds them."""
     facts, at_fact = first_occurrences([r.fact for r in requests])
     held = [requests[i] for i in facts]
     prompts, _ = locality_inputs(held)
-    flat = cache.load(scorer.reading, prompts) if cache is not None else None
-    if flat is None:
-        flat = [a.answer for a in scorer.answers(unedited, prompts, desc)]
+    kept = cache.load(scorer.reading, prompts) if cache is not None else None
+    if kept is None:
+        flat = scorer.answers(unedited, prompts, desc)
         if cache is not None:
-            cache.save(scorer.reading, prompts, flat)
+            cache.save(scorer.reading, prompts, [a.continuation for a in flat])
+    else:
+        flat = [Answer(c, scorer.reading.answer(c.text)) for c in kept]
     groups = [tuple(group) for group in split_rows(flat, [len(r.locality) for r in held])]
     return [groups[j] for j in at_fact]
 
 
 def answer_scoring(reading: AnswerReading, unedited: Editor, requests: Sequence[EditRequest], batch_size: int,
                    token_budget: int | None, model_key: str, progress: bool = True
-                   ) -> tuple[AnswerScorer | None, list[tuple[str, ...]] | None]:
+                   ) -> tuple[AnswerScorer | None, list[tuple[Answer, ...]] | None]:
     """A run's scorer and the unedited model's locality answers (cached under ``reading.cache_dir`` for
     ``model_key``); (None, None) where ``reading`` is switched off."""
     if not reading.enabled:

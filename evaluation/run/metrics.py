@@ -246,13 +246,19 @@ def _generated(editor: Editor, scorer: AnswerScorer, trained: Sequence[EditReque
                rows_out: list[dict[str, Any]] | None, parts: EvaluationParts | None = None
                ) -> tuple[dict[str, float], dict[str, list[float]]]:
     """The generated-answer metrics of the trained phrasings and held facts: the means, and per phrasing
-    (reliability) and per fact (generalization) the exact match. Every prompt is generated in one call."""
+    (reliability) and per fact (generalization) the exact match. Every prompt is generated in one call, but a
+    locality prompt the editor's router leaves out of scope, which takes the unedited answer (bit for bit the
+    same; ``reading.reuse_unedited``)."""
     reading = scorer.reading
     paraphrases = [p for r in held for p in r.paraphrases]
     probes = locality_inputs(held)[0] if base_answers is not None else []
-    found = scorer.answers(editor, [r.prompt for r in trained] + paraphrases + probes, desc, parts)
+    routed = _routed(editor, scorer, probes)
+    todo = [i for i in range(len(probes)) if routed is None or routed[i]]
+    found = scorer.answers(editor, [r.prompt for r in trained] + paraphrases + [probes[i] for i in todo], desc, parts)
     rel_ans, found = found[:len(trained)], found[len(trained):]
-    gen_ans, loc_ans = found[:len(paraphrases)], found[len(paraphrases):]
+    gen_ans, loc_ans = found[:len(paraphrases)], [b for group in base_answers or () for b in group]
+    for i, a in zip(todo, found[len(paraphrases):]):
+        loc_ans[i] = a
 
     def scored(kind: str, r: EditRequest, prompt: str, a: Answer) -> tuple[float, float]:
         exact, contains = reading.exact(a.answer, r.target), reading.contains(a.answer, r.target)
@@ -273,13 +279,25 @@ def _generated(editor: Editor, scorer: AnswerScorer, trained: Sequence[EditReque
     per = {"reliability": [e for e, _ in rel], "generalization": [mean([e for e, _ in g]) for g in gen]}
     if base_answers is not None:
         same: list[list[float]] = []
-        loc_groups = split_rows(loc_ans, [len(r.locality) for r in held])
-        for r, answers, before in zip(held, loc_groups, base_answers):
-            same.append([float(a.answer == b) for a, b in zip(answers, before)])
+        counts = [len(r.locality) for r in held]
+        loc_groups = split_rows(loc_ans, counts)
+        routes = split_rows(routed, counts) if routed is not None else [[None] * n for n in counts]
+        for r, answers, before, in_scope in zip(held, loc_groups, base_answers, routes):
+            same.append([float(a.answer == b.answer) for a, b in zip(answers, before)])
             if rows_out is not None:
-                for (prompt, _), a, b in zip(r.locality, answers, before):
+                for (prompt, _), a, b, routed_row in zip(r.locality, answers, before, in_scope):
                     rows_out.append({"kind": "locality", "uid": r.uid, "prompt": prompt, "answer": a.answer,
                                      "continuation": a.continuation.text, "stop": a.continuation.stop,
-                                     "tokens": a.continuation.tokens, "unedited": b, "same": a.answer == b})
+                                     "tokens": a.continuation.tokens, "unedited": b.answer,
+                                     "same": a.answer == b.answer, "routed": routed_row})
         out["locality_generated"] = mean([mean(s) for s in same])
     return out, per
+
+
+def _routed(editor: Editor, scorer: AnswerScorer, probes: Sequence[str]) -> list[bool] | None:
+    """Whether the editor's router acts on each locality prompt as the model is given it (None: every prompt is
+    generated: no router (FT-L, ROME), or ``reading.reuse_unedited`` off)."""
+    if not probes or not scorer.reading.reuse_unedited:
+        return None
+    mask = editor.in_scope([scorer.reading.prompt(p) for p in probes], scorer.batch_size)
+    return None if mask is None else [bool(x) for x in mask.tolist()]

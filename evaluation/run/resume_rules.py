@@ -24,8 +24,11 @@ log = logging.getLogger(__name__)
 
 #: config leaves that say where files live, not what is computed
 _WHERE_FILES_LIVE = ("path", "cache_dir", "locality_cache_dir", "url", "sha256", "tokenizer_path", "data_dir")
+#: config leaves that say how a number is computed, not which: it is the same bit for bit either way (a locality or
+#: retention row out of the router's scope taken from the unedited pass instead of generated again)
+_HOW_NOT_WHAT = ("reuse_unedited",)
 #: config leaves that may change between a run and its resumption
-_MAY_CHANGE_ON_RESUME = (*_WHERE_FILES_LIVE, "device", "device_map", "num_edits")
+_MAY_CHANGE_ON_RESUME = (*_WHERE_FILES_LIVE, *_HOW_NOT_WHAT, "device", "device_map", "num_edits")
 
 
 #: may change on resume (e.g. after running out of memory), with a warning: the state carries over
@@ -145,7 +148,8 @@ def same_result(cfg: DictConfig, payload: Mapping[str, Any], inputs: Mapping[str
     ``_NOT_THE_RESULT`` and where files live, and the data's and weights' digests (``run_inputs``; a run made before
     they were recorded is taken on its settings alone, with a warning)."""
     def settings(config: Mapping[str, Any]) -> dict[str, Any]:
-        return _leaves({k: v for k, v in config.items() if k not in _NOT_THE_RESULT}, "", _WHERE_FILES_LIVE)
+        return _leaves({k: v for k, v in config.items() if k not in _NOT_THE_RESULT}, "",
+                       (*_WHERE_FILES_LIVE, *_HOW_NOT_WHAT))
 
     if settings(payload["config"]) != settings(OmegaConf.to_container(cfg, resolve=True)):
         return False
