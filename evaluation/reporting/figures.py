@@ -367,6 +367,8 @@ def plot_scale(series: Mapping[tuple, Mapping[str, Sequence[Mapping[str, float]]
             ax.set(xlabel="number of edits (log)", ylabel=unit, title=f"{metric.replace('_', ' ')} ({where})")
             if unit == "%":
                 ax.set_ylim(-2, 102)
+            else:  # from zero: a change of a hundredth of a second must not look like a trend
+                ax.set_ylim(bottom=0)
             ax.grid(alpha=0.3, which="both")
         axes[row][0].legend(fontsize=8, title="solid: teacher-forced, dotted: generated", title_fontsize=7)
         axes[row][4].set_title(f"parameters: written (solid), kept (dotted) ({where})", fontsize=9)
