@@ -120,7 +120,7 @@ def _request(uid: int, paraphrases: tuple[str, ...], locality: tuple[tuple[str, 
 def test_aggregation_is_per_request_then_over_requests(monkeypatch: pytest.MonkeyPatch) -> None:
     """Exact control over the rows: a prompt containing 'good' is predicted right, others wrong."""
 
-    def fake_predict(editor, prompts, targets, batch_size=32, desc=None):
+    def fake_predict(editor, prompts, targets, batch_size=32, desc=None, record=None):
         return [RowPredictions(torch.tensor([1, 1] if "good" in p else [1, 0]), torch.tensor([1, 1]))
                 for p in prompts]
 

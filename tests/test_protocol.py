@@ -136,7 +136,8 @@ def test_reliability_counts_each_phrasing_once_and_generalization_each_fact(monk
     """A prompt containing 'good' is predicted right, others wrong; the rows predicted are recorded."""
     rows: list[str] = []
 
-    def fake_predict(editor: Any, prompts: Any, targets: Any, batch_size: int = 32, desc: Any = None) -> list:
+    def fake_predict(editor: Any, prompts: Any, targets: Any, batch_size: int = 32, desc: Any = None,
+                     record: Any = None) -> list:
         rows.extend(prompts)
         return [RowPredictions(torch.tensor([1, 1] if "good" in p else [1, 0]), torch.tensor([1, 1])) for p in prompts]
 
@@ -161,7 +162,8 @@ def test_reliability_counts_each_phrasing_once_and_generalization_each_fact(monk
 def test_unedited_locality_is_predicted_once_per_fact(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[int] = []
 
-    def fake_predict(editor: Any, prompts: Any, targets: Any, batch_size: int = 32, desc: Any = None) -> list:
+    def fake_predict(editor: Any, prompts: Any, targets: Any, batch_size: int = 32, desc: Any = None,
+                     record: Any = None) -> list:
         calls.append(len(prompts))
         return [RowPredictions(torch.tensor([i]), torch.tensor([i])) for i in range(len(prompts))]
 
