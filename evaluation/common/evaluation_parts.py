@@ -16,7 +16,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Generic, Sequence, TypeVar
+from typing import Any, Callable, Generic, Iterable, Iterator, Sequence, TypeVar
 
 from evaluation.common.atomic import remove_folder_temp_files, write_json_atomic
 from evaluation.common.integrity import CorruptFile, check_seal, seal
@@ -57,7 +57,6 @@ class BatchRecord(Generic[T]):
         self.saved = self._read()
         self.pending: dict[int, list[Any]] = {}
         self.last_write = time.monotonic()
-        self.reused = 0
 
     def _files(self) -> list[Path]:
         return sorted(self.folder.glob(f"{self.call}-*.json")) if self.folder.is_dir() else []
@@ -81,10 +80,7 @@ class BatchRecord(Generic[T]):
     def done(self, batch: int) -> list[T] | None:
         """Batch ``batch``'s rows where they were saved before, else None (compute it, then :meth:`add`)."""
         rows = self.saved.get(batch)
-        if rows is None:
-            return None
-        self.reused += 1
-        return [self.codec.decode(r) for r in rows]
+        return None if rows is None else [self.codec.decode(r) for r in rows]
 
     def add(self, batch: int, rows: Sequence[T]) -> None:
         if batch in self.saved:
@@ -123,8 +119,8 @@ class EvaluationParts:
         return BatchRecord(self.folder, call, key, codec, self.every_s)
 
 
-def batches_with(record: BatchRecord[T] | None, batches: Sequence[list[int]] | Any,
-                 compute: Callable[[list[int]], list[T]]) -> Any:
+def batches_with(record: BatchRecord[T] | None, batches: Iterable[list[int]],
+                 compute: Callable[[list[int]], list[T]]) -> Iterator[tuple[list[int], list[T]]]:
     """``(idx, rows)`` for each batch of row indices in ``batches``: read from ``record`` where it holds the batch,
     else computed (and added to it). The record is flushed however the loop ends (a signal, an error)."""
     try:
