@@ -1,8 +1,10 @@
 """Entry point: ``python run.py model=smollm2 editor=elder dataset=zsre`` (Hydra; ``-m`` sweeps)."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
+import multiprocessing
 import signal
 import sys
 from pathlib import Path
@@ -15,7 +17,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from evaluation.common.errors import HarnessError
 from evaluation.run.folder import run_dir_override
-from evaluation.run.interrupts import SIGNALS, Interrupted, SweepStopped
+from evaluation.run.interrupts import (
+    SIGNALS,
+    Interrupted,
+    SweepStopped,
+    stop_when_orphaned,
+)
 from evaluation.run.schema import register
 
 REPO_ROOT = Path(__file__).resolve().parent
@@ -66,6 +73,14 @@ def to_run_log(line: str) -> None:
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
+    # a job in a launcher's worker process (joblib) stops, and its worker ends, with the sweep's main process
+    in_worker = multiprocessing.parent_process() is not None
+    with stop_when_orphaned() if in_worker else contextlib.nullcontext():
+        return run_job(cfg)
+
+
+def run_job(cfg: DictConfig) -> float | None:
+    """One run of the sweep (or the single run): its failures as one line, its objective for the sweepers."""
     from evaluation.run.experiment import (
         run_experiment,  # heavy imports after config errors are reported
     )

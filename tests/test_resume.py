@@ -146,6 +146,44 @@ def test_sigterm_stops_the_whole_sweep_not_only_its_job(tmp_path: Path) -> None:
     assert not (tmp_path / "s1").exists()
 
 
+def test_a_killed_sweep_process_stops_its_workers_whose_jobs_resume_to_the_uninterrupted_metrics(
+        reference: dict, tmp_path: Path) -> None:
+    """``kill`` of a joblib sweep's main process ends that process alone; its workers, orphaned, must stop their
+    jobs as if signalled (checkpoint, one line) and exit, not run on unseen, and the sweep's rerun with
+    resume=auto continues the jobs."""
+    psutil = pytest.importorskip("psutil")
+    hook = tmp_path / "hook"  # the slow edits in every process of the sweep: its workers import sitecustomize too
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(SLOW_RUN.split("sys.argv")[0])
+    env = {**ENV, "PYTHONPATH": os.pathsep.join([str(hook), str(REPO)])}
+    cmd = [sys.executable, str(REPO / "run.py"), "-m", *ARGS, "logger=none", "resume=auto", "seed=0,1",
+           "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+           "hydra.sweep.subdir=s${seed}"]
+    runs = [tmp_path / "sweep" / f"s{seed}" for seed in (0, 1)]
+    with open(tmp_path / "err.txt", "w") as err:  # a file, not a pipe: the workers hold it after the main process
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err, text=True)
+        for run_dir in runs:
+            wait_for_checkpoint(proc, run_dir, 4)
+        workers = [p for p in psutil.Process(proc.pid).children() if "popen_loky" in " ".join(p.cmdline())]
+        assert len(workers) == 2, workers
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == -signal.SIGTERM  # the main process had no say: it ended at once
+        _, alive = psutil.wait_procs(workers, timeout=120)
+    assert not alive, f"workers still running after the sweep's process ended: {alive}"
+    err = (tmp_path / "err.txt").read_text()
+    assert err.count("The sweep's main process had ended") == 2 and "Traceback" not in err, err[-3000:]
+    stops = [json.loads((run_dir / "checkpoints" / "latest.json").read_text()) for run_dir in runs]
+    for run_dir, info in zip(runs, stops):
+        assert info["reason"] == "signal SIGTERM" and 4 <= info["position"] < 16, info
+        assert not (run_dir / "results.json").exists()
+
+    again = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    res = results(runs[0])
+    assert res["stream"]["resumed_from"] == stops[0]["position"]
+    assert comparable(res) == comparable(reference)  # seed 0 is the reference's
+
+
 def test_same_seed_gives_identical_metrics(tmp_path: Path) -> None:
     from evaluation.run.compose import compose_config
     from evaluation.run.experiment import run_experiment

@@ -7,8 +7,10 @@ job at once), and the stream takes it like SIGTERM (evaluation.run.stream_signal
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Any, Callable, Iterator, Sequence
@@ -60,6 +62,41 @@ def handling_signals(handler: Callable[[int, Any], None],
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old if old is not None else signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def stop_when_orphaned(poll_s: float = 1.0) -> Iterator[None]:
+    """Inside the block, SIGTERM this process as soon as its parent is gone (its parent's process id changes);
+    a process left orphaned ends with the block, its line printed.
+
+    For a job in a worker process of a launcher (Hydra's joblib launcher with n_jobs > 1): ``kill`` (SIGTERM) of
+    the sweep's main process ends that process alone, and its workers would go on with nobody left to stop them
+    or to take their results. This way the job stops as if the signal had reached it (checkpoint, one line) and
+    the worker exits; the sweep's rerun with resume=auto continues the job. Not for a job run in the main
+    process: a run started with ``nohup`` outlives its shell on purpose."""
+    parent = os.getppid()
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(poll_s):
+            if os.getppid() != parent:
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+
+    threading.Thread(target=watch, name="stop-when-orphaned", daemon=True).start()
+    try:
+        yield
+    finally:
+        done.set()
+        if os.getppid() != parent:
+            stop = sys.exc_info()[1]
+            if stop is not None:
+                print(f"error: {stop}\nThe sweep's main process had ended, so this job's worker ends too; rerun the "
+                      f"sweep with resume=auto to continue it.", file=sys.stderr)
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2 if stop is not None else 0)  # nobody is left to take a result or give another job
 
 
 class RepeatOfAStop:
