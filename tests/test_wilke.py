@@ -15,7 +15,7 @@ from evaluation.editing.encoding import encode_pairs
 from evaluation.editing.forward import target_logits
 from evaluation.editing.models import LoadedModel
 from evaluation.editing.unedited import Unedited
-from evaluation.run.checkpoint import CheckpointManager, checkpoint_name
+from evaluation.run.checkpoint import CheckpointManager, checkpoint_name, to_cpu
 from evaluation.run.experiment import build, seed_everything
 from evaluation.run.loggers import NullLogger
 from evaluation.run.metrics import locality_inputs, predict
@@ -171,11 +171,11 @@ def test_learns_each_edit_as_it_is_made_on_gpt2(merged_tokenizer):
 
 
 # --- state ----------------------------------------------------------------------------------------
-def test_state_holds_the_candidate_matrices_and_extra_state_only():
+def test_state_is_extra_state_only_and_the_weights_are_the_models_own():
     model = tiny("gpt2")
     own = [model.model.get_submodule(TEMPLATES["gpt2"].format(i=layer)).weight for layer in LAYERS]
     ed = editor("gpt2", model)  # wraps the blocks below layer 3 for replay (their names gain '.block')
-    assert sorted(ed.state_dict()) == ["_extra_state"] + [f"weights.{i}" for i in range(len(LAYERS))]
+    assert sorted(ed.state_dict()) == ["_extra_state"]  # the updates' factors, not the matrices
     assert all(ed.weights[i] is own[i] for i in range(len(LAYERS)))  # the model's own parameters
     assert ed.trainable_params() == len(LAYERS) * 256 * 64  # every candidate c_proj: 256 -> 64
     assert ed.stored_params() == 0
@@ -202,6 +202,26 @@ def test_resume_from_a_state_round_trip_equals_the_uninterrupted_stream(tmp_path
         assert torch.equal(target_logits(whole.model, batch).logits, target_logits(resumed.model, batch).logits)
     with pytest.raises(ConfigError, match="candidates"):
         editor("llama", tiny("llama"), layers=[1, 2]).load(tmp_path / "wilke.pt")
+
+
+def test_the_state_is_the_updates_factors_and_a_load_into_an_edited_editor_is_exact():
+    """The state holds two vectors per edit, no candidate matrix; loading the state after 1 edit into an
+    editor that has made 2 (what on_nan=skip does) gives the 1-edit matrices bit for bit, the unedited ones
+    where nothing was applied."""
+    rs = zsre_requests(2)
+    ed = editor("llama", tiny("llama"), v_num_grad_steps=3)
+    unedited = weights(ed)
+    ed.edit(rs[:1])
+    after_one, state = weights(ed), to_cpu(ed.state_dict())
+    assert [(i, tuple(u.shape), tuple(r.shape)) for i, u, r in state["_extra_state"]["updates"]] == \
+        [(ed.layers.index(ed.chosen[0]), (ed.weights[0].shape[1],), (ed.weights[0].shape[0],))]
+    assert sum(not torch.equal(a, b) for a, b in zip(after_one, unedited)) == 1
+    ed.edit(rs[1:])
+    assert not all(torch.equal(a, b) for a, b in zip(weights(ed), after_one))
+    ed.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(weights(ed), after_one)) and len(ed.chosen) == 1
+    ed.load_state_dict(to_cpu(editor("llama", tiny("llama")).state_dict()))
+    assert all(torch.equal(a, b) for a, b in zip(weights(ed), unedited)) and ed.num_edits == 0
 
 
 def test_a_stream_resumed_from_its_checkpoint_ends_as_the_full_stream(tmp_path):
