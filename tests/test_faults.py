@@ -162,6 +162,21 @@ def test_a_checkpoint_dir_shared_by_two_runs_is_refused_and_keeps_the_first_runs
     run_experiment(cfg(f"checkpoint.dir={shared}", "resume=true"), tmp_path / "a", {})  # the first still resumes
 
 
+def test_a_run_folder_moved_whole_resumes_from_its_checkpoints(tmp_path: Path) -> None:
+    """A stopped run's checkpoints carried to another place (another machine, another clone) still belong to
+    the run folder they are in: its stream continues there and ends as the uninterrupted one."""
+    overrides = ("dataset.num_edits=8", "checkpoint.keep=10")
+    whole = run_experiment(cfg(*overrides), tmp_path / "whole", {})
+    moved = tmp_path / "elsewhere" / "run"
+    shutil.copytree(tmp_path / "whole" / "checkpoints", moved / "checkpoints",  # as if stopped after 4 edits
+                    ignore=shutil.ignore_patterns("step-000006*", "step-000008*", "latest.json"))
+    resumed = run_experiment(cfg(*overrides, "resume=true"), moved, {})
+    stream = json.loads((moved / "results.json").read_text())["stream"]
+    timeless = lambda res: ({k: v for k, v in res["metrics"].items() if k != "seconds_per_edit"},  # noqa: E731
+                            res["curves"], res["forgetting"])
+    assert stream["resumed_from"] == 4 and timeless(resumed) == timeless(whole)
+
+
 def test_a_refused_resume_changes_nothing_in_the_folder(tmp_path: Path) -> None:
     run_experiment(cfg(), tmp_path, {}, hydra_record={"config.yaml": "first run"})
     before = snapshot(tmp_path)

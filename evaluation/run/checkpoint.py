@@ -22,6 +22,7 @@ import copy
 import hashlib
 import json
 import logging
+import os
 import random
 import re
 import shutil
@@ -255,6 +256,11 @@ class CheckpointManager:
         #: the run folder these checkpoints belong to (None: not recorded or checked)
         self.owner: str | None = None
 
+    def _owner_record(self) -> str | None:
+        """The owning run folder as recorded: relative to this folder, so a run folder moved or copied whole (to
+        another machine, another clone) still owns the checkpoints inside it."""
+        return None if self.owner is None else os.path.relpath(self.owner, self.directory)
+
     def check_owner(self) -> None:
         """Refuse a folder that holds another run folder's checkpoints (``checkpoint.dir`` shared by two runs):
         this run would delete them when it starts afresh, or resume from them."""
@@ -262,8 +268,10 @@ class CheckpointManager:
             recorded = json.loads((self.directory / OWNER).read_text(encoding="utf-8")).get("run_dir")
         except (OSError, ValueError, AttributeError):
             return  # none recorded (a folder from before the record, or a fresh one)
-        if self.owner is not None and recorded not in (None, self.owner) and self.exists():
-            raise ConfigError(f"checkpoint.dir {self.directory} holds the checkpoints of the run in {recorded}; give "
+        # an absolute record: written before records were relative
+        if self.owner is not None and recorded not in (None, self.owner, self._owner_record()) and self.exists():
+            other = os.path.normpath(os.path.join(self.directory, recorded))
+            raise ConfigError(f"checkpoint.dir {self.directory} holds the checkpoints of the run in {other}; give "
                               f"each run its own checkpoint.dir (the default, checkpoints, is inside the run's folder)")
 
     def due(self, before: int, after: int) -> bool:
@@ -281,7 +289,7 @@ class CheckpointManager:
     def save(self, ckpt: StreamCheckpoint) -> Path:
         self.directory.mkdir(parents=True, exist_ok=True)
         if self.owner is not None and not (self.directory / OWNER).exists():
-            write_json_atomic(self.directory / OWNER, {"run_dir": self.owner})
+            write_json_atomic(self.directory / OWNER, {"run_dir": self._owner_record()})
         ckpt.run_id = ckpt.run_id or self.run_id
         ckpt.fingerprint = ckpt.fingerprint or self.fingerprint
         path = self.directory / checkpoint_name(ckpt.position)
