@@ -103,7 +103,8 @@ class WilKEEditor(LocateEditor):
         # GPT-2's Conv1D stores its weight as (in, out), nn.Linear as (out, in)
         self.transposed = [not isinstance(module, nn.Linear) for module in self._held]
         # the model's parameters themselves (each edit writes a rank-one update into one of them), held, not
-        # registered: the state is the updates' factors; the unedited values (on the CPU) let a load replay them
+        # registered: the state is the updates' factors; the unedited values (on the CPU: 53 MB on smollm2, about
+        # 1 GB for GPT2-XL's 24 candidates, 1.4 GB for LLaMA2-7B's 16 in fp16) let a load replay them exactly
         self.weights: list[nn.Parameter] = [module.weight for module in self._held]
         self._unedited = [w.detach().to("cpu", copy=True) for w in self.weights]
         self.updates: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (candidate index, u, right) per edit

@@ -268,7 +268,7 @@ class CheckpointManager:
             recorded = json.loads((self.directory / OWNER).read_text(encoding="utf-8")).get("run_dir")
         except (OSError, ValueError, AttributeError):
             return  # none recorded (a folder from before the record, or a fresh one)
-        # an absolute record: written before records were relative
+        # accepted: the relative record, or the absolute one written before records were relative
         if self.owner is not None and recorded not in (None, self.owner, self._owner_record()) and self.exists():
             other = os.path.normpath(os.path.join(self.directory, recorded))
             raise ConfigError(f"checkpoint.dir {self.directory} holds the checkpoints of the run in {other}; give "
