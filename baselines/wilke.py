@@ -211,7 +211,7 @@ class WilKEEditor(LocateEditor):
             "chosen": list(self.chosen),
             "scores": [list(s) for s in self.scores],
             "subject_fallbacks": self.subject_fallbacks,
-            "updates": [(i, u, right) for i, u, right in self.updates],
+            "updates": list(self.updates),
         }
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
