@@ -241,3 +241,39 @@ def test_the_model_sampled_corpus_is_seeded_cached_and_tied_to_the_weights(tmp_p
     other = tiny_with_tokenizer("llama", seed=1)  # same name, other weights: another file
     with pytest.raises(AssertionError, match="cached texts"):
         covariance.corpus_ids(other.model, other.tokenizer, corpus, model_name="tiny", cache_dir=tmp_path)
+
+
+def test_runs_started_together_compute_the_statistics_once(tmp_path, monkeypatch, caplog):
+    """A sweep's two jobs need the same statistics: the second waits for the first's lock and reads its files."""
+    import shutil
+    import threading
+    import time
+
+    import baselines.rome.covariance as covariance
+
+    model = tiny_with_tokenizer("llama")
+    corpus = covariance.Corpus("model", generated_texts=6, generated_length=8, seed=3)
+    module = model.model.model.layers[1].mlp.down_proj
+    settings = dict(model_name="tiny", module_names=["layers.1.mlp.down_proj"], corpus=corpus, max_length=16,
+                    dtype="float32", batch_size=4)
+    first = covariance.second_moments(model.model, model.tokenizer, [module], cache_dir=tmp_path / "first",
+                                      **settings)
+    computed = []
+    real_collect = covariance.collect
+    monkeypatch.setattr(covariance, "collect", lambda *a, **k: computed.append(1) or real_collect(*a, **k))
+    shared, found = tmp_path / "shared", {}
+    caplog.set_level("INFO", logger=covariance.__name__)
+    with covariance._computing(shared, "tiny", corpus):  # another run is computing them
+        waiter = threading.Thread(target=lambda: found.update(stats=covariance.second_moments(
+            model.model, model.tokenizer, [module], cache_dir=shared, **settings)))
+        waiter.start()
+        deadline = time.monotonic() + 30
+        while "another run is computing" not in caplog.text:
+            assert time.monotonic() < deadline, "the second run did not wait for the first"
+            time.sleep(0.05)
+        for path in (tmp_path / "first").glob("*.pt"):  # the other run writes its statistics and texts
+            shutil.copy(path, shared / path.name)
+    waiter.join(timeout=60)
+    (stats,) = found["stats"]
+    assert computed == [] and stats.from_cache
+    assert torch.equal(stats.mom2, first[0].mom2)

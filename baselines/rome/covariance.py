@@ -18,17 +18,21 @@ Results are cached on disk. The file name holds everything the statistics depend
 corpus (content hash, or the generation settings), sample count, cut length, dtype, and a fingerprint of
 the module's input on a fixed probe sentence (so a different checkpoint or random seed under the same name
 misses the cache instead of reusing wrong statistics). The generated texts are cached too (as token ids).
+Computing them holds a lock per model and corpus (``filelock``; released by the kernel if the process dies), so
+two runs started together (a sweep's two jobs) compute them once: the second waits, then reads the first's files.
 Every editor computes the statistics on the unedited model (at its first edit, or when it is built).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
+from filelock import FileLock, Timeout
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -190,6 +194,23 @@ def collect(model: nn.Module, modules: Sequence[nn.Module], rows: list[list[int]
     return [(t / count).cpu() for t in totals if t is not None], count
 
 
+@contextlib.contextmanager
+def _computing(cache_dir: Path, model_name: str, corpus: Corpus) -> Iterator[None]:
+    """Held while one run computes a model's statistics (and sampled texts) from ``corpus``."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(cache_dir / f".{file_stem(model_name)}__{corpus.label()}.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("another run is computing %s's second-moment statistics (%s); waiting to read them",
+                 model_name, corpus.label())
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def second_moments(model: nn.Module, tokenizer: Any, modules: Sequence[nn.Module], *, model_name: str,
                    module_names: Sequence[str], corpus: Corpus, max_length: int, dtype: str, batch_size: int,
                    cache_dir: str | Path) -> list[SecondMoment]:
@@ -204,16 +225,19 @@ def second_moments(model: nn.Module, tokenizer: Any, modules: Sequence[nn.Module
     ]) + ".pt") for module, name in zip(modules, module_names)]
     missing = [i for i, path in enumerate(paths) if not path.is_file()]
     if missing:
-        rows = corpus_ids(model, tokenizer, corpus, model_name=model_name, cache_dir=cache_dir)
-        log.info("computing the second moment of %s over %d texts (%s)", ", ".join(module_names[i] for i in missing),
-                 len(rows), corpus.label())
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        moments, count = collect(model, [modules[i] for i in missing], rows, max_length, torch_dtype, batch_size,
-                                 pad_id)
-        for i, mom2 in zip(missing, moments):
-            paths[i].parent.mkdir(parents=True, exist_ok=True)
-            payload = {"mom2": mom2, "count": count, "texts": len(rows)}
-            write_atomic(paths[i], lambda f, payload=payload: torch.save(payload, f), binary=True)
+        with _computing(Path(cache_dir).expanduser(), model_name, corpus):
+            # another run may have written them while this one waited
+            missing = [i for i, path in enumerate(paths) if not path.is_file()]
+            if missing:
+                rows = corpus_ids(model, tokenizer, corpus, model_name=model_name, cache_dir=cache_dir)
+                log.info("computing the second moment of %s over %d texts (%s)",
+                         ", ".join(module_names[i] for i in missing), len(rows), corpus.label())
+                pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+                moments, count = collect(model, [modules[i] for i in missing], rows, max_length, torch_dtype,
+                                         batch_size, pad_id)
+                for i, mom2 in zip(missing, moments):
+                    payload = {"mom2": mom2, "count": count, "texts": len(rows)}
+                    write_atomic(paths[i], lambda f, payload=payload: torch.save(payload, f), binary=True)
     out = []
     for i, path in enumerate(paths):
         saved = torch.load(path, map_location="cpu", weights_only=True)
