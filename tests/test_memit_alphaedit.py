@@ -263,7 +263,7 @@ def test_runs_started_together_compute_the_statistics_once(tmp_path, monkeypatch
     monkeypatch.setattr(covariance, "collect", lambda *a, **k: computed.append(1) or real_collect(*a, **k))
     shared, found = tmp_path / "shared", {}
     caplog.set_level("INFO", logger=covariance.__name__)
-    with covariance._computing(shared, "tiny", corpus):  # another run is computing them
+    with covariance._computing(shared, "tiny", corpus.label()):  # another run is computing them
         waiter = threading.Thread(target=lambda: found.update(stats=covariance.second_moments(
             model.model, model.tokenizer, [module], cache_dir=shared, **settings)))
         waiter.start()

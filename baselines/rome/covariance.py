@@ -195,15 +195,15 @@ def collect(model: nn.Module, modules: Sequence[nn.Module], rows: list[list[int]
 
 
 @contextlib.contextmanager
-def _computing(cache_dir: Path, model_name: str, corpus: Corpus) -> Iterator[None]:
-    """Held while one run computes a model's statistics (and sampled texts) from ``corpus``."""
+def _computing(cache_dir: Path, model_name: str, corpus_label: str) -> Iterator[None]:
+    """Held while one run computes a model's statistics (and sampled texts) from the corpus ``corpus_label``."""
     cache_dir.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(cache_dir / f".{file_stem(model_name)}__{corpus.label()}.lock"))
+    lock = FileLock(str(cache_dir / f".{file_stem(model_name)}__{corpus_label}.lock"))
     try:
         lock.acquire(timeout=0)
     except Timeout:
         log.info("another run is computing %s's second-moment statistics (%s); waiting to read them",
-                 model_name, corpus.label())
+                 model_name, corpus_label)
         lock.acquire()
     try:
         yield
@@ -220,18 +220,19 @@ def second_moments(model: nn.Module, tokenizer: Any, modules: Sequence[nn.Module
         torch_dtype = {"float32": torch.float32, "float64": torch.float64}[dtype]
     except KeyError:
         raise ConfigError(f"editor.mom2_dtype must be float32 or float64, got {dtype!r}") from None
+    label = corpus.label()  # a file corpus's label hashes the file: once
     paths = [Path(cache_dir).expanduser() / ("__".join([
-        file_stem(model_name), name, corpus.label(), f"t{max_length}", dtype, fingerprint(model, tokenizer, module),
+        file_stem(model_name), name, label, f"t{max_length}", dtype, fingerprint(model, tokenizer, module),
     ]) + ".pt") for module, name in zip(modules, module_names)]
     missing = [i for i, path in enumerate(paths) if not path.is_file()]
     if missing:
-        with _computing(Path(cache_dir).expanduser(), model_name, corpus):
+        with _computing(Path(cache_dir).expanduser(), model_name, label):
             # another run may have written them while this one waited
             missing = [i for i, path in enumerate(paths) if not path.is_file()]
             if missing:
                 rows = corpus_ids(model, tokenizer, corpus, model_name=model_name, cache_dir=cache_dir)
                 log.info("computing the second moment of %s over %d texts (%s)",
-                         ", ".join(module_names[i] for i in missing), len(rows), corpus.label())
+                         ", ".join(module_names[i] for i in missing), len(rows), label)
                 pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
                 moments, count = collect(model, [modules[i] for i in missing], rows, max_length, torch_dtype,
                                          batch_size, pad_id)
