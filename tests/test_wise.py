@@ -79,6 +79,27 @@ def test_out_of_scope_inputs_get_the_unedited_model_bit_for_bit(model: str) -> N
     assert torch.allclose(left_scores, ed.query_vectors(prompts).to(left_scores), atol=1e-4)
 
 
+@pytest.mark.parametrize("retrieve", [True, False])
+def test_the_threshold_ratio_is_read_only_at_inference(retrieve: bool) -> None:
+    """``scope_report --sweep act_ratio=...`` sees a trained editor through other ratios without retraining: the
+    merge mode's cached memories never freeze the threshold."""
+    from evaluation.reporting.scope_report import with_setting
+
+    requests = short_requests()
+    ed = editor(save_freq=1 if retrieve else 4, merge_freq=4, retrieve=retrieve, mask_ratio=0.5, iterations=40)
+    for r in requests[:2]:
+        ed.edit([r])
+    prompts = [r.prompt for r in requests[:2]] + [r.locality_prompt for r in requests]
+    trained = ed.in_scope(prompts)
+    assert trained[:2].all() and not trained.all()
+    with_setting(ed, "act_ratio", 0.0)  # a zero threshold: every input reaches a side memory
+    assert ed.in_scope(prompts).all()
+    with_setting(ed, "act_ratio", 1e9)  # out of reach: every input keeps the main memory
+    assert not ed.in_scope(prompts).any()
+    with_setting(ed, "act_ratio", 0.88)
+    assert torch.equal(ed.in_scope(prompts), trained)
+
+
 def test_a_shard_trains_only_its_masked_entries_and_shards_merge() -> None:
     requests = short_requests()
     ed = editor(weight_decay=0.0, norm_constraint=None, iterations=5, save_freq=2, merge_freq=4)

@@ -39,6 +39,7 @@ class WISEEditor(Editor):
     (extra state)."""
 
     Config = WISEConfig
+    inference_settings = ("act_ratio",)  # read only when an input is routed (training sends every row to the side)
 
     def __init__(self, model: LoadedModel, config: WISEConfig | None = None, **fields: Any) -> None:
         super().__init__(model, config, **fields)
@@ -76,7 +77,7 @@ class WISEEditor(Editor):
         self.query = ActivationQuery(model.model.base_model, adapter, self._score, self._route)
         self.prefix = frozen_prefix(model, c.prefix_cache, c.layer)
         self._train: dict[str, Any] | None = None  # edit(): the training forward's per-token distances
-        self._view: tuple[int, list[torch.Tensor], list[float]] | None = None  # cached candidates (merge mode)
+        self._view: tuple[int, list[torch.Tensor]] | None = None  # the cached merge-mode memories
 
     def _validate(self, model: LoadedModel) -> None:
         c = self.config
@@ -117,9 +118,8 @@ class WISEEditor(Editor):
         if self.config.retrieve:
             return [self.working.detach(), *self.memories], [r * self.min_act] + [r * a for a in self.memory_min_act]
         if self._view is None or self._view[0] != self.batches_done:
-            merged, working = self._merge_view()
-            self._view = (self.batches_done, [merged, working], [r * self.min_act])
-        return self._view[1], self._view[2]
+            self._view = (self.batches_done, list(self._merge_view()))
+        return self._view[1], [r * self.min_act]
 
     def _merge_view(self) -> tuple[torch.Tensor, torch.Tensor]:
         """WISE-Merge's (merged, working) memories as the authors' inference sees them: past one shard, their
