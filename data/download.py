@@ -8,9 +8,10 @@ Nothing in the harness needs this where ../shared/data exists. The retention fil
 from __future__ import annotations
 
 import argparse
-import hashlib
 import urllib.request
 from pathlib import Path
+
+from evaluation.common.integrity import file_sha256
 
 RAW = "https://raw.githubusercontent.com"
 FILES = {  # relative path under the data dir: (url, sha256)
@@ -28,24 +29,16 @@ FILES = {  # relative path under the data dir: (url, sha256)
 }
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def fetch(dest: Path) -> None:
     for rel, (url, expected) in FILES.items():
         target = dest / rel
-        if target.is_file() and sha256(target) == expected:
+        if target.is_file() and file_sha256(target) == expected:
             print(f"ok       {target}")
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_suffix(".part")
         urllib.request.urlretrieve(url, tmp)
-        got = sha256(tmp)
+        got = file_sha256(tmp)
         if got != expected:
             tmp.unlink()
             raise SystemExit(f"checksum mismatch for {url}: expected {expected}, got {got}")

@@ -46,6 +46,7 @@ from baselines.rome.compute_key import (
 from data.text_corpus import read_texts
 from evaluation.common.atomic import file_stem, write_atomic
 from evaluation.common.errors import ConfigError
+from evaluation.common.integrity import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -69,14 +70,6 @@ def read_corpus(path: str | Path, n_samples: int, text_field: str = "text") -> l
         log.warning("mom2 corpus %s has %d texts, fewer than mom2_n_samples=%d; using all of them",
                     path, len(texts), n_samples)
     return texts
-
-
-def _file_hash(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:12]
 
 
 @torch.no_grad()
@@ -114,7 +107,7 @@ class Corpus:
         if self.generated:
             return f"model-sampled-{self.generated_texts}x{self.generated_length}-s{self.seed}"
         path = Path(self.source).expanduser()
-        return f"{path.stem}-{_file_hash(path)}-n{self.n_samples}"
+        return f"{path.stem}-{file_sha256(path)[:12]}-n{self.n_samples}"
 
     def check(self) -> None:
         if self.generated:
