@@ -214,12 +214,13 @@ def second_moments(model: nn.Module, tokenizer: Any, modules: Sequence[nn.Module
     except KeyError:
         raise ConfigError(f"editor.mom2_dtype must be float32 or float64, got {dtype!r}") from None
     label = corpus.label()  # a file corpus's label hashes the file: once
-    paths = [Path(cache_dir).expanduser() / ("__".join([
+    root = Path(cache_dir).expanduser()
+    paths = [root / ("__".join([
         file_stem(model_name), name, label, f"t{max_length}", dtype, fingerprint(model, tokenizer, module),
     ]) + ".pt") for module, name in zip(modules, module_names)]
     missing = [i for i, path in enumerate(paths) if not path.is_file()]
     if missing:
-        with _computing(Path(cache_dir).expanduser(), model_name, label):
+        with _computing(root, model_name, label):
             # another run may have written them while this one waited
             missing = [i for i, path in enumerate(paths) if not path.is_file()]
             if missing:
