@@ -3,6 +3,7 @@
     python -m benchmarks.bench_editing                          # all editors, smollm2, 100 ZsRE edits
     python -m benchmarks.bench_editing --editors elder,grace --num-edits 20 --model tiny_llama
     make bench ARGS="--editors elder --num-edits 40"
+    python -m benchmarks.bench_editing --editors wilke --model gpt2xl_random --work-only editor.mom2_adjustment=false
 
 For each editor, in one invocation on one machine, it measures:
 - ``seconds_per_edit`` over a stream of ``--num-edits`` edits;
@@ -17,7 +18,9 @@ Editors with a ``prefix_cache`` switch are measured with it off ("before") and o
 locate-then-edit editors (ROME, WilKE, MEMIT, AlphaEdit) also with their value loop over whole rows
 ("whole_rows", ``editor.v_from_subject=false``: the original code path), and beside a second floor, the
 value loop's own: the measured seconds of one of its steps (forward+backward, as "after" runs it) times the
-steps each variant took (``step_floor_seconds_per_edit``; WilKE: summed over its candidates).
+steps each variant took (``step_floor_seconds_per_edit``; WilKE: summed over its candidates), and that loop's
+work per edit: its FLOPs and its non-view operators (each at least one kernel on a GPU), counted, not timed
+(``step_flops_per_edit``, ``step_kernels_per_edit``).
 ``--compile`` adds a "compiled" variant (``compile.enabled=true``; its s/edit includes compilation,
 so it pays off only over streams long enough to amortise it).
 Results are written to ``<out>/bench.json`` and ``<out>/bench.md``; ``--merge`` re-measures the given
@@ -97,10 +100,44 @@ def measure_floor(overrides: list[str], batches: int = 3) -> dict[str, float]:
             "floor_first_layer": spec.first_layer, "floor_rows_per_edit": len(spec.prompt_prefixes)}
 
 
-def measure_value_step(overrides: list[str], requests_measured: int = 3, steps: int = 5) -> dict[str, float]:
+class _KernelCount:
+    """Counts the aten operators a region dispatches that are not views: on a GPU each launches at least one
+    kernel, so the count times a launch's cost bounds a step that small matrices leave launch-bound."""
+
+    def __init__(self) -> None:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+                if not func.is_view:
+                    counter.count += 1
+                return func(*args, **(kwargs or {}))
+
+        self.count = 0
+        self.mode = Mode()
+
+
+def count_work(fn: Any) -> tuple[float, int]:
+    """(FLOPs, non-view operators) of ``fn()``, backward passes included (both modes see the autograd engine)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    kernels = _KernelCount()
+    flops = FlopCounterMode(display=False)
+    with flops, kernels.mode:
+        fn()
+    return float(flops.get_total_flops()), kernels.count
+
+
+def measure_value_step(overrides: list[str], requests_measured: int = 3, steps: int = 5,
+                       timed: bool = True) -> dict[str, float]:
     """Locate-then-edit editors: the seconds of one step (forward+backward) of their value loop, as the editor
     runs it (``value_sites``: every module whose delta an edit optimises, with its replay), on the unedited model:
-    the difference of ``compute_value`` over ``steps + 1`` and over 1 iteration, without early stopping."""
+    the difference of ``compute_value`` over ``steps + 1`` and over 1 iteration, without early stopping. Beside
+    it, the step's work, counted the same way (2 iterations against 1, on the first request): its FLOPs and its
+    non-view operators (``count_work``), the figures a projection to another device starts from. ``timed=False``:
+    the counts alone (``--work-only``: for shapes too large to time on this machine)."""
     import torch
     from hydra.utils import instantiate
 
@@ -112,18 +149,25 @@ def measure_value_step(overrides: list[str], requests_measured: int = 3, steps: 
     editor = instantiate(cfg.editor, _partial_=True)(model=instantiate(cfg.model))
     c = editor.config
     prefixes = editor.context_prefixes()
-    per_step = []
-    for r in instantiate(cfg.dataset).load()[:requests_measured]:
+    per_step, flops, kernels = [], [], []
+    for index, r in enumerate(instantiate(cfg.dataset).load()[:requests_measured]):
         batch = value_batch(editor.model, editor.tokenizer, prefixes, r, c)
         for module, replay, width in editor.value_sites():
-            times = []
-            for n in (1, steps + 1):
-                start = time.perf_counter()
-                optimise_value(editor.model, module, batch, replace(c, v_num_grad_steps=n, early_stop_loss=float("-inf")),
-                               replay, width)
-                times.append(time.perf_counter() - start)
-            per_step.append((times[1] - times[0]) / steps)
-    return {"step_seconds": sum(per_step) / len(per_step)}
+            loop = lambda n: optimise_value(editor.model, module, batch,  # noqa: E731
+                                            replace(c, v_num_grad_steps=n, early_stop_loss=float("-inf")), replay, width)
+            if timed:
+                times = []
+                for n in (1, steps + 1):
+                    start = time.perf_counter()
+                    loop(n)
+                    times.append(time.perf_counter() - start)
+                per_step.append((times[1] - times[0]) / steps)
+            if index == 0:
+                (f1, k1), (f2, k2) = count_work(lambda: loop(1)), count_work(lambda: loop(2))
+                flops.append(f2 - f1)
+                kernels.append(k2 - k1)
+    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
+    return {"step_seconds": mean(per_step), "step_flops": mean(flops), "step_kernels": mean(kernels)}
 
 
 def measure_stream(overrides: list[str]) -> dict[str, float]:
@@ -234,10 +278,14 @@ def run(editors: list[str], base: list[str], out: Path, keep: list[dict[str, Any
             row["ratio_to_floor"] = row["seconds_per_edit"] / row["floor_seconds_per_edit"]
             # the value loop's floor: its measured step (as "after" runs it) x the steps this variant took
             row["step_floor_seconds_per_edit"] = row.get("step_seconds", float("nan")) * row["iterations_per_edit"]
+            # the value loop's work per edit, for projecting it to another device (docs/locate_then_edit.md)
+            for work in ("flops", "kernels"):
+                row[f"step_{work}_per_edit"] = row.get(f"step_{work}", float("nan")) * row["iterations_per_edit"]
             rows.append(row)
             _write(rows, base, out)  # a stopped benchmark keeps what it measured
             print(f"{editor:6s} {label:10s} {row['seconds_per_edit']:.3f} s/edit  floor {row['floor_seconds_per_edit']:.3f}"
                   f"  step floor {row['step_floor_seconds_per_edit']:.3f}"
+                  f"  value loop {row['step_flops_per_edit'] / 1e12:.2f} TFLOP, {row['step_kernels_per_edit']:.0f} kernels"
                   f"  x{row['ratio_to_floor']:.2f}  peak {row['peak_rss_mb']:.0f} MB  rel {row['reliability']:.2f}"
                   f"  gen {row['generalization']:.2f}", flush=True)
     print((out / "bench.md").read_text())
@@ -255,6 +303,9 @@ def main() -> None:
                         help="keep the rows of the other editors already in <out>/bench.json (re-measure a few)")
     parser.add_argument("--compile", action="store_true",
                         help="also measure each editor with compile.enabled=true (variant 'compiled')")
+    parser.add_argument("--work-only", action="store_true",
+                        help="only count each locate-then-edit editor's value-loop step (FLOPs, kernels) on one "
+                             "request, untimed: for shapes too large to time here, e.g. --model gpt2xl_random")
     parser.add_argument("--child", choices=("floor", "stream", "steps"), help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides, e.g. threads=2 model.device=cuda")
     args = parser.parse_args()
@@ -266,6 +317,15 @@ def main() -> None:
     base = [f"model={args.model}", f"dataset={args.dataset}", f"dataset.num_edits={args.num_edits}",
             "retention=none", "logger=none", *args.overrides]
     editors = [e.strip() for e in args.editors.split(",") if e.strip()]
+    if args.work_only:
+        for editor in editors:
+            if "v_from_subject" not in _compose([f"editor={editor}", *base]).editor:
+                print(f"{editor}: no value loop (not a locate-then-edit editor)")
+                continue
+            work = measure_value_step([f"editor={editor}", *base], requests_measured=1, timed=False)
+            print(f"{editor}: {work['step_flops'] / 1e9:.1f} GFLOP and {work['step_kernels']:.0f} kernels per value-loop "
+                  f"step (mean over its value sites)", flush=True)
+        return
     run(editors, base, args.out, previous_rows(args.out, editors) if args.merge else None, compiled=args.compile)
 
 

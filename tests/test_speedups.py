@@ -59,3 +59,14 @@ def test_floor_runs_one_row_per_rome_prefix_and_merge_keeps_other_editors(tmp_pa
     (tmp_path / "bench.json").write_text(json.dumps(saved))
     assert previous_rows(tmp_path, ["elder"]) == [{"editor": "grace", "variant": "after"}]
     assert previous_rows(tmp_path / "none", ["elder"]) == []
+
+
+def test_work_count_sees_the_backward_and_skips_views() -> None:
+    from benchmarks.bench_editing import count_work
+
+    x = torch.randn(4, 8, requires_grad=True)
+    w = torch.randn(8, 16, requires_grad=True)
+    flops, _ = count_work(lambda: (x @ w).sum().backward())
+    assert flops == 3 * 2 * 4 * 8 * 16  # the forward matmul and the two of its backward
+    assert count_work(lambda: x.t().unsqueeze(0))[1] == 0  # views launch nothing
+    assert count_work(lambda: x + 1)[1] == 1
