@@ -100,34 +100,25 @@ def measure_floor(overrides: list[str], batches: int = 3) -> dict[str, float]:
             "floor_first_layer": spec.first_layer, "floor_rows_per_edit": len(spec.prompt_prefixes)}
 
 
-class _KernelCount:
-    """Counts the aten operators a region dispatches that are not views: on a GPU each launches at least one
-    kernel, so the count times a launch's cost bounds a step that small matrices leave launch-bound."""
-
-    def __init__(self) -> None:
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        counter = self
-
-        class Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-                if not func.is_view:
-                    counter.count += 1
-                return func(*args, **(kwargs or {}))
-
-        self.count = 0
-        self.mode = Mode()
-
-
 def count_work(fn: Any) -> tuple[float, int]:
-    """(FLOPs, non-view operators) of ``fn()``, backward passes included (both modes see the autograd engine)."""
+    """(FLOPs, operators) of ``fn()``, backward passes included (both modes see the autograd engine). Operators:
+    the aten operators dispatched that are not views; on a GPU each launches at least one kernel, so their count
+    times a launch's cost bounds a step that small matrices leave launch-bound."""
+    from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils.flop_counter import FlopCounterMode
 
-    kernels = _KernelCount()
+    kernels = 0
+
+    class KernelCount(TorchDispatchMode):
+        def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+            nonlocal kernels
+            kernels += not func.is_view
+            return func(*args, **(kwargs or {}))
+
     flops = FlopCounterMode(display=False)
-    with flops, kernels.mode:
+    with flops, KernelCount():
         fn()
-    return float(flops.get_total_flops()), kernels.count
+    return float(flops.get_total_flops()), kernels
 
 
 def measure_value_step(overrides: list[str], requests_measured: int = 3, steps: int = 5,
