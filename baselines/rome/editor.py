@@ -86,6 +86,12 @@ def optimise_value(model: nn.Module, module: nn.Module, batch: StepBatch, c: Any
                          kl_factor=c.kl_factor, early_stop_loss=c.early_stop_loss)
 
 
+def left_vector(key: torch.Tensor, inv_mom2: torch.Tensor | None) -> torch.Tensor:
+    """ROME's u: C^-1 k* / ||C^-1 k*|| (``inv_mom2`` None: k* / ||k*||, no covariance adjustment)."""
+    u = key if inv_mom2 is None else inv_mom2 @ key
+    return u / u.norm()
+
+
 def rank_one_update(model: nn.Module, tokenizer: Any, module: nn.Module, prefixes: list[str], request: EditRequest,
                     c: Any, *, frozen: Any = None, inv_mom2: torch.Tensor | None = None,
                     reprs: KeyReprs | None = None, batch: StepBatch | None = None) -> RankOneUpdate:
@@ -96,10 +102,7 @@ def rank_one_update(model: nn.Module, tokenizer: Any, module: nn.Module, prefixe
     representations and the value batch, when the caller has them already (WilKE shares them across layers)."""
     if reprs is None:
         reprs = key_reprs(model, tokenizer, module, prefixes, request.prompt, request.subject, c.fact_token)
-    u = reprs.key
-    if inv_mom2 is not None:
-        u = inv_mom2 @ u
-    u = u / u.norm()
+    u = left_vector(reprs.key, inv_mom2)
     value = optimise_value(model, module, batch or value_batch(model, tokenizer, prefixes, request, c), c, frozen)
     cur_input, cur_output = reprs.inputs[0], reprs.outputs[0]  # the bare prompt (prefix "")
     right = (value.target - cur_output) / torch.dot(cur_input, u)
