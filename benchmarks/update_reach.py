@@ -79,8 +79,9 @@ def measure(keys: list[dict[str, Any]], inv_mom2: torch.Tensor | None) -> dict[s
     per_site: dict[str, list[float]] = {s: [] for s in (*SITES, "nearest")}
     for i, k in enumerate(keys):
         u = left_vector(k["key"], inv_mom2)
-        same = [j for j, s in enumerate(subjects) if j != i and s == subjects[i]]
-        other = [j for j, s in enumerate(subjects) if s != subjects[i]]
+        # a request without a subject (a data set that names none) shares it with nobody
+        same = [j for j, s in enumerate(subjects) if j != i and s and s == subjects[i]]
+        other = [j for j, s in enumerate(subjects) if j != i and j not in same]
         sites = {"paraphrase": k["paraphrase"], "after_subject": k["after_subject"], "locality": k["locality"],
                  "same_subject": k0s[same], "other_subjects": k0s[other]}
         for site, rows in sites.items():
@@ -102,7 +103,7 @@ def subject_collisions(subjects: Sequence[str], points: Sequence[Mapping[str, An
     just_after = {(c.first_edit, c.last_edit): c.reliability_just_after for c in cells(points)}
     groups: dict[str, dict[str, float]] = {}
     for (first, last), end in zip(point_ranges(final), final["reliability"]):
-        mine = set(subjects[first - 1:last])
+        mine = set(subjects[first - 1:last]) - {""}
         key = "a later edit shares the subject" if mine & set(subjects[last:final["edits"]]) else "no later edit does"
         g = groups.setdefault(key, {"edits": 0, "just_after": 0.0, "end": 0.0})
         size = last - first + 1
