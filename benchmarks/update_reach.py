@@ -33,8 +33,8 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from baselines.rome.compute_key import capture, key_reprs, locate, run_until
-from baselines.rome.covariance import MODEL_CORPUS
-from baselines.rome.editor import left_vector, load_inverse_second_moment
+from baselines.rome.covariance import MODEL_CORPUS, inverse
+from baselines.rome.editor import left_vector, load_second_moments
 from evaluation.run.forgetting import cells, point_ranges
 
 SITES = ("paraphrase", "after_subject", "locality", "same_subject", "other_subjects")
@@ -45,8 +45,8 @@ def reach(u: torch.Tensor, k0: torch.Tensor, keys: torch.Tensor) -> torch.Tensor
     return (keys @ u) / torch.dot(u, k0)
 
 
-def spectrum(inv_mom2: torch.Tensor) -> dict[str, float]:
-    eig = torch.linalg.eigvalsh(torch.linalg.inv(inv_mom2.double()))
+def spectrum(mom2: torch.Tensor) -> dict[str, float]:
+    eig = torch.linalg.eigvalsh(mom2.double())
     return {"condition": float(eig.max() / eig.min()), "effective_rank": float(eig.sum() ** 2 / (eig ** 2).sum())}
 
 
@@ -151,8 +151,8 @@ def _table(rows: dict[str, dict[str, float]], setting: str, command: str) -> str
              "the docstring of `benchmarks/update_reach.py` defines each column.\n", f"Made by: `{command}`\n",
              "| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
     for name, row in rows.items():
-        values = [f"{row[c]:.3f}" if c in row and c not in ("condition", "effective_rank") else
-                 (f"{row[c]:.0f}" if c in row else "—") for c in cols]
+        digits = {c: 0 if c in ("condition", "effective_rank") else 3 for c in cols}
+        values = [f"{row[c]:.{digits[c]}f}" if c in row else "—" for c in cols]
         lines.append(f"| {name} | " + " | ".join(values) + " |")
     return "\n".join(lines) + "\n"
 
@@ -187,12 +187,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     keys = [request_keys(editor, r, prefixes) for r in tqdm(requests, desc="keys", unit="request")]
     rows: dict[str, dict[str, float]] = {}
     for corpus in corpora:
-        inv = None
-        if corpus != "none":
-            source = MODEL_CORPUS if corpus == "model" else str(Path(corpus).expanduser())
-            config = dataclasses.replace(editor.config, mom2_corpus=source)
-            inv = load_inverse_second_moment(editor.loaded, editor.module, editor.module_name, config)[0]
-        rows[Path(corpus).name] = {**measure(keys, inv), **(spectrum(inv) if inv is not None else {})}
+        if corpus == "none":
+            rows[corpus] = measure(keys, None)
+            continue
+        source = MODEL_CORPUS if corpus == "model" else str(Path(corpus).expanduser())
+        config = dataclasses.replace(editor.config, mom2_corpus=source)
+        stats = load_second_moments(editor.loaded, [editor.module], [editor.module_name], config)[0]
+        rows[Path(corpus).name] = {**measure(keys, inverse(stats).to(editor.module.weight.device)),
+                                   **spectrum(stats.mom2)}
     subjects = [r.subject for r in requests]
     shared = sum(subjects.count(s) > 1 for s in subjects)
     setting = (f"{cfg.model.name}, {editor.module_name}, the first {len(requests)} requests of {cfg.dataset.name} "
