@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from evaluation.run.checkpoint import (
     FORMAT_VERSION,
@@ -241,6 +242,32 @@ def test_resume_auto_keeps_a_finished_run_continues_an_interrupted_one_and_start
     assert len(list(run_dir.glob("results.superseded-*.json"))) == 1
     with pytest.raises(ConfigError, match="resume must be true, false or auto, got 'later'"):
         experiment.run_experiment(compose_config([*overrides[:-1], "resume=later"]), tmp_path / "bad", choices)
+
+
+def test_a_key_added_since_a_run_matches_only_where_it_holds_what_that_runs_overrides_give(tmp_path: Path) -> None:
+    """A sweep rerun after the code gained a config key: a finished run (or checkpoint) that predates it is kept
+    where the key holds what the code now composes from that run's overrides, and redone where this run sets it
+    otherwise or the run's overrides are not on record."""
+    from evaluation.run.compose import compose_config
+    from evaluation.run.resume_rules import added_keys_that_differ, run_fingerprint, same_result
+
+    overrides = ["model=tiny_llama", "dataset.num_edits=8", "retention=none", "editor.iterations=5"]
+    cfg = compose_config(overrides)
+    payload = {"config": OmegaConf.to_container(cfg, resolve=True)}
+    del payload["config"]["editor"]["iterations"], payload["config"]["editor"]["lr"]  # "added" since the run
+    run_dir = tmp_path / "run"
+    assert not same_result(cfg, payload, run_dir=run_dir)  # no record of its overrides: not taken
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(overrides)))
+    assert same_result(cfg, payload, run_dir=run_dir)
+    assert same_result(compose_config([*overrides, "threads=2"]), payload, run_dir=run_dir)
+    assert not same_result(compose_config([*overrides[:-1], "editor.iterations=6"]), payload, run_dir=run_dir)
+    assert not same_result(compose_config([*overrides, "editor.lr=0.5"]), payload, run_dir=run_dir)
+
+    # a checkpoint's fingerprint likewise (the digests of inputs it did not record are not checked)
+    now = run_fingerprint(compose_config([*overrides, "editor.lr=0.5"]), {"dataset_sha256": "abc"})
+    recorded = set(now) - {"editor.iterations", "editor.lr", "inputs.dataset_sha256"}
+    assert added_keys_that_differ(now, recorded, run_dir, fingerprint=True) == ["editor.lr"]
 
 
 def test_seed_fixes_preset_allocations_and_initialisation() -> None:

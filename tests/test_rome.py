@@ -90,6 +90,29 @@ def test_update_is_rank_one_and_maps_the_key_to_the_value(arch):
     assert torch.allclose(u, expected_u.cpu(), atol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_r_rome_solves_the_update_at_the_averaged_key(arch):
+    """``update_key=average`` (r-ROME): the same u and optimised delta, but the update writes the delta exactly at
+    the prefix-averaged key k* (not at the bare prompt's k0), so the two readings differ by the ratio u.k0 / u.k*."""
+    r = zsre_requests(1)[0]
+    updates = {}
+    for key in ("prompt", "average"):
+        model = tiny(arch)
+        ed = editor(arch, model, update_key=key)
+        before_w = ed.module.weight.detach().clone()
+        before = key_reprs(model.model, model.tokenizer, ed.module, ed.context_prefixes(), r.prompt, r.subject)
+        stats = ed.edit([r])
+        update = (ed.module.weight.detach() - before_w).double()
+        update = update.T if ed.transposed else update  # (out, in)
+        written_at = before.inputs[0] if key == "prompt" else before.key
+        assert (update @ written_at.double()).norm().item() == pytest.approx(stats.extra["delta_norm"], rel=1e-3)
+        updates[key] = (update, ed.last_update[0].double())  # type: ignore[index]
+    (prompt, u), (average, u_avg) = updates["prompt"], updates["average"]
+    assert torch.allclose(u, u_avg)
+    ratio = torch.dot(u, before.key.double()) / torch.dot(u, before.inputs[0].double())
+    assert not torch.allclose(prompt, average) and torch.allclose(average * ratio, prompt, rtol=1e-3, atol=1e-7)
+
+
 def test_only_the_rewritten_matrix_changes():
     model = tiny("gpt2")
     ed = editor("gpt2", model)  # wraps the blocks below for replay (their keys gain '.block')
@@ -212,6 +235,8 @@ def test_bad_settings_are_config_errors():
                    mom2_corpus="/no/such.txt")
     with pytest.raises(ConfigError, match="fact_token"):
         ROMEEditor(model, layer=3, module_template=TEMPLATES["gpt2"], fact_token="subject_first")
+    with pytest.raises(ConfigError, match=r"update_key must be one of prompt\|average, got 'mean'"):
+        ROMEEditor(model, layer=3, module_template=TEMPLATES["gpt2"], update_key="mean")
     with pytest.raises(ConfigError, match="cannot edit a"):
         ROMEEditor(model, layer=3, module_template="transformer.h.{i}.mlp")
 

@@ -54,6 +54,8 @@ from evaluation.editing.prefix_cache import frozen_prefix
 log = logging.getLogger(__name__)
 
 FACT_TOKENS = ("subject_last", "last")
+#: the key the rank-one update is solved at (RankOneConfig.update_key)
+UPDATE_KEYS = ("prompt", "average")
 
 
 @dataclass
@@ -105,7 +107,8 @@ def rank_one_update(model: nn.Module, tokenizer: Any, module: nn.Module, prefixe
     u = left_vector(reprs.key, inv_mom2)
     value = optimise_value(model, module, batch or value_batch(model, tokenizer, prefixes, request, c), c, frozen)
     cur_input, cur_output = reprs.inputs[0], reprs.outputs[0]  # the bare prompt (prefix "")
-    right = (value.target - cur_output) / torch.dot(cur_input, u)
+    solved_at = cur_input if c.update_key == "prompt" else reprs.key
+    right = (value.target - cur_output) / torch.dot(solved_at, u)
     return RankOneUpdate(u, right, reprs.found, value.nll, value.kl, value.iterations,
                          float((value.target - value.init).norm()))
 
@@ -192,6 +195,11 @@ class RankOneConfig(LocateConfig):
     # Second-moment (covariance) adjustment u = C^-1 k. kmeng01/rome and EasyEdit's gpt2-xl files turn it on
     # (Wikipedia statistics; here mom2_corpus's), EasyEdit's llama-7b file turns it off: conf/editor_model/.
     mom2_adjustment: bool = False
+    # The key whose output the update sets to the value. "prompt": the bare prompt's k0 (kmeng01/rome compute_v:
+    # right = (v* - W k0) / (k0 . u)), beside the prefix-averaged k* in u. "average": k* in both (r-ROME, Gupta et
+    # al. 2024, "Rebuilding ROME", arXiv 2403.07175: right = (v* - W k0) / (k* . u), whose denominator k*^T C^-1 k*
+    # cannot vanish; they trace sequential ROME's collapse on CounterFact to the mix).
+    update_key: str = "prompt"
 
 
 @dataclass
@@ -234,6 +242,8 @@ def checked_layers(model: LoadedModel, layers: Sequence[int]) -> list[int]:
 
 def check_rank_one(c: RankOneConfig) -> None:
     check_locate(c)
+    if c.update_key not in UPDATE_KEYS:
+        raise ConfigError(f"editor.update_key must be one of {'|'.join(UPDATE_KEYS)}, got {c.update_key!r}")
     if c.mom2_adjustment:
         if not c.cache_dir:
             raise ConfigError("editor.mom2_adjustment=true needs editor.cache_dir (where the statistics are kept)")

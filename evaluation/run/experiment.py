@@ -112,7 +112,7 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path, choices: Mapping[str, s
         inputs = run_inputs(cfg)
         finished = finished_run(run_dir) if resume == "auto" else None
         if finished is not None:
-            if same_result(cfg, finished, inputs):
+            if same_result(cfg, finished, inputs, run_dir):
                 log.info("resume=auto: %s already holds a finished run of this config; nothing to do", run_dir)
                 return {k: finished.get(k) for k in ("metrics", "curves", "forgetting", "timings")}
             resume = False  # a finished run of another config: set aside below, and this one starts afresh

@@ -98,11 +98,9 @@ def resume_checkpoints(cfg: DictConfig, run_dir: Path, resume: bool | str | None
     if ckpt is None:
         raise ConfigError(f"resume=true but there is no checkpoint in {manager.directory}: pass the folder of the "
                           f"interrupted run with hydra.run.dir=DIR (its checkpoints are in DIR/{cfg.checkpoint.dir})")
-    new_keys = sorted(set(manager.fingerprint) - set(ckpt.fingerprint))
-    if new_keys:  # keys added to the code since the checkpoint: their defaults are assumed to match
-        log.warning("resume: config keys unknown to the checkpoint (taken as is): %s", ", ".join(new_keys))
     diff = [k for k in sorted(ckpt.fingerprint)
             if ckpt.fingerprint[k] != manager.fingerprint.get(k, "<unset>")]
+    diff += added_keys_that_differ(manager.fingerprint, set(ckpt.fingerprint), run_dir, fingerprint=True)
     for key in [k for k in diff if k in _MAY_CHANGE_WITH_A_WARNING]:
         log.warning("resume: %s changed from %r to %r; the rest of the stream differs from an uninterrupted run",
                     key, ckpt.fingerprint[key], manager.fingerprint.get(key))
@@ -121,6 +119,34 @@ def resume_checkpoints(cfg: DictConfig, run_dir: Path, resume: bool | str | None
     return manager, ckpt
 
 
+def added_keys_that_differ(now: Mapping[str, Any], recorded: set[str], run_dir: Path,
+                           fingerprint: bool = False) -> list[str]:
+    """Of the settings in ``now`` (flat, dotted) that the earlier run in ``run_dir`` did not record (added to the
+    code since), those whose value differs from the one this code composes from that run's own overrides
+    (``.hydra/overrides.yaml``): a sweep rerun keeps its runs when a new key only names what they did, and does not
+    when it sets the new key otherwise. Without a readable record all of them differ (the run is not taken as this
+    one's). ``fingerprint``: ``now`` is a ``run_fingerprint``, else ``same_result``'s settings."""
+    added = sorted(set(now) - recorded)
+    if not added:
+        return []
+    try:
+        overrides = OmegaConf.load(run_dir / ".hydra" / "overrides.yaml")
+        from evaluation.run.compose import compose_config  # Hydra's compose: only where keys were added
+        composed = compose_config([str(o) for o in overrides])
+        # the digests of inputs a checkpoint predates cannot be checked: taken as they are
+        own = ({**run_fingerprint(composed), **{k: v for k, v in now.items() if k.startswith("inputs.")}}
+               if fingerprint else _settings(OmegaConf.to_container(composed, resolve=True)))
+    except Exception as err:  # noqa: BLE001 - no record, or one this code no longer composes: not the same run
+        log.warning("resume: %s cannot be checked against %s's overrides (%s); taken as differing",
+                    ", ".join(k.lstrip(".") for k in added), run_dir, err)
+        return added
+    differ = [k for k in added if own.get(k, "<unset>") != now[k]]
+    if same := [k for k in added if k not in differ]:
+        log.info("resume: settings added since the run in %s hold what its overrides give now: %s", run_dir,
+                 ", ".join(k.lstrip(".") for k in same))
+    return differ
+
+
 def saved_for_a_requeue(manager: CheckpointManager) -> str | None:
     """In a submitit job whose folder's newest checkpoint was saved on submitit's notice, to be requeued
     (evaluation.run.stream_signals), that checkpoint's file name: the requeued job goes on from it. Else None."""
@@ -135,6 +161,12 @@ def saved_for_a_requeue(manager: CheckpointManager) -> str | None:
 _NOT_THE_RESULT = ("resume", "progress", "threads", "paths", "logger", "checkpoint", "tags")
 
 
+def _settings(config: Mapping[str, Any]) -> dict[str, Any]:
+    """What a finished run's result depends on among its config's leaves (flat, dotted)."""
+    return _leaves({k: v for k, v in config.items() if k not in _NOT_THE_RESULT}, "",
+                   (*_WHERE_FILES_LIVE, *_HOW_NOT_WHAT))
+
+
 def finished_run(run_dir: Path) -> dict[str, Any] | None:
     """The payload of ``run_dir/results.json``; None where there is none that reads (absent, corrupt)."""
     try:
@@ -143,15 +175,17 @@ def finished_run(run_dir: Path) -> dict[str, Any] | None:
         return None
 
 
-def same_result(cfg: DictConfig, payload: Mapping[str, Any], inputs: Mapping[str, Any] | None = None) -> bool:
+def same_result(cfg: DictConfig, payload: Mapping[str, Any], inputs: Mapping[str, Any] | None = None,
+                run_dir: Path | None = None) -> bool:
     """``payload`` is a finished run of this very config on the same inputs: every setting but those in
     ``_NOT_THE_RESULT`` and where files live, and the data's and weights' digests (``run_inputs``; a run made before
-    they were recorded is taken on its settings alone, with a warning)."""
-    def settings(config: Mapping[str, Any]) -> dict[str, Any]:
-        return _leaves({k: v for k, v in config.items() if k not in _NOT_THE_RESULT}, "",
-                       (*_WHERE_FILES_LIVE, *_HOW_NOT_WHAT))
-
-    if settings(payload["config"]) != settings(OmegaConf.to_container(cfg, resolve=True)):
+    they were recorded is taken on its settings alone, with a warning). A setting the code added after the run
+    (absent from its record) matches where it holds what the code gives that run's overrides
+    (``added_keys_that_differ``; without ``run_dir`` such keys are not checked)."""
+    then, now = _settings(payload["config"]), _settings(OmegaConf.to_container(cfg, resolve=True))
+    if any(then[k] != now.get(k, "<unset>") for k in then):
+        return False
+    if run_dir is not None and added_keys_that_differ(now, set(then), run_dir):
         return False
     recorded = payload.get("inputs")
     if inputs is not None and recorded is None:
