@@ -249,7 +249,11 @@ def test_a_key_added_since_a_run_matches_only_where_it_holds_what_that_runs_over
     where the key holds what the code now composes from that run's overrides, and redone where this run sets it
     otherwise or the run's overrides are not on record."""
     from evaluation.run.compose import compose_config
-    from evaluation.run.resume_rules import added_keys_that_differ, run_fingerprint, same_result
+    from evaluation.run.resume_rules import (
+        added_keys_that_differ,
+        run_fingerprint,
+        same_result,
+    )
 
     overrides = ["model=tiny_llama", "dataset.num_edits=8", "retention=none", "editor.iterations=5"]
     cfg = compose_config(overrides)

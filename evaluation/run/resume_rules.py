@@ -14,6 +14,7 @@ from evaluation.common.errors import ConfigError
 from evaluation.common.integrity import file_sha256
 from evaluation.editing.models import weights_identity
 from evaluation.run.checkpoint import CheckpointManager, StreamCheckpoint
+from evaluation.run.compose import compose_config
 from evaluation.run.folder import run_dir_override
 from evaluation.run.interrupts import preemption_signal, requeue_reason
 from evaluation.run.results import RESULTS, BadResults, read_results
@@ -131,7 +132,6 @@ def added_keys_that_differ(now: Mapping[str, Any], recorded: set[str], run_dir: 
         return []
     try:
         overrides = OmegaConf.load(run_dir / ".hydra" / "overrides.yaml")
-        from evaluation.run.compose import compose_config  # Hydra's compose: only where keys were added
         composed = compose_config([str(o) for o in overrides])
         # the digests of inputs a checkpoint predates cannot be checked: taken as they are
         own = ({**run_fingerprint(composed), **{k: v for k, v in now.items() if k.startswith("inputs.")}}
