@@ -150,8 +150,8 @@ def _table(rows: dict[str, dict[str, float]], setting: str, command: str) -> str
              "r(k) = u.k / u.k0: the share of the written value an input k receives (1 at the edited prompt); "
              "the docstring of `benchmarks/update_reach.py` defines each column.\n", f"Made by: `{command}`\n",
              "| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
+    digits = {c: 0 if c in ("condition", "effective_rank") else 3 for c in cols}
     for name, row in rows.items():
-        digits = {c: 0 if c in ("condition", "effective_rank") else 3 for c in cols}
         values = [f"{row[c]:.{digits[c]}f}" if c in row else "—" for c in cols]
         lines.append(f"| {name} | " + " | ".join(values) + " |")
     return "\n".join(lines) + "\n"
