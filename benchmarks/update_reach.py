@@ -1,14 +1,21 @@
-"""Where one ROME update lands, per covariance corpus (docs/locate_then_edit.md, "Which text").
+"""Where one ROME update lands, per covariance corpus and update key (docs/locate_then_edit.md, "Which text").
 
     python -m benchmarks.update_reach --corpora none,model,FILE --out results/update_reach_smollm2_zsre \\
         model=smollm2 dataset=zsre dataset.num_edits=100
+    python -m benchmarks.update_reach --corpora none --update-keys prompt,average --out OUT model=smollm2 ...
 
-ROME's update W += (v* - W k0) u^T / (u^T k0), with u = C^-1 k* / ||C^-1 k*||, changes the matrix's output at
-any input k by r(k) (v* - W k0), where r(k) = u^T k / u^T k0: 1 at the edited prompt's key k0, and at any other
-input the fraction of the written value it receives. The corpus enters only through C, so r says where each
-corpus sends an update. Measured on the unedited model, for the first ``dataset.num_edits`` requests, per corpus
-(``none``: no adjustment, u = k*; ``model``: the text the model writes itself; a path: that text file), at:
+ROME's update W += (v* - W k0) u^T / (u^T ks), with u = C^-1 k* / ||C^-1 k*||, changes the matrix's output at
+any input k by r(k) (v* - W k0), where r(k) = u^T k / u^T ks: 1 at the key ks the update is solved at, and at any
+other input the fraction of the written value it receives. ks is the edited prompt's key k0 under
+``editor.update_key=prompt`` (the original, the default) and the prefix-averaged k* under ``average`` (r-ROME).
+The corpus enters only through C, so r says where each corpus sends an update. Measured on the unedited model,
+for the first ``dataset.num_edits`` requests, per corpus (``none``: no adjustment, u = k*; ``model``: the text
+the model writes itself; a path: that text file), at:
 
+- the edited prompt's own key k0 (1 under ``prompt``; under ``average`` what the edit itself receives, and 1/r
+  the factor by which the original's update is the larger: its smallest r is where the original blows up),
+  apart for prompts that open with the subject (k0 then read at the sequence's first tokens, where a prefixed
+  copy's key differs most) and the others;
 - the paraphrase's subject token (generalization wants r near 1);
 - the positions after the subject in the prompt and its target (teacher forcing reads them; the value loop
   wrote its delta at the subject alone);
@@ -34,15 +41,18 @@ import torch
 
 from baselines.rome.compute_key import capture, key_reprs, locate, run_until
 from baselines.rome.covariance import MODEL_CORPUS, inverse
-from baselines.rome.editor import left_vector, load_second_moments
+from baselines.rome.editor import UPDATE_KEYS, left_vector, load_second_moments, solved_key
 from evaluation.run.forgetting import cells, point_ranges
 
-SITES = ("paraphrase", "after_subject", "locality", "same_subject", "other_subjects")
+# how the table names the key each ``editor.update_key`` solves at
+SOLVED_AT = {"prompt": "k0", "average": "k*"}
+SITES = ("prompt", "paraphrase", "after_subject", "locality", "same_subject", "other_subjects")
 
 
-def reach(u: torch.Tensor, k0: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """r(k) = u.k / u.k0 for each row of ``keys``: the share of the written value (v* - W k0) that input k gets."""
-    return (keys @ u) / torch.dot(u, k0)
+def reach(u: torch.Tensor, solved_at: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """r(k) = u.k / u.ks for each row of ``keys``: the share of the written value (v* - W k0) that input k gets,
+    ``solved_at`` being ks, the key the update writes it whole at (``solved_key``)."""
+    return (keys @ u) / torch.dot(u, solved_at)
 
 
 def spectrum(mom2: torch.Tensor) -> dict[str, float]:
@@ -66,34 +76,41 @@ def request_keys(editor: Any, request: Any, prefixes: Sequence[str]) -> dict[str
     own = key_reprs(model, tok, module, prefixes, request.prompt, request.subject, editor.config.fact_token)
     para = key_reprs(model, tok, module, [""], request.paraphrase, request.subject, editor.config.fact_token)
     at = locate(tok, "", request.prompt, request.subject, editor.config.fact_token).index
-    return {"subject": request.subject, "key": own.key, "k0": own.inputs[0], "paraphrase": para.inputs[:1],
+    return {"subject": request.subject, "opens_with_subject": request.prompt.startswith(request.subject),
+            "key": own.key, "k0": own.inputs[0], "paraphrase": para.inputs[:1],
             "after_subject": _inputs(editor, f"{request.prompt} {request.target}")[at + 1:],
             "locality": _inputs(editor, f"{request.locality_prompt} {request.locality_answer}")}
 
 
-def measure(keys: list[dict[str, Any]], inv_mom2: torch.Tensor | None) -> dict[str, float]:
-    """Per site, the mean over requests of the mean |r| (paraphrase: the median r); and the median over requests
-    of the largest |r| a request about another subject gets (how far an edit reaches its nearest neighbour)."""
+def measure(keys: list[dict[str, Any]], inv_mom2: torch.Tensor | None, update_key: str = "prompt") -> dict[str, float]:
+    """Per site, the mean over requests of the mean |r| (prompt and paraphrase: the median r); and the median over
+    requests of the largest |r| a request about another subject gets (how far an edit reaches its nearest one)."""
     k0s = torch.stack([k["k0"] for k in keys])
     subjects = [k["subject"] for k in keys]
-    per_site: dict[str, list[float]] = {s: [] for s in (*SITES, "nearest")}
+    per_site: dict[str, list[float]] = {s: [] for s in (*SITES, "nearest", "prompt_opening", "prompt_later")}
     for i, k in enumerate(keys):
         u = left_vector(k["key"], inv_mom2)
         # a request without a subject (a data set that names none) shares it with nobody
         same = [j for j, s in enumerate(subjects) if j != i and s and s == subjects[i]]
         other = [j for j, s in enumerate(subjects) if j != i and j not in same]
-        sites = {"paraphrase": k["paraphrase"], "after_subject": k["after_subject"], "locality": k["locality"],
-                 "same_subject": k0s[same], "other_subjects": k0s[other]}
+        sites = {"prompt": k["k0"].unsqueeze(0), "paraphrase": k["paraphrase"], "after_subject": k["after_subject"],
+                 "locality": k["locality"], "same_subject": k0s[same], "other_subjects": k0s[other]}
         for site, rows in sites.items():
             if len(rows):
-                r = reach(u, k["k0"], rows)
-                per_site[site].append(float(r[0]) if site == "paraphrase" else float(r.abs().mean()))
+                r = reach(u, solved_key(update_key, k["k0"], k["key"]), rows)
+                per_site[site].append(float(r[0]) if site in ("prompt", "paraphrase") else float(r.abs().mean()))
                 if site == "other_subjects":
                     per_site["nearest"].append(float(r.abs().max()))
-    summary = lambda xs, f: float(f(torch.tensor(xs))) if xs else float("nan")  # noqa: E731
-    return {"paraphrase_median_r": summary(per_site["paraphrase"], torch.median),
-            **{f"{s}_mean_abs_r": summary(per_site[s], torch.mean) for s in SITES[1:]},
-            "nearest_other_subject_abs_r_median": summary(per_site["nearest"], torch.median)}
+                if site == "prompt":  # k0 read at the sequence's first tokens, or after some context
+                    per_site["prompt_opening" if k["opens_with_subject"] else "prompt_later"].append(float(r[0]))
+    # a site no request has (CounterFact's streams repeat no subject) is left out: "—" in the table
+    summaries = {"prompt_median_r": ("prompt", torch.median), "prompt_min_r": ("prompt", torch.min),
+                 "prompt_opening_median_r": ("prompt_opening", torch.median),
+                 "prompt_later_median_r": ("prompt_later", torch.median),
+                 "paraphrase_median_r": ("paraphrase", torch.median),
+                 **{f"{s}_mean_abs_r": (s, torch.mean) for s in SITES[2:]},
+                 "nearest_other_subject_abs_r_median": ("nearest", torch.median)}
+    return {name: float(f(torch.tensor(per_site[site]))) for name, (site, f) in summaries.items() if per_site[site]}
 
 
 def subject_collisions(subjects: Sequence[str], points: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
@@ -141,19 +158,24 @@ def _collisions_table(runs: dict[str, dict[str, dict[str, float]]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _table(rows: dict[str, dict[str, float]], setting: str, command: str) -> str:
-    cols = ["paraphrase_median_r", "after_subject_mean_abs_r", "locality_mean_abs_r", "same_subject_mean_abs_r",
+def _table(rows: dict[tuple[str, str], dict[str, float]], setting: str, command: str) -> str:
+    cols = ["prompt_median_r", "prompt_min_r", "prompt_opening_median_r", "prompt_later_median_r",
+            "paraphrase_median_r", "after_subject_mean_abs_r", "locality_mean_abs_r", "same_subject_mean_abs_r",
             "other_subjects_mean_abs_r", "nearest_other_subject_abs_r_median", "condition", "effective_rank"]
-    head = ["corpus", "paraphrase r (median)", "after subject |r|", "locality |r|", "same-subject edits |r|",
+    head = ["corpus", "solved at", "edited prompt r (median)", "edited prompt r (smallest)",
+            "edited prompt r, prompts opening with the subject (median)", "edited prompt r, the others (median)",
+            "paraphrase r (median)", "after subject |r|", "locality |r|", "same-subject edits |r|",
             "other-subject edits |r|", "nearest other-subject edit |r| (median)", "C condition", "C effective rank"]
-    lines = [f"# Where one ROME update lands, per covariance corpus\n\n{setting}\n",
-             "r(k) = u.k / u.k0: the share of the written value an input k receives (1 at the edited prompt); "
-             "the docstring of `benchmarks/update_reach.py` defines each column.\n", f"Made by: `{command}`\n",
-             "| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
+    lines = [f"# Where one ROME update lands, per covariance corpus and update key\n\n{setting}\n",
+             "r(k) = u.k / u.ks: the share of the written value an input k receives, 1 at the key ks the update is "
+             "solved at (k0, the edited prompt's, under `editor.update_key=prompt`; k*, the prefix-averaged one, under "
+             "`average`); the docstring of `benchmarks/update_reach.py` defines each column.\n",
+             f"Made by: `{command}`\n",
+             "| " + " | ".join(head) + " |", "|---|---" + "|---:" * (len(head) - 2) + "|"]
     digits = {c: 0 if c in ("condition", "effective_rank") else 3 for c in cols}
-    for name, row in rows.items():
+    for (corpus, update_key), row in rows.items():
         values = [f"{row[c]:.{digits[c]}f}" if c in row else "—" for c in cols]
-        lines.append(f"| {name} | " + " | ".join(values) + " |")
+        lines.append(f"| {corpus} | {SOLVED_AT[update_key]} | " + " | ".join(values) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -167,6 +189,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--corpora", default="none,model", help="comma-separated: none, model, or text file paths")
     parser.add_argument("--out", type=Path, required=True, help="OUT.md and OUT.json are written")
+    parser.add_argument("--update-keys", default=None,
+                        help="comma-separated: prompt, average (default: the composed editor.update_key)")
     parser.add_argument("--run", type=Path, action="append", default=[],
                         help="a finished run's folder: its edits split by later same-subject edits (repeatable)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides (model=..., dataset=..., dataset.num_edits=N)")
@@ -178,6 +202,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                              f"`python -m data.text_corpus counterfact-facts FILE`")
 
     cfg = compose_config(["editor=rome", "editor.mom2_adjustment=true", *args.overrides])
+    update_keys = [k.strip() for k in (args.update_keys or cfg.editor.update_key).split(",") if k.strip()]
+    for k in update_keys:
+        if k not in UPDATE_KEYS:
+            raise SystemExit(f"error: update key {k!r} is not one of {', '.join(UPDATE_KEYS)}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     runs = dict(run_collisions(run) for run in args.run)  # before the keys: a bad folder costs nothing
@@ -185,16 +213,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     requests = instantiate(cfg.dataset).load()[:cfg.dataset.num_edits]
     prefixes = editor.context_prefixes()
     keys = [request_keys(editor, r, prefixes) for r in tqdm(requests, desc="keys", unit="request")]
-    rows: dict[str, dict[str, float]] = {}
+    rows: dict[tuple[str, str], dict[str, float]] = {}
     for corpus in corpora:
-        if corpus == "none":
-            rows[corpus] = measure(keys, None)
-            continue
-        source = MODEL_CORPUS if corpus == "model" else str(Path(corpus).expanduser())
-        config = dataclasses.replace(editor.config, mom2_corpus=source)
-        stats = load_second_moments(editor.loaded, [editor.module], [editor.module_name], config)[0]
-        rows[Path(corpus).name] = {**measure(keys, inverse(stats).to(editor.module.weight.device)),
-                                   **spectrum(stats.mom2)}
+        stats = None
+        if corpus != "none":
+            source = MODEL_CORPUS if corpus == "model" else str(Path(corpus).expanduser())
+            config = dataclasses.replace(editor.config, mom2_corpus=source)
+            stats = load_second_moments(editor.loaded, [editor.module], [editor.module_name], config)[0]
+        inv = None if stats is None else inverse(stats).to(editor.module.weight.device)
+        for update_key in update_keys:
+            rows[Path(corpus).name, update_key] = {**measure(keys, inv, update_key),
+                                                   **(spectrum(stats.mom2) if stats is not None else {})}
     subjects = [r.subject for r in requests]
     shared = sum(subjects.count(s) > 1 for s in subjects)
     setting = (f"{cfg.model.name}, {editor.module_name}, the first {len(requests)} requests of {cfg.dataset.name} "
@@ -203,8 +232,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     text = _table(rows, setting, command) + (_collisions_table(runs) if runs else "")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(args.out.with_suffix(".md"), text)
-    write_text_atomic(args.out.with_suffix(".json"), json.dumps({"setting": setting, "overrides": args.overrides,
-                                                                 "rows": rows, "runs": runs}, indent=1) + "\n")
+    saved = {"setting": setting, "overrides": args.overrides,
+             "rows": {f"{corpus} @ {key}": row for (corpus, key), row in rows.items()}, "runs": runs}
+    write_text_atomic(args.out.with_suffix(".json"), json.dumps(saved, indent=1) + "\n")
     print(text)
 
 

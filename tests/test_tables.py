@@ -472,6 +472,21 @@ def test_the_ablation_table_labels_each_run_by_the_settings_it_differs_in(tmp_pa
                                                         ('mom2_corpus="/data/facts.txt"', "60.0")]
 
 
+def test_only_editor_keeps_one_editors_runs_out_of_a_saved_frame(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    write_run(runs, "rome", "rome", "zsre", 0.2, 0.1, num_edits=100)
+    write_run(runs, "grace", "grace", "zsre", 1.0, 0.0, num_edits=100)
+    saved = tmp_path / "all"
+    assert main(["ablation", str(runs), "--out", str(saved)]) == 0
+    assert "### GRACE" in saved.with_suffix(".md").read_text()
+    out = tmp_path / "rome"
+    assert main(["ablation", str(saved.with_suffix(".csv")), "--only-editor", "rome", "--out", str(out)]) == 0
+    md = out.with_suffix(".md").read_text()
+    assert "### ROME, SmolLM2-135M, ZsRE" in md and "### GRACE" not in md
+    assert ",grace," not in out.with_suffix(".csv").read_text()
+    assert main(["ablation", str(saved.with_suffix(".csv")), "--only-editor", "wise", "--out", str(out)]) == 2
+
+
 def test_the_scale_report_reads_each_editors_longest_run_at_its_curve_points(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
 

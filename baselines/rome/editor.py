@@ -94,6 +94,12 @@ def left_vector(key: torch.Tensor, inv_mom2: torch.Tensor | None) -> torch.Tenso
     return u / u.norm()
 
 
+def solved_key(update_key: str, prompt_key: torch.Tensor, average_key: torch.Tensor) -> torch.Tensor:
+    """The key the update writes the whole delta at: the bare prompt's k0 (``prompt``, kmeng01/rome) or the
+    prefix-averaged k* (``average``, r-ROME)."""
+    return prompt_key if update_key == "prompt" else average_key
+
+
 def rank_one_update(model: nn.Module, tokenizer: Any, module: nn.Module, prefixes: list[str], request: EditRequest,
                     c: Any, *, frozen: Any = None, inv_mom2: torch.Tensor | None = None,
                     reprs: KeyReprs | None = None, batch: StepBatch | None = None) -> RankOneUpdate:
@@ -107,8 +113,7 @@ def rank_one_update(model: nn.Module, tokenizer: Any, module: nn.Module, prefixe
     u = left_vector(reprs.key, inv_mom2)
     value = optimise_value(model, module, batch or value_batch(model, tokenizer, prefixes, request, c), c, frozen)
     cur_input, cur_output = reprs.inputs[0], reprs.outputs[0]  # the bare prompt (prefix "")
-    solved_at = cur_input if c.update_key == "prompt" else reprs.key
-    right = (value.target - cur_output) / torch.dot(solved_at, u)
+    right = (value.target - cur_output) / torch.dot(solved_key(c.update_key, cur_input, reprs.key), u)
     return RankOneUpdate(u, right, reprs.found, value.nll, value.kl, value.iterations,
                          float((value.target - value.init).norm()))
 

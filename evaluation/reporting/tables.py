@@ -148,6 +148,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--editors", type=lambda v: [e for e in v.split(",") if e], default=[], metavar="A,B",
                         help="table1/table2/answers: editors that get a row even without a finished run (a sweep's "
                              "editors: one not run yet shows as missing, not as absent)")
+    parser.add_argument("--only-editor", action="append", default=[], metavar="EDITOR",
+                        help="keep only the runs of this editor (repeatable; e.g. one editor's rows out of a "
+                             "committed .csv that holds every editor's)")
     parser.add_argument("--allow-empty", action="store_true",
                         help="write the table even when no run under the given folders has finished")
     args = parser.parse_args(argv)
@@ -167,6 +170,8 @@ def _build_and_write(args: argparse.Namespace, argv: Optional[Sequence[str]], ou
     rows = collect_runs(args.runs)
     for project in args.wandb:
         rows += collect_wandb(project)
+    if args.only_editor:
+        rows = [row for row in rows if row.get("editor") in args.only_editor]
     finished = sum(1 for row in rows if row.get("status") == "ok")
     if not finished and not args.allow_empty:
         raise TablesError(f"no finished run under {' '.join(args.runs + args.wandb)} ({len(rows)} failed or "
