@@ -89,7 +89,7 @@ def measure(keys: list[dict[str, Any]], inv_mom2: torch.Tensor | None, update_ke
     subjects = [k["subject"] for k in keys]
     per_site: dict[str, list[float]] = {s: [] for s in (*SITES, "nearest", "prompt_opening", "prompt_later")}
     for i, k in enumerate(keys):
-        u = left_vector(k["key"], inv_mom2)
+        u, solved_at = left_vector(k["key"], inv_mom2), solved_key(update_key, k["k0"], k["key"])
         # a request without a subject (a data set that names none) shares it with nobody
         same = [j for j, s in enumerate(subjects) if j != i and s and s == subjects[i]]
         other = [j for j, s in enumerate(subjects) if j != i and j not in same]
@@ -97,7 +97,7 @@ def measure(keys: list[dict[str, Any]], inv_mom2: torch.Tensor | None, update_ke
                  "locality": k["locality"], "same_subject": k0s[same], "other_subjects": k0s[other]}
         for site, rows in sites.items():
             if len(rows):
-                r = reach(u, solved_key(update_key, k["k0"], k["key"]), rows)
+                r = reach(u, solved_at, rows)
                 per_site[site].append(float(r[0]) if site in ("prompt", "paraphrase") else float(r.abs().mean()))
                 if site == "other_subjects":
                     per_site["nearest"].append(float(r.abs().max()))
