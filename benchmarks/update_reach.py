@@ -93,16 +93,18 @@ def measure(keys: list[dict[str, Any]], inv_mom2: torch.Tensor | None, update_ke
         # a request without a subject (a data set that names none) shares it with nobody
         same = [j for j, s in enumerate(subjects) if j != i and s and s == subjects[i]]
         other = [j for j, s in enumerate(subjects) if j != i and j not in same]
-        sites = {"prompt": k["k0"].unsqueeze(0), "paraphrase": k["paraphrase"], "after_subject": k["after_subject"],
-                 "locality": k["locality"], "same_subject": k0s[same], "other_subjects": k0s[other]}
+        own = float(reach(u, solved_at, k["k0"].unsqueeze(0))[0])
+        # k0 read at the sequence's first tokens, or after some context
+        for site in ("prompt", "prompt_opening" if k["opens_with_subject"] else "prompt_later"):
+            per_site[site].append(own)
+        sites = {"paraphrase": k["paraphrase"], "after_subject": k["after_subject"], "locality": k["locality"],
+                 "same_subject": k0s[same], "other_subjects": k0s[other]}
         for site, rows in sites.items():
             if len(rows):
                 r = reach(u, solved_at, rows)
-                per_site[site].append(float(r[0]) if site in ("prompt", "paraphrase") else float(r.abs().mean()))
+                per_site[site].append(float(r[0]) if site == "paraphrase" else float(r.abs().mean()))
                 if site == "other_subjects":
                     per_site["nearest"].append(float(r.abs().max()))
-                if site == "prompt":  # k0 read at the sequence's first tokens, or after some context
-                    per_site["prompt_opening" if k["opens_with_subject"] else "prompt_later"].append(float(r[0]))
     # a site no request has (CounterFact's streams repeat no subject) is left out: "—" in the table
     summaries = {"prompt_median_r": ("prompt", torch.median), "prompt_min_r": ("prompt", torch.min),
                  "prompt_opening_median_r": ("prompt_opening", torch.median),
